@@ -1,0 +1,79 @@
+# teia — every target bootstraps what it needs (virtualenv, Python and Rust dependencies,
+# the extension build) on a fresh machine.
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+export PYO3_PYTHON := $(abspath $(PY))
+export VIRTUAL_ENV := $(abspath $(VENV))
+export PATH := $(abspath $(BIN)):$(PATH)
+PYTEST_ARGS ?=
+
+RUST_SOURCES := $(shell find rust/src -name '*.rs' 2>/dev/null) Cargo.toml rust/Cargo.toml
+STAMP_DEPS := $(VENV)/.deps-installed
+STAMP_BUILT := $(VENV)/.extension-built
+
+.PHONY: help
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-10s %s\n", $$1, $$2}'
+
+$(PY):
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+		{ echo "teia needs Python >= 3.11 (set PYTHON=...)"; exit 1; }
+	@command -v cargo >/dev/null || { echo "teia needs a Rust toolchain (cargo)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(STAMP_DEPS): pyproject.toml | $(PY)
+	bash scripts/bootstrap-system.sh
+	$(BIN)/pip install --quiet 'maturin>=1.7,<2'
+	$(BIN)/maturin develop --release --extras dev
+	touch $@ $(STAMP_BUILT)
+
+$(STAMP_BUILT): $(RUST_SOURCES) $(STAMP_DEPS)
+	$(BIN)/maturin develop --release --skip-install
+	touch $@
+
+.PHONY: dev
+dev: $(STAMP_BUILT) ## create .venv, install dev dependencies, build the extension
+
+.PHONY: test
+test: dev ## run cargo test and pytest
+	cargo test --locked --manifest-path rust/Cargo.toml
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+.PHONY: demo
+demo: dev ## run the demo on embedded defaults
+	$(BIN)/teia demo
+
+.PHONY: bench
+bench: dev ## run the benchmarks (pytest-benchmark)
+	$(BIN)/pytest benchmarks --benchmark-only --benchmark-columns=min,median,mean,ops,rounds $(PYTEST_ARGS)
+
+.PHONY: lint
+lint: dev ## ruff, mypy, cargo fmt --check, cargo clippy -D warnings, stubtest of _native.pyi
+	$(BIN)/ruff check python tests benchmarks examples
+	$(BIN)/ruff format --check python tests benchmarks examples
+	$(BIN)/mypy
+	cargo fmt --all -- --check
+	cargo clippy --locked --all-targets -- -D warnings
+	cargo clippy --locked --all-targets --features python -- -D warnings
+	$(PY) -m mypy.stubtest teia._native
+
+.PHONY: fmt
+fmt: dev ## format Python and Rust sources
+	$(BIN)/ruff format python tests benchmarks examples
+	$(BIN)/ruff check --fix python tests benchmarks examples
+	cargo fmt --all
+
+.PHONY: wheel
+wheel: dev ## build an abi3 wheel under dist/
+	$(BIN)/maturin build --release --out dist
+
+.PHONY: clean
+clean: ## remove build outputs and the virtualenv
+	rm -rf $(VENV) target dist python/teia/*.so .pytest_cache .mypy_cache .ruff_cache .hypothesis .benchmarks

@@ -1,0 +1,262 @@
+"""Type stubs for teia's Rust extension (checked with ``python -m mypy.stubtest teia._native``).
+
+Errors raised are the classes of :mod:`teia.errors` (``InvalidKey``, ``InvalidSignature``,
+``InvalidMessage``, ``DecryptionError``, ``DuplicateMessage``, ``TooManySkippedMessages``,
+``InvalidSessionState``). Wire formats and parameters: ``docs/crypto.md``.
+"""
+
+from typing import final
+
+__version__: str
+
+# --- primitives, exposed for known-answer tests and interoperability -----------------------
+
+def x25519_keypair() -> tuple[bytes, bytes]:
+    """A fresh X25519 key pair as ``(private, public)``, 32 bytes each."""
+
+def x25519_public_key(private_key: bytes) -> bytes:
+    """The X25519 public key of a 32-byte private key."""
+
+def ed25519_public_to_x25519(public_key: bytes) -> bytes:
+    """Birational map of an Ed25519 public key to its X25519 (Montgomery u) form."""
+
+def ed25519_seed_to_x25519(seed: bytes) -> bytes:
+    """The X25519 private key of an Ed25519 seed: SHA-512(seed)[:32] (clamped on use)."""
+
+def kdf_rk(root_key: bytes, dh_output: bytes) -> tuple[bytes, bytes]:
+    """KDF_RK → ``(new_root_key, chain_key)``."""
+
+def kdf_ck(chain_key: bytes) -> tuple[bytes, bytes]:
+    """KDF_CK → ``(next_chain_key, message_key)``."""
+
+def message_key_material(message_key: bytes) -> tuple[bytes, bytes, bytes]:
+    """ENCRYPT's expansion of a message key → ``(aes_key, hmac_key, iv)``."""
+
+def seal(message_key: bytes, plaintext: bytes, associated_data: bytes) -> bytes:
+    """ENCRYPT: AES-256-CBC/PKCS#7 ciphertext with the 32-byte HMAC-SHA256 tag appended."""
+
+def open_sealed(message_key: bytes, sealed: bytes, associated_data: bytes) -> bytes:
+    """DECRYPT, the inverse of :func:`seal`."""
+
+def x3dh_initiate(identity_seed: bytes, ephemeral_private: bytes, bundle: PrekeyBundle) -> bytes:
+    """X3DH as the initiator with an explicit ephemeral key → the 32-byte shared secret SK.
+
+    Verifies the bundle's signed-prekey signature first.
+    """
+
+def x3dh_respond(
+    identity_seed: bytes,
+    signed_prekey_private: bytes,
+    one_time_prekey_private: bytes | None,
+    initiator_identity_key: bytes,
+    initiator_ephemeral_key: bytes,
+) -> bytes:
+    """X3DH as the responder → the 32-byte shared secret SK."""
+
+def x3dh_associated_data(initiator_identity_key: bytes, responder_identity_key: bytes) -> bytes:
+    """AD = IK_A ‖ IK_B (the raw 32-byte Ed25519 public keys)."""
+
+# --- the Double Ratchet, low level (takes SK, AD and the responder's ratchet key directly) ---
+
+@final
+class RatchetState:
+    """Double Ratchet state of one side of a conversation."""
+
+    @staticmethod
+    def init_initiator(
+        shared_secret: bytes,
+        associated_data: bytes,
+        remote_ratchet_public: bytes,
+        ratchet_private: bytes | None = None,
+    ) -> RatchetState:
+        """RatchetInitAlice; ``ratchet_private`` fixes the first sending ratchet key (tests)."""
+
+    @staticmethod
+    def init_responder(
+        shared_secret: bytes, associated_data: bytes, ratchet_private: bytes
+    ) -> RatchetState:
+        """RatchetInitBob with the responder's ratchet key pair (its signed prekey)."""
+
+    def encrypt(self, plaintext: bytes) -> bytes:
+        """RatchetEncrypt → ``header ‖ ciphertext ‖ tag``."""
+
+    def decrypt(self, message: bytes) -> bytes:
+        """RatchetDecrypt; transactional: on any error the state is unchanged."""
+
+    def to_bytes(self) -> bytes:
+        """Versioned serialisation (contains secrets: the caller encrypts it at rest)."""
+
+    @staticmethod
+    def from_bytes(data: bytes) -> RatchetState:
+        """Inverse of :meth:`to_bytes`; raises ``InvalidSessionState``."""
+
+    @property
+    def ratchet_public_key(self) -> bytes:
+        """The current sending ratchet public key."""
+
+    @property
+    def skipped_message_keys(self) -> int:
+        """How many skipped message keys are stored."""
+
+    @property
+    def associated_data(self) -> bytes:
+        """The session AD."""
+
+# --- X3DH key material and sessions, high level --------------------------------------------
+
+@final
+class PrekeyBundle:
+    """What a responder publishes so that others can start sessions with it."""
+
+    def __init__(
+        self,
+        identity_key: bytes,
+        signed_prekey_id: int,
+        signed_prekey: bytes,
+        signed_prekey_signature: bytes,
+        one_time_prekey_id: int | None = None,
+        one_time_prekey: bytes | None = None,
+    ) -> None: ...
+    @property
+    def identity_key(self) -> bytes: ...
+    @property
+    def signed_prekey_id(self) -> int: ...
+    @property
+    def signed_prekey(self) -> bytes: ...
+    @property
+    def signed_prekey_signature(self) -> bytes: ...
+    @property
+    def one_time_prekey_id(self) -> int | None: ...
+    @property
+    def one_time_prekey(self) -> bytes | None: ...
+    def verify(self) -> None:
+        """Raises ``InvalidSignature`` unless the identity key signed the signed prekey."""
+
+    def to_bytes(self) -> bytes: ...
+    @staticmethod
+    def from_bytes(data: bytes) -> PrekeyBundle: ...
+
+@final
+class SignedPrekey:
+    """A signed prekey with its private half (secret; encrypt at rest)."""
+
+    @staticmethod
+    def generate(identity_seed: bytes, prekey_id: int) -> SignedPrekey: ...
+    @property
+    def id(self) -> int: ...
+    @property
+    def public_key(self) -> bytes: ...
+    @property
+    def private_key(self) -> bytes: ...
+    @property
+    def signature(self) -> bytes: ...
+    def to_bytes(self) -> bytes: ...
+    @staticmethod
+    def from_bytes(data: bytes) -> SignedPrekey: ...
+
+@final
+class OneTimePrekey:
+    """A one-time prekey with its private half (secret; encrypt at rest)."""
+
+    @staticmethod
+    def generate(prekey_id: int) -> OneTimePrekey: ...
+    @property
+    def id(self) -> int: ...
+    @property
+    def public_key(self) -> bytes: ...
+    @property
+    def private_key(self) -> bytes: ...
+    def to_bytes(self) -> bytes: ...
+    @staticmethod
+    def from_bytes(data: bytes) -> OneTimePrekey: ...
+
+@final
+class PrekeyMessageInfo:
+    """The clear fields of an initial (prekey) message, so the responder can find its keys."""
+
+    @property
+    def identity_key(self) -> bytes: ...
+    @property
+    def base_key(self) -> bytes: ...
+    @property
+    def signed_prekey_id(self) -> int: ...
+    @property
+    def one_time_prekey_id(self) -> int | None: ...
+
+def parse_prekey_message(message: bytes) -> PrekeyMessageInfo:
+    """Parse the clear part of a prekey message; raises ``InvalidMessage``."""
+
+def is_prekey_message(message: bytes) -> bool:
+    """Whether a session message is an initial (prekey) message."""
+
+@final
+class Session:
+    """A pairwise session: X3DH to start, then the Double Ratchet."""
+
+    @staticmethod
+    def initiate(identity_seed: bytes, bundle: PrekeyBundle) -> Session:
+        """Start a session from the responder's bundle (verified first)."""
+
+    @staticmethod
+    def accept(
+        identity_seed: bytes,
+        signed_prekey: SignedPrekey,
+        one_time_prekey: OneTimePrekey | None,
+        message: bytes,
+    ) -> tuple[Session, bytes]:
+        """Accept an initial message → ``(session, plaintext)``."""
+
+    def encrypt(self, plaintext: bytes) -> bytes:
+        """A session message (a prekey message until the peer has answered)."""
+
+    def decrypt(self, message: bytes) -> bytes:
+        """Decrypt a session message; transactional: on any error the state is unchanged."""
+
+    @property
+    def local_identity_key(self) -> bytes: ...
+    @property
+    def remote_identity_key(self) -> bytes: ...
+    def to_bytes(self) -> bytes: ...
+    @staticmethod
+    def from_bytes(data: bytes) -> Session: ...
+
+# --- sender keys for groups -----------------------------------------------------------------
+
+@final
+class GroupSenderKey:
+    """One member's sending chain in one group (secret; encrypt at rest)."""
+
+    @staticmethod
+    def generate(chain_id: int | None = None) -> GroupSenderKey: ...
+    @property
+    def chain_id(self) -> int: ...
+    @property
+    def iteration(self) -> int: ...
+    @property
+    def signing_public_key(self) -> bytes: ...
+    def encrypt(self, plaintext: bytes) -> bytes:
+        """A signed group message."""
+
+    def distribution_message(self) -> bytes:
+        """The message that hands this chain (from its current iteration) to a member."""
+
+    def to_bytes(self) -> bytes: ...
+    @staticmethod
+    def from_bytes(data: bytes) -> GroupSenderKey: ...
+
+@final
+class GroupReceiverKey:
+    """A member's copy of another member's sending chain."""
+
+    @staticmethod
+    def from_distribution_message(message: bytes) -> GroupReceiverKey: ...
+    @property
+    def chain_id(self) -> int: ...
+    @property
+    def signing_public_key(self) -> bytes: ...
+    def decrypt(self, message: bytes) -> bytes:
+        """Verify and decrypt a group message; transactional."""
+
+    def to_bytes(self) -> bytes: ...
+    @staticmethod
+    def from_bytes(data: bytes) -> GroupReceiverKey: ...

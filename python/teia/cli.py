@@ -1,0 +1,49 @@
+"""The ``teia`` command: one entry point, a subcommand per role and operator task."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from teia import __version__
+from teia.errors import TeiaError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser, with every subcommand registered."""
+    parser = argparse.ArgumentParser(
+        prog="teia",
+        description="teia: end-to-end encrypted peer-to-peer chat, and the nodes that support it.",
+    )
+    parser.add_argument("--version", action="version", version=f"teia {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    from teia.identity import cli as identity_cli
+
+    identity_cli.register(sub)
+
+    from teia import demo
+
+    demo.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``teia`` command line; returns the process exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except TeiaError as exc:
+        print(f"teia {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""Typed errors for all of teia.
+
+Every error says what was wrong and, where it helps, what to do. Errors never carry message
+content, keys or tokens.
+"""
+
+from __future__ import annotations
+
+
+class TeiaError(Exception):
+    """Base class of every error teia raises on purpose."""
+
+
+# --- identity -------------------------------------------------------------------------------
+
+
+class IdentityError(TeiaError):
+    """A problem with an identity, a peer ID or an address."""
+
+
+class InvalidPeerId(IdentityError, ValueError):
+    """A peer ID string or byte form that does not parse, or uses an unsupported key type."""
+
+
+class InvalidMultiaddr(IdentityError, ValueError):
+    """A multiaddr that does not parse (text or binary form), or an unsupported protocol."""
+
+
+class KeystoreError(IdentityError):
+    """A keystore file that is missing, unreadable, corrupt or of an unknown version."""
+
+
+class WrongPassphrase(KeystoreError):
+    """The passphrase does not open this keystore."""
+
+
+# --- crypto ---------------------------------------------------------------------------------
+
+
+class CryptoError(TeiaError):
+    """Base class of errors from the end-to-end encryption core."""
+
+
+class InvalidKey(CryptoError, ValueError):
+    """A key of the wrong length, or a public key that is low-order / non-contributory."""
+
+
+class InvalidSignature(CryptoError):
+    """A signature that does not verify under the claimed key."""
+
+
+class InvalidMessage(CryptoError, ValueError):
+    """A message that is truncated, oversize or malformed before any decryption is attempted."""
+
+
+class DecryptionError(CryptoError):
+    """A message that fails authentication (forged, corrupted, or for another session).
+
+    The session state is left exactly as it was before the call.
+    """
+
+
+class DuplicateMessage(DecryptionError):
+    """A message whose key was already used: a replay, or a duplicate delivery."""
+
+
+class TooManySkippedMessages(DecryptionError):
+    """A message that would skip more message keys than the chain allows (1000)."""
+
+
+class InvalidSessionState(CryptoError, ValueError):
+    """Serialised session or key state that is corrupt or of an unsupported version."""
+
+
+class UntrustedIdentity(CryptoError):
+    """A contact's identity key changed; the change must be surfaced and confirmed."""

@@ -1,0 +1,9 @@
+//! teia's native extension: the hot paths, as plain Rust modules with plain types.
+//!
+//! Each module is usable and tested without Python (`cargo test`). The PyO3 glue lives in
+//! `python/` behind the `python` feature and only converts types and errors.
+
+pub mod ratchet;
+
+#[cfg(feature = "python")]
+mod python;
