@@ -1,6 +1,8 @@
-//! The thin PyO3 layer: `teia._native`.
+//! The thin PyO3 layer: `teia._native`. Each submodule converts types and errors only.
 
 use pyo3::prelude::*;
+
+mod errors;
 
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
