@@ -12,6 +12,7 @@ export PYO3_PYTHON := $(abspath $(PY))
 export VIRTUAL_ENV := $(abspath $(VENV))
 export PATH := $(abspath $(BIN)):$(PATH)
 PYTEST_ARGS ?=
+PY_DIRS := $(wildcard python tests benchmarks examples)
 
 RUST_SOURCES := $(shell find rust/src -name '*.rs' 2>/dev/null) Cargo.toml rust/Cargo.toml
 STAMP_DEPS := $(VENV)/.deps-installed
@@ -56,8 +57,8 @@ bench: dev ## run the benchmarks (pytest-benchmark)
 
 .PHONY: lint
 lint: dev ## ruff, mypy, cargo fmt --check, cargo clippy -D warnings, stubtest of _native.pyi
-	$(BIN)/ruff check python tests benchmarks examples
-	$(BIN)/ruff format --check python tests benchmarks examples
+	$(BIN)/ruff check $(PY_DIRS)
+	$(BIN)/ruff format --check $(PY_DIRS)
 	$(BIN)/mypy
 	cargo fmt --all -- --check
 	cargo clippy --locked --all-targets -- -D warnings
@@ -66,8 +67,8 @@ lint: dev ## ruff, mypy, cargo fmt --check, cargo clippy -D warnings, stubtest o
 
 .PHONY: fmt
 fmt: dev ## format Python and Rust sources
-	$(BIN)/ruff format python tests benchmarks examples
-	$(BIN)/ruff check --fix python tests benchmarks examples
+	$(BIN)/ruff format $(PY_DIRS)
+	$(BIN)/ruff check --fix $(PY_DIRS)
 	cargo fmt --all
 
 .PHONY: wheel
