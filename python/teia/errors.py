@@ -74,3 +74,54 @@ class InvalidSessionState(CryptoError, ValueError):
 
 class UntrustedIdentity(CryptoError):
     """A contact's identity key changed; the change must be surfaced and confirmed."""
+
+
+# --- transport ------------------------------------------------------------------------------
+
+
+class TransportError(TeiaError):
+    """A problem with a connection, its handshake or a stream on it."""
+
+
+class InvalidCertificate(TransportError, ValueError):
+    """A peer's libp2p TLS certificate that fails verification.
+
+    Missing or malformed libp2p public-key extension, bad self-signature or host-key signature,
+    outside its validity window, a chain of more than one certificate, or a critical extension we
+    do not understand. The connection attempt is aborted; nothing from that peer is trusted.
+    """
+
+
+class InvalidSignedKey(InvalidCertificate):
+    """The DER SignedKey in the libp2p extension, or the host key inside it, is malformed."""
+
+
+class UnsupportedKeyType(InvalidCertificate):
+    """The peer's host key is of a type teia does not accept (only Ed25519 host keys are)."""
+
+
+class PeerIdMismatch(TransportError):
+    """The remote peer proved a different peer ID from the one we dialed (`/p2p/<id>`).
+
+    Either the address is stale (another peer now listens there) or someone is intercepting.
+    """
+
+
+class HandshakeFailed(TransportError):
+    """The QUIC/TLS handshake did not complete (refused, timed out, or the peer aborted it)."""
+
+
+class ConnectionClosed(TransportError):
+    """The connection was closed (locally, by the peer, or by an idle timeout)."""
+
+
+class StreamReset(TransportError):
+    """The peer (or we) reset the stream; data in flight may be lost."""
+
+
+class ProtocolNegotiationError(TransportError):
+    """multistream-select failed: malformed or oversize message, or an unexpected reply."""
+
+
+class ProtocolNotSupported(ProtocolNegotiationError):
+    """The remote side declined every protocol we proposed (`na`)."""
