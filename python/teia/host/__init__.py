@@ -1,0 +1,1 @@
+"""Host: connections, streams, multistream-select, protocol handlers and the connection manager."""
