@@ -1,0 +1,698 @@
+"""QUIC endpoints for libp2p's ``/quic-v1``: aioquic's sans-IO core driven by one anyio UDP socket.
+
+One `QuicEndpoint` owns one UDP socket and serves both directions on it (hole punching needs
+dialing and listening on the same port). The shape:
+
+- one receive task reads datagrams, finds the connection by destination connection ID, feeds
+  ``receive_datagram`` and wakes that connection's driver (or makes a new server connection for
+  an Initial packet);
+- one driver task per connection does everything else for it: ``handle_timer`` when
+  ``get_timer()`` falls due, turning aioquic events into stream/connection state, and sending
+  ``datagrams_to_send``. It sleeps on a wakeup event with the timer as its deadline, so nothing
+  polls and nothing sleeps as synchronisation;
+- application calls (stream writes, close) change the aioquic state and wake the driver.
+
+TLS is configured for libp2p: QUIC v1 only, ALPN ``libp2p``, our certificate from
+`teia.transport.tls`, a client certificate required, no CA and no SNI. The peer's certificate is
+verified inside the TLS handshake (see `_Libp2pQuicConnection`), so a bad certificate or a
+peer ID other than the one dialed aborts the handshake with a TLS alert.
+
+All clocks are ``anyio.current_time()``, except the wall clock that certificate validity is
+checked against.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import logging
+import math
+import socket
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Self
+
+import anyio
+import anyio.abc
+import anyio.lowlevel
+from aioquic import tls as aioquic_tls
+from aioquic._buffer import Buffer
+from aioquic.quic import events
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
+from aioquic.quic.packet import (
+    QuicErrorCode,
+    QuicPacketType,
+    QuicProtocolVersion,
+    pull_quic_header,
+)
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from teia.errors import (
+    ConnectionClosed,
+    HandshakeFailed,
+    InvalidCertificate,
+    PeerIdMismatch,
+    StreamReset,
+    TransportError,
+)
+from teia.transport.tls import (
+    ALPN,
+    CertifiedKey,
+    VerifiedPeer,
+    generate_certificate,
+    peer_id_bytes,
+)
+from teia.transport.tls import verify_certificate_chain as _verify_chain
+
+__all__ = ["QuicConnectionHandle", "QuicEndpoint", "QuicStream"]
+
+_log = logging.getLogger(__name__)
+
+_CONNECTION_ID_LENGTH = 8
+_MIN_INITIAL_DATAGRAM = 1200  # RFC 9000 §14.1: servers drop smaller Initial datagrams
+_MAX_DATAGRAM = 65535
+# Unread bytes one stream may hold before we stop it: aioquic widens flow-control windows as data
+# arrives, not as it is read, so a peer could otherwise fill our memory.
+MAX_STREAM_BUFFER = 4 * 1024 * 1024
+# Incoming streams not yet taken by accept_stream(); beyond this new streams are refused.
+MAX_PENDING_STREAMS = 64
+MAX_PENDING_CONNECTIONS = 64
+_STREAM_REFUSED = 0x100  # application error code for a refused/stopped stream
+_CERTIFICATE_REQUIRED = 116  # TLS alert certificate_required (RFC 8446 §6.2)
+_NO_APPLICATION_PROTOCOL = 120  # TLS alert no_application_protocol
+
+Address = tuple[str, int]
+
+
+def _wall_clock() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class _Libp2pQuicConnection(QuicConnection):
+    """aioquic's connection with libp2p peer authentication inside the TLS handshake.
+
+    aioquic has no public hook for verifying a certificate without a CA, nor for a server to
+    require client certificates. Both are done here, on its TLS context, and nowhere else; the
+    private names touched are ``Context._set_peer_certificate``,
+    ``Context._request_client_certificate`` and ``QuicConnection._close_event``. Tested
+    against aioquic 1.x (the version range pinned in pyproject).
+    """
+
+    def __init__(
+        self,
+        *,
+        configuration: QuicConfiguration,
+        expected_peer_id: bytes | None,
+        clock: Callable[[], dt.datetime],
+        original_destination_connection_id: bytes | None = None,
+    ) -> None:
+        super().__init__(
+            configuration=configuration,
+            original_destination_connection_id=original_destination_connection_id,
+        )
+        self.verified_peer: VerifiedPeer | None = None
+        self.verification_error: TransportError | None = None
+        self._expected_peer_id = expected_peer_id
+        self._clock = clock
+
+    def _initialize(self, peer_cid: bytes) -> None:
+        super()._initialize(peer_cid)
+        context = self.tls
+        if not self._is_client:
+            context._request_client_certificate = True
+        set_peer_certificate = context._set_peer_certificate
+
+        def verify_then_set(certificate: aioquic_tls.Certificate) -> None:
+            self._verify(certificate)
+            set_peer_certificate(certificate)
+
+        # Runs when the peer's Certificate message arrives, before CertificateVerify/Finished;
+        # raising an Alert here makes aioquic abort the handshake with that alert.
+        setattr(context, "_set_peer_certificate", verify_then_set)  # noqa: B010
+
+    def _verify(self, certificate: aioquic_tls.Certificate) -> None:
+        try:
+            peer = _verify_chain([der for der, _ in certificate.certificates], now=self._clock())
+        except InvalidCertificate as exc:
+            self.verification_error = exc
+            raise aioquic_tls.AlertBadCertificate(str(exc)) from exc
+        if self._expected_peer_id is not None and peer.peer_id != self._expected_peer_id:
+            self.verification_error = PeerIdMismatch(
+                "the peer at this address proved a different peer ID from the one dialed"
+            )
+            raise aioquic_tls.AlertBadCertificate("peer ID mismatch")
+        self.verified_peer = peer
+
+    @property
+    def closing_reason(self) -> str | None:
+        """Why the connection is closing (set as soon as closing starts), or None if it is not."""
+        close_event = self._close_event
+        if close_event is None:
+            return None
+        return close_event.reason_phrase or f"error code {close_event.error_code:#x}"
+
+
+@dataclass(eq=False)
+class _StreamState:
+    buffer: bytearray
+    eof_received: bool = False
+    reset_code: int | None = None
+    eof_sent: bool = False
+    send_stopped_code: int | None = None
+    closed: bool = False
+
+
+class QuicStream(anyio.abc.ByteStream):
+    """A bidirectional QUIC stream as an anyio byte stream.
+
+    `receive` raises `anyio.EndOfStream` after the peer's FIN, `StreamReset` if the peer reset
+    it, `ConnectionClosed` if the connection went away; `send_eof` half-closes.
+    """
+
+    def __init__(self, connection: QuicConnectionHandle, stream_id: int) -> None:
+        self._connection = connection
+        self.stream_id = stream_id
+        self._state = _StreamState(buffer=bytearray())
+        self._readable = anyio.Event()
+
+    def _data_received(self, data: bytes, end_stream: bool) -> None:
+        state = self._state
+        if state.closed:
+            return
+        state.buffer += data
+        state.eof_received = state.eof_received or end_stream
+        if len(state.buffer) > MAX_STREAM_BUFFER and not state.eof_received:
+            self._connection._stop_stream(self.stream_id)
+            state.reset_code = _STREAM_REFUSED
+        self._readable.set()
+
+    def _reset_received(self, error_code: int) -> None:
+        self._state.reset_code = error_code
+        self._readable.set()
+
+    def _stop_sending_received(self, error_code: int) -> None:
+        self._state.send_stopped_code = error_code
+
+    def _connection_lost(self) -> None:
+        self._readable.set()
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        state = self._state
+        while True:
+            if state.closed:
+                raise anyio.ClosedResourceError
+            if state.buffer:
+                data = bytes(state.buffer[:max_bytes])
+                del state.buffer[:max_bytes]
+                return data
+            if state.reset_code is not None:
+                raise StreamReset(f"stream reset by the peer (code {state.reset_code:#x})")
+            if state.eof_received:
+                raise anyio.EndOfStream
+            if self._connection.is_closed:
+                raise ConnectionClosed(f"connection closed: {self._connection.close_reason}")
+            self._readable = anyio.Event()
+            await self._readable.wait()
+
+    async def send(self, item: bytes) -> None:
+        state = self._state
+        if state.closed or state.eof_sent:
+            raise anyio.ClosedResourceError
+        if state.send_stopped_code is not None:
+            raise StreamReset(f"peer stopped reading (code {state.send_stopped_code:#x})")
+        self._connection._send_stream_data(self.stream_id, item, end_stream=False)
+        await anyio.lowlevel.checkpoint()
+
+    async def send_eof(self) -> None:
+        state = self._state
+        if state.eof_sent or state.closed:
+            return
+        state.eof_sent = True
+        if not self._connection.is_closed:
+            self._connection._send_stream_data(self.stream_id, b"", end_stream=True)
+        await anyio.lowlevel.checkpoint()
+
+    async def aclose(self) -> None:
+        """Finish sending (FIN) and stop reading; unread data is discarded."""
+        state = self._state
+        if state.closed:
+            return
+        if not state.eof_sent and not self._connection.is_closed:
+            state.eof_sent = True
+            self._connection._send_stream_data(self.stream_id, b"", end_stream=True)
+        if not state.eof_received and state.reset_code is None:
+            self._connection._stop_stream(self.stream_id)
+        state.closed = True
+        state.buffer.clear()
+        self._readable.set()
+        self._connection._forget_stream(self.stream_id)
+        await anyio.lowlevel.checkpoint()
+
+
+class QuicConnectionHandle:
+    """An authenticated QUIC connection to one peer; streams are opened and accepted here."""
+
+    def __init__(
+        self,
+        endpoint: QuicEndpoint,
+        quic: _Libp2pQuicConnection,
+        remote_address: Address,
+        *,
+        is_initiator: bool,
+    ) -> None:
+        self._endpoint = endpoint
+        self._quic = quic
+        self.remote_address = remote_address
+        self.is_initiator = is_initiator
+        self._streams: dict[int, QuicStream] = {}
+        self._incoming_send, self._incoming_receive = anyio.create_memory_object_stream[QuicStream](
+            MAX_PENDING_STREAMS
+        )
+        self._wakeup = anyio.Event()
+        self._handshake_settled = anyio.Event()
+        self._handshake_error: TransportError | None = None
+        self._established = False
+        self._terminated = anyio.Event()
+        self._close_reason: str | None = None
+        self._local_cids: set[bytes] = set()
+        # Remote streams we closed: late frames for them must not look like new streams.
+        self._finished_remote_streams: set[int] = set()
+
+    # --- public ---------------------------------------------------------------------------
+
+    @property
+    def remote_peer(self) -> VerifiedPeer:
+        """Who the peer proved to be during the handshake."""
+        peer = self._quic.verified_peer
+        if peer is None or not self._established:
+            raise HandshakeFailed("the connection is not established")
+        return peer
+
+    @property
+    def is_closed(self) -> bool:
+        return self._terminated.is_set() or self._quic.closing_reason is not None
+
+    @property
+    def close_reason(self) -> str:
+        return self._close_reason or self._quic.closing_reason or "open"
+
+    async def open_stream(self) -> QuicStream:
+        if self.is_closed:
+            raise ConnectionClosed(f"connection closed: {self.close_reason}")
+        stream_id = self._quic.get_next_available_stream_id()
+        # An empty write creates the stream inside aioquic (nothing goes on the wire until data
+        # does), so the next open_stream() gets the next ID.
+        self._quic.send_stream_data(stream_id, b"")
+        stream = QuicStream(self, stream_id)
+        self._streams[stream_id] = stream
+        await anyio.lowlevel.checkpoint()
+        return stream
+
+    async def accept_stream(self) -> QuicStream:
+        """Wait for the peer to open a stream; `ConnectionClosed` once the connection ends."""
+        try:
+            return await self._incoming_receive.receive()
+        except (anyio.EndOfStream, anyio.ClosedResourceError):
+            raise ConnectionClosed(f"connection closed: {self.close_reason}") from None
+
+    async def aclose(self) -> None:
+        """Close the connection (CONNECTION_CLOSE is sent; draining continues in background)."""
+        self._quic.close(error_code=QuicErrorCode.NO_ERROR, reason_phrase="closed")
+        self._wake()
+        await anyio.lowlevel.checkpoint()
+
+    async def wait_closed(self) -> None:
+        await self._terminated.wait()
+
+    # --- used by streams --------------------------------------------------------------------
+
+    def _send_stream_data(self, stream_id: int, data: bytes, *, end_stream: bool) -> None:
+        if self.is_closed:
+            raise ConnectionClosed(f"connection closed: {self.close_reason}")
+        self._quic.send_stream_data(stream_id, data, end_stream=end_stream)
+        self._wake()
+
+    def _stop_stream(self, stream_id: int) -> None:
+        if self.is_closed:
+            return
+        try:
+            self._quic.stop_stream(stream_id, _STREAM_REFUSED)
+        except ValueError:  # never received anything on it: nothing to stop
+            return
+        self._wake()
+
+    def _forget_stream(self, stream_id: int) -> None:
+        self._streams.pop(stream_id, None)
+        if self._stream_is_remote(stream_id):
+            self._finished_remote_streams.add(stream_id)
+
+    # --- driven by the endpoint -----------------------------------------------------------------
+
+    def _wake(self) -> None:
+        self._wakeup.set()
+
+    async def wait_established(self) -> None:
+        """Wait for the handshake; raise why it failed (certificate, peer ID, refusal)."""
+        await self._handshake_settled.wait()
+        if self._handshake_error is not None:
+            raise self._handshake_error
+
+    def _fail_handshake(self, error: TransportError) -> None:
+        if not self._handshake_settled.is_set():
+            self._handshake_error = error
+            self._handshake_settled.set()
+
+    def _handle_event(self, event: events.QuicEvent) -> None:
+        if isinstance(event, events.StreamDataReceived):
+            stream = self._streams.get(event.stream_id)
+            if stream is None:
+                if (
+                    not self._stream_is_remote(event.stream_id)
+                    or event.stream_id in self._finished_remote_streams
+                ):
+                    return  # a stream we already closed and forgot
+                stream = QuicStream(self, event.stream_id)
+                try:
+                    self._incoming_send.send_nowait(stream)
+                except anyio.WouldBlock:
+                    self._quic.reset_stream(event.stream_id, _STREAM_REFUSED)
+                    self._stop_stream(event.stream_id)
+                    self._finished_remote_streams.add(event.stream_id)
+                    return
+                self._streams[event.stream_id] = stream
+            stream._data_received(event.data, event.end_stream)
+        elif isinstance(event, events.StreamReset):
+            stream = self._streams.get(event.stream_id)
+            if stream is not None:
+                stream._reset_received(event.error_code)
+        elif isinstance(event, events.StopSendingReceived):
+            stream = self._streams.get(event.stream_id)
+            if stream is not None:
+                stream._stop_sending_received(event.error_code)
+        elif isinstance(event, events.ConnectionIdIssued):
+            self._local_cids.add(event.connection_id)
+            self._endpoint._register(event.connection_id, self)
+        elif isinstance(event, events.ConnectionIdRetired):
+            self._local_cids.discard(event.connection_id)
+            self._endpoint._unregister(event.connection_id, self)
+        elif isinstance(event, events.HandshakeCompleted):
+            self._handshake_completed(event)
+        elif isinstance(event, events.ConnectionTerminated):
+            self._close_reason = event.reason_phrase or f"error code {event.error_code:#x}"
+
+    def _handshake_completed(self, event: events.HandshakeCompleted) -> None:
+        if event.alpn_protocol != ALPN:
+            self._quic.close(
+                error_code=QuicErrorCode.CRYPTO_ERROR + _NO_APPLICATION_PROTOCOL,
+                reason_phrase="ALPN libp2p required",
+            )
+            self._fail_handshake(HandshakeFailed("peer did not negotiate ALPN 'libp2p'"))
+            return
+        if self._quic.verified_peer is None:
+            # A client may send an empty Certificate; libp2p requires mutual authentication.
+            self._quic.close(
+                error_code=QuicErrorCode.CRYPTO_ERROR + _CERTIFICATE_REQUIRED,
+                reason_phrase="libp2p certificate required",
+            )
+            self._fail_handshake(HandshakeFailed("peer presented no certificate"))
+            return
+        self._established = True
+        self._handshake_settled.set()
+        if not self.is_initiator:
+            self._endpoint._connection_established(self)
+
+    def _check_closing(self) -> None:
+        reason = self._quic.closing_reason
+        if reason is None:
+            return
+        if self._quic.verification_error is not None:
+            self._fail_handshake(self._quic.verification_error)
+        else:
+            self._fail_handshake(HandshakeFailed(f"handshake failed: {reason}"))
+        for stream in self._streams.values():
+            stream._connection_lost()
+        self._incoming_send.close()
+
+    def _stream_is_remote(self, stream_id: int) -> bool:
+        # Bit 0 of a stream ID is the initiator: 0 client, 1 server.
+        return bool(stream_id & 1) == self.is_initiator
+
+    async def _drive(self) -> None:
+        """This connection's driver: timers, events and sending, woken on demand."""
+        quic = self._quic
+        endpoint = self._endpoint
+        try:
+            while True:
+                self._wakeup = anyio.Event()
+                now = anyio.current_time()
+                timer = quic.get_timer()
+                if timer is not None and timer <= now:
+                    quic.handle_timer(now)
+                terminated = False
+                while (event := quic.next_event()) is not None:
+                    self._handle_event(event)
+                    terminated = terminated or isinstance(event, events.ConnectionTerminated)
+                self._check_closing()
+                await endpoint._send_datagrams(quic.datagrams_to_send(now=anyio.current_time()))
+                if terminated:
+                    return
+                timer = quic.get_timer()
+                with anyio.CancelScope(deadline=math.inf if timer is None else timer):
+                    await self._wakeup.wait()
+        finally:
+            self._terminated.set()
+            self._close_reason = self._close_reason or quic.closing_reason or "endpoint closed"
+            self._fail_handshake(ConnectionClosed(f"connection closed: {self._close_reason}"))
+            for stream in self._streams.values():
+                stream._connection_lost()
+            self._incoming_send.close()
+            self._incoming_receive.close()
+            endpoint._connection_ended(self)
+
+
+class QuicEndpoint:
+    """One UDP socket serving libp2p QUIC connections, inbound and outbound.
+
+    Use as ``async with QuicEndpoint(host_key, host="127.0.0.1") as endpoint``; then
+    ``await endpoint.connect(address, expected_peer_id=…)`` and ``await endpoint.accept()``.
+    Leaving the block closes every connection and the socket.
+    """
+
+    def __init__(
+        self,
+        host_key: ed25519.Ed25519PrivateKey,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        idle_timeout: float = 30.0,
+        max_connections: int = 1024,
+        clock: Callable[[], dt.datetime] = _wall_clock,
+    ) -> None:
+        self._host_key = host_key
+        self._bind = (host, port)
+        self._idle_timeout = idle_timeout
+        self._max_connections = max_connections
+        self._clock = clock
+        self._certified: CertifiedKey | None = None
+        self._socket: anyio.abc.UDPSocket | None = None
+        self._task_group: anyio.abc.TaskGroup | None = None
+        self._by_cid: dict[bytes, QuicConnectionHandle] = {}
+        self._send_lock = anyio.Lock()
+        self._connections: set[QuicConnectionHandle] = set()
+        self._accept_send, self._accept_receive = anyio.create_memory_object_stream[
+            QuicConnectionHandle
+        ](MAX_PENDING_CONNECTIONS)
+
+    @property
+    def peer_id(self) -> bytes:
+        """Our binary peer ID, as peers will derive it from our certificate."""
+        return peer_id_bytes(self._host_key.public_key())
+
+    @property
+    def local_address(self) -> Address:
+        if self._socket is None:
+            raise TransportError("endpoint is not open")
+        address = self._socket.extra(anyio.abc.SocketAttribute.local_address)  # noqa: S610
+        host, port = address[0], address[1]
+        return str(host), int(port)
+
+    async def __aenter__(self) -> Self:
+        self._certified = generate_certificate(self._host_key, now=self._clock())
+        host, port = self._bind
+        if ipaddress.ip_address(host).version == 6:
+            self._socket = await anyio.create_udp_socket(
+                family=socket.AF_INET6, local_host=host, local_port=port
+            )
+        else:
+            self._socket = await anyio.create_udp_socket(
+                family=socket.AF_INET, local_host=host, local_port=port
+            )
+        self._task_group = anyio.create_task_group()
+        await self._task_group.__aenter__()
+        self._task_group.start_soon(self._receive_loop)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> bool | None:
+        assert self._task_group is not None
+        assert self._socket is not None
+        suppress: bool | None = None
+        try:
+            with anyio.CancelScope(shield=True):
+                # Tell every peer we are going, then stop; draining is not worth waiting for.
+                for connection in list(self._connections):
+                    connection._quic.close(error_code=QuicErrorCode.NO_ERROR, reason_phrase="bye")
+                    await self._send_datagrams(
+                        connection._quic.datagrams_to_send(now=anyio.current_time())
+                    )
+        finally:
+            self._task_group.cancel_scope.cancel()
+        try:
+            suppress = await self._task_group.__aexit__(exc_type, exc, traceback)
+        finally:
+            self._accept_send.close()
+            self._accept_receive.close()
+            with anyio.CancelScope(shield=True):
+                await self._socket.aclose()
+        return suppress
+
+    async def connect(
+        self, address: Address, *, expected_peer_id: bytes | None = None
+    ) -> QuicConnectionHandle:
+        """Dial ``address`` (an IP literal and port) and complete the libp2p handshake.
+
+        With ``expected_peer_id`` (the binary peer ID from ``/p2p/<id>``), a peer proving any
+        other ID is refused with `PeerIdMismatch`. Bound the wait with ``anyio.fail_after``.
+        """
+        host, port = address
+        ipaddress.ip_address(host)  # IP literals only; resolution belongs to the host layer
+        quic = _Libp2pQuicConnection(
+            configuration=self._configuration(is_client=True),
+            expected_peer_id=expected_peer_id,
+            clock=self._clock,
+        )
+        connection = QuicConnectionHandle(self, quic, (host, port), is_initiator=True)
+        quic.connect((host, port), now=anyio.current_time())
+        self._start(connection, [quic.host_cid])
+        try:
+            await connection.wait_established()
+        except BaseException:
+            quic.close(error_code=QuicErrorCode.NO_ERROR, reason_phrase="dial abandoned")
+            connection._wake()
+            raise
+        return connection
+
+    async def accept(self) -> QuicConnectionHandle:
+        """Wait for the next inbound connection whose handshake and verification succeeded."""
+        try:
+            return await self._accept_receive.receive()
+        except (anyio.EndOfStream, anyio.ClosedResourceError):
+            raise TransportError("endpoint closed") from None
+
+    # --- internals ------------------------------------------------------------------------
+
+    def _configuration(self, *, is_client: bool) -> QuicConfiguration:
+        assert self._certified is not None
+        return QuicConfiguration(
+            is_client=is_client,
+            alpn_protocols=[ALPN],
+            certificate=self._certified.certificate,
+            private_key=self._certified.private_key,
+            verify_mode=ssl.CERT_NONE,  # verified by _Libp2pQuicConnection instead of a CA
+            supported_versions=[QuicProtocolVersion.VERSION_1],
+            connection_id_length=_CONNECTION_ID_LENGTH,
+            idle_timeout=self._idle_timeout,
+            server_name=None,  # libp2p clients must not send SNI
+        )
+
+    def _start(self, connection: QuicConnectionHandle, cids: list[bytes]) -> None:
+        assert self._task_group is not None
+        self._connections.add(connection)
+        for cid in cids:
+            connection._local_cids.add(cid)
+            self._register(cid, connection)
+        self._task_group.start_soon(connection._drive)
+
+    def _register(self, cid: bytes, connection: QuicConnectionHandle) -> None:
+        self._by_cid[cid] = connection
+
+    def _unregister(self, cid: bytes, connection: QuicConnectionHandle) -> None:
+        if self._by_cid.get(cid) is connection:
+            del self._by_cid[cid]
+
+    def _connection_established(self, connection: QuicConnectionHandle) -> None:
+        try:
+            self._accept_send.send_nowait(connection)
+        except (anyio.WouldBlock, anyio.ClosedResourceError):
+            connection._quic.close(
+                error_code=QuicErrorCode.CONNECTION_REFUSED, reason_phrase="busy"
+            )
+            connection._wake()
+
+    def _connection_ended(self, connection: QuicConnectionHandle) -> None:
+        self._connections.discard(connection)
+        for cid in connection._local_cids:
+            self._unregister(cid, connection)
+
+    async def _send_datagrams(self, datagrams: list[tuple[bytes, Address]]) -> None:
+        assert self._socket is not None
+        for data, (host, port) in datagrams:
+            try:
+                # anyio allows one sender per socket at a time; drivers take turns.
+                async with self._send_lock:
+                    await self._socket.sendto(data, host, port)
+            except OSError as exc:  # unreachable and the like: QUIC's loss recovery copes
+                _log.debug("sendto %s:%s failed: %s", host, port, exc)
+            except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+                return
+
+    async def _receive_loop(self) -> None:
+        assert self._socket is not None
+        while True:
+            try:
+                data, address = await self._socket.receive()
+            except ConnectionError as exc:  # an ICMP error surfacing on the socket
+                _log.debug("UDP receive error ignored: %s", exc)
+                continue
+            except (anyio.ClosedResourceError, anyio.EndOfStream):
+                return
+            self._datagram_received(data, (str(address[0]), int(address[1])))
+
+    def _datagram_received(self, data: bytes, address: Address) -> None:
+        try:
+            header = pull_quic_header(Buffer(data=data), host_cid_length=_CONNECTION_ID_LENGTH)
+        except ValueError:
+            return
+        connection = self._by_cid.get(header.destination_cid)
+        if connection is not None:
+            connection._quic.receive_datagram(data, address, now=anyio.current_time())
+            connection._wake()
+            return
+        # Other versions are dropped rather than answered with Version Negotiation: every
+        # libp2p QUIC peer speaks v1, and unanswered junk costs us nothing.
+        if (
+            header.packet_type != QuicPacketType.INITIAL
+            or header.version != QuicProtocolVersion.VERSION_1
+            or len(data) < _MIN_INITIAL_DATAGRAM
+        ):
+            return
+        if len(self._connections) >= self._max_connections:
+            return  # a hard ceiling; the connection manager above enforces the real limits
+        quic = _Libp2pQuicConnection(
+            configuration=self._configuration(is_client=False),
+            expected_peer_id=None,
+            clock=self._clock,
+            original_destination_connection_id=header.destination_cid,
+        )
+        connection = QuicConnectionHandle(self, quic, address, is_initiator=False)
+        # The client addresses us by its chosen ID until it learns ours.
+        self._start(connection, [header.destination_cid, quic.host_cid])
+        quic.receive_datagram(data, address, now=anyio.current_time())
+        connection._wake()

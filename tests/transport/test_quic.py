@@ -1,0 +1,204 @@
+"""QUIC endpoints on loopback: libp2p handshake, peer IDs, streams, refusals."""
+
+from __future__ import annotations
+
+import datetime as dt
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from teia.errors import (
+    ConnectionClosed,
+    HandshakeFailed,
+    InvalidCertificate,
+    PeerIdMismatch,
+)
+from teia.transport.quic import QuicConnectionHandle, QuicEndpoint, QuicStream
+from teia.transport.tls import peer_id_bytes
+
+TIMEOUT = 10
+
+
+def _has_ipv6() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@asynccontextmanager
+async def endpoints(host: str = "127.0.0.1") -> AsyncIterator[tuple[QuicEndpoint, QuicEndpoint]]:
+    async with (
+        QuicEndpoint(ed25519.Ed25519PrivateKey.generate(), host=host) as a,
+        QuicEndpoint(ed25519.Ed25519PrivateKey.generate(), host=host) as b,
+    ):
+        yield a, b
+
+
+async def read_all(stream: QuicStream) -> bytes:
+    data = bytearray()
+    while True:
+        try:
+            data += await stream.receive()
+        except anyio.EndOfStream:
+            return bytes(data)
+
+
+async def connect_pair(
+    a: QuicEndpoint, b: QuicEndpoint
+) -> tuple[QuicConnectionHandle, QuicConnectionHandle]:
+    dialed = await a.connect(b.local_address, expected_peer_id=b.peer_id)
+    accepted = await b.accept()
+    return dialed, accepted
+
+
+async def echo_upper(connection: QuicConnectionHandle) -> None:
+    while True:
+        try:
+            stream = await connection.accept_stream()
+        except ConnectionClosed:
+            return
+        data = await read_all(stream)
+        await stream.send(data.upper())
+        await stream.aclose()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "host",
+    [
+        "127.0.0.1",
+        pytest.param("::1", marks=pytest.mark.skipif(not _has_ipv6(), reason="no IPv6 loopback")),
+    ],
+)
+async def test_connect_learns_peer_ids_and_exchanges_a_stream(host: str) -> None:
+    with anyio.fail_after(TIMEOUT):
+        async with endpoints(host) as (a, b), anyio.create_task_group() as tg:
+            dialed, accepted = await connect_pair(a, b)
+            assert dialed.remote_peer.peer_id == b.peer_id
+            assert accepted.remote_peer.peer_id == a.peer_id
+            assert accepted.remote_address == a.local_address
+            tg.start_soon(echo_upper, accepted)
+            stream = await dialed.open_stream()
+            await stream.send(b"hello ")
+            await stream.send(b"teia")
+            await stream.send_eof()
+            assert await read_all(stream) == b"HELLO TEIA"
+            await stream.aclose()
+            await dialed.aclose()
+
+
+@pytest.mark.anyio
+async def test_many_streams_and_a_megabyte_both_ways() -> None:
+    payload = bytes(range(256)) * 4096  # 1 MiB: several flow-control windows' worth
+    with anyio.fail_after(TIMEOUT):
+        async with endpoints() as (a, b), anyio.create_task_group() as tg:
+            dialed, accepted = await connect_pair(a, b)
+            tg.start_soon(echo_upper, accepted)
+            results: dict[int, bytes] = {}
+
+            async def one(i: int, data: bytes) -> None:
+                stream = await dialed.open_stream()
+                await stream.send(data)
+                await stream.send_eof()
+                results[i] = await read_all(stream)
+                await stream.aclose()
+
+            async with anyio.create_task_group() as streams:
+                for i in range(20):
+                    streams.start_soon(one, i, f"stream {i}".encode())
+                streams.start_soon(one, 99, payload)
+            assert results[99] == payload.upper()
+            assert all(results[i] == f"STREAM {i}".encode() for i in range(20))
+            await dialed.aclose()
+
+
+@pytest.mark.anyio
+async def test_dialing_the_wrong_peer_id_fails_clearly() -> None:
+    with anyio.fail_after(TIMEOUT):
+        async with endpoints() as (a, b):
+            someone_else = peer_id_bytes(ed25519.Ed25519PrivateKey.generate().public_key())
+            with pytest.raises(PeerIdMismatch, match="different peer ID"):
+                await a.connect(b.local_address, expected_peer_id=someone_else)
+            # The endpoints still work afterwards.
+            dialed, accepted = await connect_pair(a, b)
+            assert accepted.remote_peer.peer_id == a.peer_id
+            await dialed.aclose()
+
+
+@pytest.mark.anyio
+async def test_expired_certificate_is_refused_by_the_dialer() -> None:
+    def far_future() -> dt.datetime:
+        return dt.datetime.now(dt.UTC) + dt.timedelta(days=365 * 200)
+
+    with anyio.fail_after(TIMEOUT):
+        async with (
+            QuicEndpoint(ed25519.Ed25519PrivateKey.generate()) as server,
+            QuicEndpoint(ed25519.Ed25519PrivateKey.generate(), clock=far_future) as client,
+        ):
+            with pytest.raises(InvalidCertificate, match="expired"):
+                await client.connect(server.local_address)
+
+
+@pytest.mark.anyio
+async def test_client_without_certificate_is_refused_by_the_listener(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with anyio.fail_after(TIMEOUT):
+        async with endpoints() as (a, b):
+            original = a._configuration
+
+            def no_certificate(*, is_client: bool):  # type: ignore[no-untyped-def]
+                configuration = original(is_client=is_client)
+                configuration.certificate = None
+                configuration.private_key = None
+                return configuration
+
+            monkeypatch.setattr(a, "_configuration", no_certificate)
+            # The client finishes its side first (TLS 1.3), then learns of the refusal.
+            try:
+                dialed = await a.connect(b.local_address)
+            except HandshakeFailed as exc:
+                reason = str(exc)
+            else:
+                await dialed.wait_closed()
+                reason = dialed.close_reason
+            assert "certificate" in reason
+
+
+@pytest.mark.anyio
+async def test_closing_a_connection_ends_the_peers_streams() -> None:
+    with anyio.fail_after(TIMEOUT):
+        async with endpoints() as (a, b):
+            dialed, accepted = await connect_pair(a, b)
+            stream = await dialed.open_stream()
+            await stream.send(b"x")
+            incoming = await accepted.accept_stream()
+            assert await incoming.receive() == b"x"
+            await dialed.aclose()
+            with pytest.raises(ConnectionClosed):
+                await incoming.receive()
+            with pytest.raises(ConnectionClosed):
+                await accepted.accept_stream()
+            with pytest.raises(ConnectionClosed):
+                await dialed.open_stream()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_smoke_on_asyncio() -> None:
+    with anyio.fail_after(TIMEOUT):
+        async with endpoints() as (a, b), anyio.create_task_group() as tg:
+            dialed, accepted = await connect_pair(a, b)
+            tg.start_soon(echo_upper, accepted)
+            stream = await dialed.open_stream()
+            await stream.send(b"asyncio")
+            await stream.send_eof()
+            assert await read_all(stream) == b"ASYNCIO"
+            await dialed.aclose()
