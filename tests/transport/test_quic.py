@@ -17,7 +17,7 @@ from teia.errors import (
     InvalidCertificate,
     PeerIdMismatch,
 )
-from teia.transport.quic import QuicConnectionHandle, QuicEndpoint, QuicStream
+from teia.transport.quic import STREAM_WINDOW, QuicConnectionHandle, QuicEndpoint, QuicStream
 from teia.transport.tls import peer_id_bytes
 
 TIMEOUT = 10
@@ -201,4 +201,40 @@ async def test_smoke_on_asyncio() -> None:
             await stream.send(b"asyncio")
             await stream.send_eof()
             assert await read_all(stream) == b"ASYNCIO"
+            await dialed.aclose()
+
+
+@pytest.mark.anyio
+async def test_a_reader_that_does_not_read_pushes_back_on_the_writer() -> None:
+    total = 8 * 1024 * 1024
+    chunk = bytes(range(256)) * 256  # 64 KiB
+    with anyio.fail_after(TIMEOUT):
+        async with endpoints() as (a, b), anyio.create_task_group() as tg:
+            dialed, accepted = await connect_pair(a, b)
+            stream = await dialed.open_stream()
+            written = 0
+
+            async def writer() -> None:
+                nonlocal written
+                while written < total:
+                    await stream.send(chunk)
+                    written += len(chunk)
+                await stream.send_eof()
+
+            tg.start_soon(writer)
+            incoming = await accepted.accept_stream()
+            await anyio.wait_all_tasks_blocked()
+            # Nobody reads: the writer is held back by flow control, not buffered without end.
+            assert written < 3 * STREAM_WINDOW
+            assert len(incoming._state.buffer) <= STREAM_WINDOW
+            received = bytearray()
+            while True:
+                try:
+                    received += await incoming.receive()
+                except anyio.EndOfStream:
+                    break
+                assert len(incoming._state.buffer) <= STREAM_WINDOW
+            assert len(received) == total
+            assert bytes(received[: len(chunk)]) == chunk
+            assert bytes(received[-len(chunk) :]) == chunk
             await dialed.aclose()

@@ -44,10 +44,14 @@ from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 from aioquic.quic.packet import (
     QuicErrorCode,
+    QuicFrameType,
     QuicPacketType,
     QuicProtocolVersion,
     pull_quic_header,
 )
+from aioquic.quic.packet_builder import QuicPacketBuilder
+from aioquic.quic.recovery import QuicPacketSpace
+from aioquic.quic.stream import QuicStream as _AioquicStream
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from teia.errors import (
@@ -74,9 +78,9 @@ _log = logging.getLogger(__name__)
 _CONNECTION_ID_LENGTH = 8
 _MIN_INITIAL_DATAGRAM = 1200  # RFC 9000 §14.1: servers drop smaller Initial datagrams
 _MAX_DATAGRAM = 65535
-# Unread bytes one stream may hold before we stop it: aioquic widens flow-control windows as data
-# arrives, not as it is read, so a peer could otherwise fill our memory.
-MAX_STREAM_BUFFER = 4 * 1024 * 1024
+# Per-stream flow-control window: the most unread bytes a peer may have outstanding on one stream,
+# and the most unacknowledged bytes one of our writers may queue before `send` waits.
+STREAM_WINDOW = 512 * 1024
 # Incoming streams not yet taken by accept_stream(); beyond this new streams are refused.
 MAX_PENDING_STREAMS = 64
 MAX_PENDING_CONNECTIONS = 64
@@ -97,8 +101,14 @@ class _Libp2pQuicConnection(QuicConnection):
     aioquic has no public hook for verifying a certificate without a CA, nor for a server to
     require client certificates. Both are done here, on its TLS context, and nowhere else; the
     private names touched are ``Context._set_peer_certificate``,
-    ``Context._request_client_certificate`` and ``QuicConnection._close_event``. Tested
-    against aioquic 1.x (the version range pinned in pyproject).
+    ``Context._request_client_certificate`` and ``QuicConnection._close_event``.
+
+    It also replaces aioquic's receive flow control, which grants the peer more credit as data
+    *arrives* (doubling the window), with credit granted as the application *reads*
+    (`note_consumed`), so a slow reader pushes back on the sender instead of buffering without
+    bound. That touches ``_write_stream_limits``, ``_streams`` and the stream's
+    ``max_stream_data_local*``/sender buffer fields. Tested against aioquic 1.x (the version
+    range pinned in pyproject).
     """
 
     def __init__(
@@ -117,6 +127,8 @@ class _Libp2pQuicConnection(QuicConnection):
         self.verification_error: TransportError | None = None
         self._expected_peer_id = expected_peer_id
         self._clock = clock
+        self._consumed: dict[int, int] = {}
+        self._window = configuration.max_stream_data
 
     def _initialize(self, peer_cid: bytes) -> None:
         super()._initialize(peer_cid)
@@ -145,6 +157,49 @@ class _Libp2pQuicConnection(QuicConnection):
             )
             raise aioquic_tls.AlertBadCertificate("peer ID mismatch")
         self.verified_peer = peer
+
+    def note_consumed(self, stream_id: int, count: int) -> bool:
+        """Record that the application read ``count`` bytes; True if new credit is due."""
+        consumed = self._consumed.get(stream_id, 0) + count
+        self._consumed[stream_id] = consumed
+        stream = self._streams.get(stream_id)
+        if stream is None or not stream.max_stream_data_local:
+            return False
+        return consumed + self._window - stream.max_stream_data_local >= self._window // 2
+
+    def forget_consumed(self, stream_id: int) -> None:
+        self._consumed.pop(stream_id, None)
+
+    def unacknowledged(self, stream_id: int) -> int:
+        """Bytes written to the stream that the peer has not acknowledged yet."""
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return 0
+        sender = stream.sender
+        return int(sender._buffer_stop - sender._buffer_start)
+
+    def _write_stream_limits(
+        self, builder: QuicPacketBuilder, space: QuicPacketSpace, stream: _AioquicStream
+    ) -> None:
+        stream_id = stream.stream_id
+        if stream_id is None or not stream.max_stream_data_local:  # our own uni streams
+            return
+        # Credit follows what the application has read, in steps of half a window so that
+        # MAX_STREAM_DATA frames stay rare.
+        granted = self._consumed.get(stream_id, 0) + self._window
+        if granted - stream.max_stream_data_local >= self._window // 2:
+            stream.max_stream_data_local = granted
+        if stream.max_stream_data_local_sent == stream.max_stream_data_local:
+            return
+        buf = builder.start_frame(
+            QuicFrameType.MAX_STREAM_DATA,
+            capacity=1 + 2 * 8,  # frame type + two varints
+            handler=self._on_max_stream_data_delivery,
+            handler_args=(stream,),
+        )
+        buf.push_uint_var(stream_id)
+        buf.push_uint_var(stream.max_stream_data_local)
+        stream.max_stream_data_local_sent = stream.max_stream_data_local
 
     @property
     def closing_reason(self) -> str | None:
@@ -177,6 +232,7 @@ class QuicStream(anyio.abc.ByteStream):
         self.stream_id = stream_id
         self._state = _StreamState(buffer=bytearray())
         self._readable = anyio.Event()
+        self._writable = anyio.Event()
 
     def _data_received(self, data: bytes, end_stream: bool) -> None:
         state = self._state
@@ -184,9 +240,6 @@ class QuicStream(anyio.abc.ByteStream):
             return
         state.buffer += data
         state.eof_received = state.eof_received or end_stream
-        if len(state.buffer) > MAX_STREAM_BUFFER and not state.eof_received:
-            self._connection._stop_stream(self.stream_id)
-            state.reset_code = _STREAM_REFUSED
         self._readable.set()
 
     def _reset_received(self, error_code: int) -> None:
@@ -195,9 +248,11 @@ class QuicStream(anyio.abc.ByteStream):
 
     def _stop_sending_received(self, error_code: int) -> None:
         self._state.send_stopped_code = error_code
+        self._writable.set()
 
     def _connection_lost(self) -> None:
         self._readable.set()
+        self._writable.set()
 
     async def receive(self, max_bytes: int = 65536) -> bytes:
         state = self._state
@@ -207,6 +262,7 @@ class QuicStream(anyio.abc.ByteStream):
             if state.buffer:
                 data = bytes(state.buffer[:max_bytes])
                 del state.buffer[:max_bytes]
+                self._connection._consumed(self.stream_id, len(data))
                 return data
             if state.reset_code is not None:
                 raise StreamReset(f"stream reset by the peer (code {state.reset_code:#x})")
@@ -224,6 +280,13 @@ class QuicStream(anyio.abc.ByteStream):
         if state.send_stopped_code is not None:
             raise StreamReset(f"peer stopped reading (code {state.send_stopped_code:#x})")
         self._connection._send_stream_data(self.stream_id, item, end_stream=False)
+        # Backpressure: wait while more than a window of our data is unacknowledged.
+        while self._connection._unacknowledged(self.stream_id) > STREAM_WINDOW:
+            if state.send_stopped_code is not None or self._connection.is_closed:
+                break
+            self._writable = anyio.Event()
+            self._connection._blocked_writers.add(self)
+            await self._writable.wait()
         await anyio.lowlevel.checkpoint()
 
     async def send_eof(self) -> None:
@@ -278,6 +341,7 @@ class QuicConnectionHandle:
         self._terminated = anyio.Event()
         self._close_reason: str | None = None
         self._local_cids: set[bytes] = set()
+        self._blocked_writers: set[QuicStream] = set()
         # Remote streams we closed: late frames for them must not look like new streams.
         self._finished_remote_streams: set[int] = set()
 
@@ -344,8 +408,22 @@ class QuicConnectionHandle:
             return
         self._wake()
 
+    def _consumed(self, stream_id: int, count: int) -> None:
+        if self._quic.note_consumed(stream_id, count):
+            self._wake()
+
+    def _unacknowledged(self, stream_id: int) -> int:
+        return self._quic.unacknowledged(stream_id)
+
+    def _release_writers(self) -> None:
+        for stream in list(self._blocked_writers):
+            if self.is_closed or self._quic.unacknowledged(stream.stream_id) <= STREAM_WINDOW:
+                self._blocked_writers.discard(stream)
+                stream._writable.set()
+
     def _forget_stream(self, stream_id: int) -> None:
         self._streams.pop(stream_id, None)
+        self._quic.forget_consumed(stream_id)
         if self._stream_is_remote(stream_id):
             self._finished_remote_streams.add(stream_id)
 
@@ -457,6 +535,7 @@ class QuicConnectionHandle:
                     terminated = terminated or isinstance(event, events.ConnectionTerminated)
                 self._check_closing()
                 await endpoint._send_datagrams(quic.datagrams_to_send(now=anyio.current_time()))
+                self._release_writers()
                 if terminated:
                     return
                 timer = quic.get_timer()
@@ -610,6 +689,7 @@ class QuicEndpoint:
             connection_id_length=_CONNECTION_ID_LENGTH,
             idle_timeout=self._idle_timeout,
             server_name=None,  # libp2p clients must not send SNI
+            max_stream_data=STREAM_WINDOW,
         )
 
     def _start(self, connection: QuicConnectionHandle, cids: list[bytes]) -> None:
