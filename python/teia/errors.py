@@ -125,3 +125,7 @@ class ProtocolNegotiationError(TransportError):
 
 class ProtocolNotSupported(ProtocolNegotiationError):
     """The remote side declined every protocol we proposed (`na`)."""
+
+
+class PingFailed(TransportError):
+    """The peer answered a ping (``/ipfs/ping/1.0.0``) with other bytes than it was sent."""

@@ -1,0 +1,95 @@
+"""Protocol negotiation over a byte stream, and the stream an agreed protocol gets.
+
+`select_protocol` (the side that opened the stream) and `accept_protocol` (the side that
+accepted it) run the sans-IO machines of `teia.host.multistream` over any anyio byte stream and
+return a `NegotiatedStream`: the same stream, with the protocol name and with any bytes that
+arrived behind the negotiation handed out first. Bound them with ``anyio.fail_after``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import anyio
+import anyio.abc
+
+from teia.errors import ProtocolNegotiationError
+from teia.host.multistream import MultistreamDialer, MultistreamListener, ProtocolAgreed
+
+__all__ = ["NegotiatedStream", "accept_protocol", "receive_exactly", "select_protocol"]
+
+_READ_SIZE = 4096
+
+
+class NegotiatedStream(anyio.abc.ByteStream):
+    """A byte stream on which both sides agreed to speak `protocol`."""
+
+    def __init__(self, stream: anyio.abc.ByteStream, protocol: str, unconsumed: bytes) -> None:
+        self.stream = stream
+        self.protocol = protocol
+        self._unconsumed = unconsumed
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        if self._unconsumed:
+            data, self._unconsumed = self._unconsumed[:max_bytes], self._unconsumed[max_bytes:]
+            await anyio.lowlevel.checkpoint()
+            return data
+        return await self.stream.receive(max_bytes)
+
+    async def send(self, item: bytes) -> None:
+        await self.stream.send(item)
+
+    async def send_eof(self) -> None:
+        await self.stream.send_eof()
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+async def _run(
+    stream: anyio.abc.ByteStream, machine: MultistreamDialer | MultistreamListener
+) -> ProtocolAgreed:
+    while True:
+        outgoing = machine.data_to_send()
+        if outgoing:
+            await stream.send(outgoing)
+        try:
+            data = await stream.receive(_READ_SIZE)
+        except anyio.EndOfStream:
+            raise ProtocolNegotiationError("stream ended during protocol negotiation") from None
+        agreed = machine.receive_data(data)
+        if agreed is not None:
+            outgoing = machine.data_to_send()
+            if outgoing:
+                await stream.send(outgoing)
+            return agreed
+
+
+async def select_protocol(
+    stream: anyio.abc.ByteStream, protocols: Sequence[str]
+) -> NegotiatedStream:
+    """Propose ``protocols`` in order on a stream we opened; return it once one is agreed.
+
+    Raises `ProtocolNotSupported` if the peer declines them all.
+    """
+    agreed = await _run(stream, MultistreamDialer(protocols))
+    return NegotiatedStream(stream, agreed.protocol, agreed.unconsumed)
+
+
+async def accept_protocol(
+    stream: anyio.abc.ByteStream, supports: Callable[[str], bool]
+) -> NegotiatedStream:
+    """Answer the peer's proposals on a stream it opened; return it once one is agreed."""
+    agreed = await _run(stream, MultistreamListener(supports))
+    return NegotiatedStream(stream, agreed.protocol, agreed.unconsumed)
+
+
+async def receive_exactly(stream: anyio.abc.ByteReceiveStream, count: int) -> bytes:
+    """Read exactly ``count`` bytes; `anyio.IncompleteRead` if the stream ends first."""
+    buffer = bytearray()
+    while len(buffer) < count:
+        try:
+            buffer += await stream.receive(count - len(buffer))
+        except anyio.EndOfStream:
+            raise anyio.IncompleteRead from None
+    return bytes(buffer)
