@@ -129,3 +129,14 @@ class ProtocolNotSupported(ProtocolNegotiationError):
 
 class PingFailed(TransportError):
     """The peer answered a ping (``/ipfs/ping/1.0.0``) with other bytes than it was sent."""
+
+
+class ConnectionLimitExceeded(TransportError):
+    """A connection was refused because a connection-manager limit is reached.
+
+    Raise the limit in `ConnectionLimits` if the node really should hold more connections.
+    """
+
+
+class NotConnected(TransportError):
+    """No open connection to that peer; connect to one of its addresses first."""

@@ -28,6 +28,8 @@ class NegotiatedStream(anyio.abc.ByteStream):
         self.stream = stream
         self.protocol = protocol
         self._unconsumed = unconsumed
+        self.remote_peer_id: bytes | None = None
+        """Who is on the other end, when a host made this stream (binary peer ID)."""
 
     async def receive(self, max_bytes: int = 65536) -> bytes:
         if self._unconsumed:

@@ -23,6 +23,7 @@ checked against.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import ipaddress
 import logging
@@ -254,6 +255,11 @@ class QuicStream(anyio.abc.ByteStream):
         self._readable.set()
         self._writable.set()
 
+    def _finish_sending(self) -> None:
+        # A stream the peer stopped has nothing left to finish.
+        with contextlib.suppress(StreamReset):
+            self._connection._send_stream_data(self.stream_id, b"", end_stream=True)
+
     async def receive(self, max_bytes: int = 65536) -> bytes:
         state = self._state
         while True:
@@ -295,7 +301,7 @@ class QuicStream(anyio.abc.ByteStream):
             return
         state.eof_sent = True
         if not self._connection.is_closed:
-            self._connection._send_stream_data(self.stream_id, b"", end_stream=True)
+            self._finish_sending()
         await anyio.lowlevel.checkpoint()
 
     async def aclose(self) -> None:
@@ -305,7 +311,7 @@ class QuicStream(anyio.abc.ByteStream):
             return
         if not state.eof_sent and not self._connection.is_closed:
             state.eof_sent = True
-            self._connection._send_stream_data(self.stream_id, b"", end_stream=True)
+            self._finish_sending()
         if not state.eof_received and state.reset_code is None:
             self._connection._stop_stream(self.stream_id)
         state.closed = True
@@ -396,7 +402,10 @@ class QuicConnectionHandle:
     def _send_stream_data(self, stream_id: int, data: bytes, *, end_stream: bool) -> None:
         if self.is_closed:
             raise ConnectionClosed(f"connection closed: {self.close_reason}")
-        self._quic.send_stream_data(stream_id, data, end_stream=end_stream)
+        try:
+            self._quic.send_stream_data(stream_id, data, end_stream=end_stream)
+        except RuntimeError as exc:  # aioquic: the peer stopped the stream (STOP_SENDING)
+            raise StreamReset(f"cannot write to the stream: {exc}") from exc
         self._wake()
 
     def _stop_stream(self, stream_id: int) -> None:
