@@ -140,3 +140,7 @@ class ConnectionLimitExceeded(TransportError):
 
 class NotConnected(TransportError):
     """No open connection to that peer; connect to one of its addresses first."""
+
+
+class InvalidProtobuf(TransportError, ValueError):
+    """A protobuf message from a peer that is truncated, oversize or malformed."""

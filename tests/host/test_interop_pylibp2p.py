@@ -75,6 +75,9 @@ async def test_teia_dials_pylibp2p_and_pings() -> None:
                 connection = await host.connect(("127.0.0.1", int(port)), peer_id=b58decode(peer))
                 assert b58encode(connection.remote_peer.peer_id) == peer
                 assert len(await host.ping(b58decode(peer), count=3)) == 3
+                info = await host.identify(b58decode(peer))
+                assert "/ipfs/ping/1.0.0" in info.protocols
+                assert info.listen_addrs
             finally:
                 process.terminate()
 

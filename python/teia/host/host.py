@@ -32,14 +32,24 @@ from teia.errors import (
     ConnectionClosed,
     ConnectionLimitExceeded,
     NotConnected,
+    PeerIdMismatch,
     ProtocolNegotiationError,
     TransportError,
 )
 from teia.host.connmgr import ConnectionLimits, ConnectionManager, Direction
+from teia.host.identify import (
+    AGENT_VERSION,
+    IDENTIFY_PROTOCOL,
+    PROTOCOL_VERSION,
+    IdentifyInfo,
+    quic_v1_multiaddr,
+    request_identify,
+    serve_identify,
+)
 from teia.host.ping import PING_PROTOCOL, ping, serve_ping
 from teia.host.streams import NegotiatedStream, accept_protocol, select_protocol
 from teia.transport.quic import QuicConnectionHandle, QuicEndpoint, QuicStream
-from teia.transport.tls import peer_id_bytes
+from teia.transport.tls import host_key_protobuf, peer_id_bytes
 
 __all__ = ["Host", "StreamHandler"]
 
@@ -70,7 +80,10 @@ class Host:
         self._connections: ConnectionManager[QuicConnectionHandle] = ConnectionManager(limits)
         self._negotiation_timeout = negotiation_timeout
         self._idle_timeout = idle_timeout
-        self._handlers: dict[str, StreamHandler] = {PING_PROTOCOL: serve_ping}
+        self._handlers: dict[str, StreamHandler] = {
+            PING_PROTOCOL: serve_ping,
+            IDENTIFY_PROTOCOL: self._serve_identify,
+        }
         self._endpoints: list[QuicEndpoint] = []
         self._stack: contextlib.AsyncExitStack | None = None
         self._task_group: anyio.abc.TaskGroup | None = None
@@ -186,7 +199,44 @@ class Host:
             with anyio.CancelScope(shield=True):
                 await stream.aclose()
 
+    async def identify(self, peer_id: bytes) -> IdentifyInfo:
+        """Ask a connected peer who it is (``/ipfs/id/1.0.0``).
+
+        A public key in the answer must be the one the peer proved in the handshake, else
+        `PeerIdMismatch`.
+        """
+        stream = await self.open_stream(peer_id, IDENTIFY_PROTOCOL)
+        try:
+            info = await request_identify(stream)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await stream.aclose()
+        if info.public_key is not None and (
+            bytes([0x00, len(info.public_key)]) + info.public_key != peer_id
+        ):
+            raise PeerIdMismatch("identify carried a public key other than the peer's own")
+        return info
+
+    def identify_info(self, observed: Address | None = None) -> IdentifyInfo:
+        """What this host says about itself; ``observed`` is the asking peer's address."""
+        listen = [
+            quic_v1_multiaddr(host, port)
+            for host, port in self.listen_addresses
+            if not ipaddress.ip_address(host).is_unspecified
+        ]
+        return IdentifyInfo(
+            public_key=host_key_protobuf(self._host_key.public_key()),
+            listen_addrs=tuple(listen),
+            protocols=tuple(self.protocols),
+            observed_addr=quic_v1_multiaddr(*observed) if observed is not None else None,
+            protocol_version=PROTOCOL_VERSION,
+            agent_version=AGENT_VERSION,
+        )
+
     # --- internals ------------------------------------------------------------------------------
+
+    async def _serve_identify(self, stream: NegotiatedStream) -> None:
+        await serve_identify(stream, self.identify_info(stream.remote_address))
 
     def _open_connection_to(self, peer_id: bytes) -> QuicConnectionHandle:
         for connection in self._connections.connections_to(peer_id):
@@ -235,6 +285,7 @@ class Host:
             if handler is None:  # removed while negotiating
                 return
             negotiated.remote_peer_id = connection.remote_peer.peer_id
+            negotiated.remote_address = connection.remote_address
             await handler(negotiated)
         except (ProtocolNegotiationError, TimeoutError) as exc:
             _log.debug("inbound stream negotiation failed: %s", exc)

@@ -30,6 +30,8 @@ class NegotiatedStream(anyio.abc.ByteStream):
         self._unconsumed = unconsumed
         self.remote_peer_id: bytes | None = None
         """Who is on the other end, when a host made this stream (binary peer ID)."""
+        self.remote_address: tuple[str, int] | None = None
+        """The peer's transport address as this host sees it, when a host made this stream."""
 
     async def receive(self, max_bytes: int = 65536) -> bytes:
         if self._unconsumed:

@@ -41,6 +41,7 @@ __all__ = [
     "SignedKey",
     "VerifiedPeer",
     "generate_certificate",
+    "host_key_protobuf",
     "peer_id_bytes",
     "verify_certificate_chain",
 ]
@@ -201,6 +202,11 @@ def _subject_public_key_info(tbs_certificate: bytes) -> bytes:
 def _encode_host_key(public_key: ed25519.Ed25519PublicKey) -> bytes:
     raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return bytes([0x08, _ED25519_KEY_TYPE]) + _ED25519_PROTOBUF_PREFIX + raw
+
+
+def host_key_protobuf(public_key: ed25519.Ed25519PublicKey) -> bytes:
+    """The host key as libp2p's protobuf ``PublicKey`` (what identify and peer IDs carry)."""
+    return _encode_host_key(public_key)
 
 
 def _decode_host_key(encoded: bytes) -> ed25519.Ed25519PublicKey:

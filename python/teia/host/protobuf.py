@@ -1,0 +1,80 @@
+"""The few protobuf (proto2) wire-format pieces our libp2p messages need, strict and bounded.
+
+Fields are read as (number, wire type, value) triples: varints as ints, everything else as
+bytes; callers skip the field numbers they do not know, as protobuf requires. Malformed input
+raises `InvalidProtobuf`. Wire types 0 (varint), 1 (64-bit), 2 (length-delimited) and 5
+(32-bit) are read; groups (3, 4) are refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from teia.errors import InvalidProtobuf
+
+__all__ = ["Field", "decode_uvarint", "encode_bytes_field", "encode_uvarint", "iter_fields"]
+
+Field = tuple[int, int, int | bytes]
+
+_MAX_VARINT_BYTES = 9  # multiformats unsigned-varint caps values at 63 bits
+
+
+# TODO(identity): switch to teia.identity.varint once it lands; this is the only other copy.
+def encode_uvarint(value: int) -> bytes:
+    if value < 0 or value >= 1 << 63:
+        raise ValueError("varint out of range")
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def decode_uvarint(data: bytes, offset: int = 0) -> tuple[int, int]:
+    """Decode a minimal unsigned varint at ``offset``; return (value, offset after it)."""
+    value = 0
+    for index in range(_MAX_VARINT_BYTES):
+        if offset + index >= len(data):
+            raise InvalidProtobuf("truncated varint")
+        byte = data[offset + index]
+        value |= (byte & 0x7F) << (7 * index)
+        if not byte & 0x80:
+            if byte == 0 and index > 0:
+                raise InvalidProtobuf("varint is not minimally encoded")
+            return value, offset + index + 1
+    raise InvalidProtobuf("varint longer than 9 bytes")
+
+
+def encode_bytes_field(number: int, value: bytes) -> bytes:
+    return encode_uvarint(number << 3 | 2) + encode_uvarint(len(value)) + value
+
+
+def iter_fields(data: bytes) -> Iterator[Field]:
+    """Yield every field of one message; raise `InvalidProtobuf` on malformed input."""
+    offset = 0
+    while offset < len(data):
+        key, offset = decode_uvarint(data, offset)
+        number, wire_type = key >> 3, key & 7
+        if number == 0:
+            raise InvalidProtobuf("field number 0")
+        if wire_type == 0:
+            value, offset = decode_uvarint(data, offset)
+            yield number, wire_type, value
+        elif wire_type == 2:
+            length, offset = decode_uvarint(data, offset)
+            if length > len(data) - offset:
+                raise InvalidProtobuf("length-delimited field runs past the end")
+            yield number, wire_type, data[offset : offset + length]
+            offset += length
+        elif wire_type in (1, 5):
+            size = 8 if wire_type == 1 else 4
+            if size > len(data) - offset:
+                raise InvalidProtobuf("fixed-size field runs past the end")
+            yield number, wire_type, data[offset : offset + size]
+            offset += size
+        else:
+            raise InvalidProtobuf(f"unsupported wire type {wire_type}")
