@@ -144,3 +144,7 @@ class NotConnected(TransportError):
 
 class InvalidProtobuf(TransportError, ValueError):
     """A protobuf message from a peer that is truncated, oversize or malformed."""
+
+
+class MessageTooLarge(TransportError, ValueError):
+    """A length-prefixed message on a stream is over the reader's limit (or its prefix is bad)."""

@@ -176,3 +176,13 @@ async def test_dual_stack_host_dials_by_address_family() -> None:
             connection = await a.connect(v6, peer_id=b.peer_id)
             assert ":" in connection.remote_address[0]
             assert len(await a.ping(b.peer_id)) == 1
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_smoke_on_asyncio() -> None:
+    with anyio.fail_after(TIMEOUT):
+        async with two_hosts() as (a, b):
+            await a.connect(b.listen_addresses[0], peer_id=b.peer_id)
+            assert len(await a.ping(b.peer_id, count=2)) == 2
+            assert "/ipfs/ping/1.0.0" in (await a.identify(b.peer_id)).protocols

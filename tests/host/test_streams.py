@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 
 import anyio
@@ -9,10 +10,18 @@ import anyio.abc
 import pytest
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from cryptography.hazmat.primitives.asymmetric import ed25519
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from teia.errors import PingFailed, ProtocolNegotiationError, ProtocolNotSupported
+from teia.errors import (
+    MessageTooLarge,
+    PingFailed,
+    ProtocolNegotiationError,
+    ProtocolNotSupported,
+)
 from teia.host.multistream import encode_message
 from teia.host.ping import PING_PROTOCOL, ping, serve_ping
+from teia.host.protobuf import encode_uvarint
 from teia.host.streams import (
     NegotiatedStream,
     accept_protocol,
@@ -59,8 +68,8 @@ def byte_pipe() -> Iterator[PipeFactory]:
     made: list[MemoryByteStream] = []
 
     def make() -> tuple[MemoryByteStream, MemoryByteStream]:
-        a_send, b_receive = anyio.create_memory_object_stream[bytes](100)
-        b_send, a_receive = anyio.create_memory_object_stream[bytes](100)
+        a_send, b_receive = anyio.create_memory_object_stream[bytes](math.inf)
+        b_send, a_receive = anyio.create_memory_object_stream[bytes](math.inf)
         pair = MemoryByteStream(a_send, a_receive), MemoryByteStream(b_send, b_receive)
         made.extend(pair)
         return pair
@@ -166,3 +175,48 @@ async def test_ping_over_quic() -> None:
             with pytest.raises(anyio.EndOfStream):
                 await stream.receive()
             await dialed.aclose()
+
+
+def _negotiated(stream: MemoryByteStream) -> NegotiatedStream:
+    return NegotiatedStream(stream, "/test/1", b"")
+
+
+@pytest.mark.anyio
+@given(
+    messages=st.lists(st.binary(max_size=300), max_size=6),
+    chunk=st.integers(min_value=1, max_value=50),
+)
+@settings(max_examples=30, suppress_health_check=[HealthCheck.function_scoped_fixture])
+async def test_length_prefixed_messages_survive_any_chunking(
+    byte_pipe: PipeFactory, messages: list[bytes], chunk: int
+) -> None:
+    a, b = byte_pipe()
+    wire = b"".join(encode_uvarint(len(m)) + m for m in messages) + b"tail"
+    for i in range(0, len(wire), chunk):
+        await a.send(wire[i : i + chunk])
+    await a.send_eof()
+    reader = _negotiated(b)
+    assert [await reader.receive_message() for _ in messages] == messages
+    assert await receive_exactly(reader, 4) == b"tail"
+    with pytest.raises(anyio.EndOfStream):
+        await reader.receive_message()
+
+
+@pytest.mark.anyio
+async def test_message_limits_and_truncation(byte_pipe: PipeFactory) -> None:
+    with anyio.fail_after(TIMEOUT):
+        a, b = byte_pipe()
+        await _negotiated(a).send_message(b"x" * 100)
+        with pytest.raises(MessageTooLarge, match="over the 99-byte limit"):
+            await _negotiated(b).receive_message(max_size=99)
+
+        a, b = byte_pipe()
+        await a.send(b"\x80\x00")  # non-minimal varint
+        with pytest.raises(MessageTooLarge, match="prefix"):
+            await _negotiated(b).receive_message()
+
+        a, b = byte_pipe()
+        await a.send(b"\x05abc")
+        await a.send_eof()
+        with pytest.raises(anyio.IncompleteRead):
+            await _negotiated(b).receive_message()

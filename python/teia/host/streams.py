@@ -13,12 +13,15 @@ from collections.abc import Callable, Sequence
 import anyio
 import anyio.abc
 
-from teia.errors import ProtocolNegotiationError
+from teia.errors import InvalidProtobuf, MessageTooLarge, ProtocolNegotiationError
 from teia.host.multistream import MultistreamDialer, MultistreamListener, ProtocolAgreed
+from teia.host.protobuf import decode_uvarint, encode_uvarint
 
 __all__ = ["NegotiatedStream", "accept_protocol", "receive_exactly", "select_protocol"]
 
 _READ_SIZE = 4096
+DEFAULT_MAX_MESSAGE_SIZE = 1024 * 1024
+_MAX_PREFIX = 9
 
 
 class NegotiatedStream(anyio.abc.ByteStream):
@@ -42,6 +45,42 @@ class NegotiatedStream(anyio.abc.ByteStream):
 
     async def send(self, item: bytes) -> None:
         await self.stream.send(item)
+
+    async def send_message(self, message: bytes) -> None:
+        """Send one message framed as an unsigned-varint length and the bytes."""
+        await self.stream.send(encode_uvarint(len(message)) + message)
+
+    async def receive_message(self, max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> bytes:
+        """Receive one varint-length-prefixed message of at most ``max_size`` bytes.
+
+        Raises `anyio.EndOfStream` if the stream ends cleanly before a message starts,
+        `anyio.IncompleteRead` if it ends inside one, `MessageTooLarge` over ``max_size``.
+        """
+        buffer = bytearray()
+        length = -1
+        start = 0
+        while True:
+            if length < 0 and buffer:
+                try:
+                    length, start = decode_uvarint(bytes(buffer[:_MAX_PREFIX]))
+                except InvalidProtobuf as exc:
+                    if len(buffer) >= _MAX_PREFIX or "truncated" not in str(exc):
+                        raise MessageTooLarge(f"bad message length prefix: {exc}") from exc
+                if length > max_size:
+                    raise MessageTooLarge(
+                        f"message of {length} bytes is over the {max_size}-byte limit"
+                    )
+            if length >= 0 and len(buffer) >= start + length:
+                message = bytes(buffer[start : start + length])
+                self._unconsumed = bytes(buffer[start + length :]) + self._unconsumed
+                return message
+            try:
+                wanted = max(1, start + length - len(buffer)) if length >= 0 else _MAX_PREFIX
+                buffer += await self.receive(wanted)
+            except anyio.EndOfStream:
+                if buffer:
+                    raise anyio.IncompleteRead from None
+                raise
 
     async def send_eof(self) -> None:
         await self.stream.send_eof()
