@@ -137,3 +137,21 @@ async def test_unprefixed_responses_are_accepted() -> None:
         send.close()
         info = await request_identify(Reader())  # type: ignore[arg-type]
     assert info.agent_version == "old/1"
+
+
+@pytest.mark.anyio
+async def test_new_connections_are_identified_both_ways() -> None:
+    with anyio.fail_after(TIMEOUT):
+        async with (
+            Host(ed25519.Ed25519PrivateKey.generate()) as a,
+            Host(ed25519.Ed25519PrivateKey.generate()) as b,
+        ):
+            await a.connect(b.listen_addresses[0], peer_id=b.peer_id)
+            of_b = await a.wait_identified(b.peer_id)
+            of_a = await b.wait_identified(a.peer_id)
+            assert of_b is not None
+            assert of_a is not None
+            assert IDENTIFY_PROTOCOL in of_b.protocols
+            assert of_a.listen_addrs == (quic_v1_multiaddr(*a.listen_addresses[0]),)
+            assert a.peer_info(b.peer_id) == of_b
+            assert a.peer_info(a.peer_id) is None

@@ -60,6 +60,9 @@ StreamHandler = Callable[[NegotiatedStream], Awaitable[None]]
 
 Address = tuple[str, int]
 
+# Identify results kept for peers, oldest dropped first (a peerstore proper comes later).
+_MAX_PEER_INFO = 4096
+
 
 class Host:
     """A libp2p-compatible host on QUIC; see the module docstring."""
@@ -85,6 +88,8 @@ class Host:
             IDENTIFY_PROTOCOL: self._serve_identify,
         }
         self._endpoints: list[QuicEndpoint] = []
+        self._peer_info: dict[bytes, IdentifyInfo] = {}
+        self._identify_waiters: dict[bytes, anyio.Event] = {}
         self._stack: contextlib.AsyncExitStack | None = None
         self._task_group: anyio.abc.TaskGroup | None = None
 
@@ -217,6 +222,17 @@ class Host:
             raise PeerIdMismatch("identify carried a public key other than the peer's own")
         return info
 
+    def peer_info(self, peer_id: bytes) -> IdentifyInfo | None:
+        """What identify told us about ``peer_id``, if it has run (after each new peer)."""
+        return self._peer_info.get(peer_id)
+
+    async def wait_identified(self, peer_id: bytes) -> IdentifyInfo | None:
+        """Wait for the identify exchange that follows a new connection; None if it failed."""
+        if peer_id not in self._peer_info:
+            waiter = self._identify_waiters.setdefault(peer_id, anyio.Event())
+            await waiter.wait()
+        return self._peer_info.get(peer_id)
+
     def identify_info(self, observed: Address | None = None) -> IdentifyInfo:
         """What this host says about itself; ``observed`` is the asking peer's address."""
         listen = [
@@ -254,6 +270,25 @@ class Host:
     def _start(self, connection: QuicConnectionHandle) -> None:
         assert self._task_group is not None
         self._task_group.start_soon(self._serve_connection, connection)
+        self._task_group.start_soon(self._identify_new_peer, connection.remote_peer.peer_id)
+
+    async def _identify_new_peer(self, peer_id: bytes) -> None:
+        """Learn a newly connected peer's protocols and addresses, as libp2p hosts do."""
+        if peer_id in self._peer_info:
+            return
+        info: IdentifyInfo | None = None
+        try:
+            with anyio.fail_after(self._negotiation_timeout):
+                info = await self.identify(peer_id)
+        except (TransportError, TimeoutError, anyio.EndOfStream, anyio.BrokenResourceError) as exc:
+            _log.debug("identify of a new peer failed: %s", exc)
+        if info is not None:
+            self._peer_info[peer_id] = info
+            while len(self._peer_info) > _MAX_PEER_INFO:
+                del self._peer_info[next(iter(self._peer_info))]
+        waiter = self._identify_waiters.pop(peer_id, None)
+        if waiter is not None:
+            waiter.set()
 
     async def _accept_loop(self, endpoint: QuicEndpoint) -> None:
         while True:
