@@ -16,6 +16,7 @@ from teia.errors import (
     HandshakeFailed,
     InvalidCertificate,
     PeerIdMismatch,
+    StreamReset,
 )
 from teia.transport.quic import STREAM_WINDOW, QuicConnectionHandle, QuicEndpoint, QuicStream
 from teia.transport.tls import peer_id_bytes
@@ -237,4 +238,23 @@ async def test_a_reader_that_does_not_read_pushes_back_on_the_writer() -> None:
             assert len(received) == total
             assert bytes(received[: len(chunk)]) == chunk
             assert bytes(received[-len(chunk) :]) == chunk
+            await dialed.aclose()
+
+
+@pytest.mark.anyio
+async def test_reset_aborts_both_directions() -> None:
+    with anyio.fail_after(TIMEOUT):
+        async with endpoints() as (a, b):
+            dialed, accepted = await connect_pair(a, b)
+            stream = await dialed.open_stream()
+            await stream.send(b"partial")
+            incoming = await accepted.accept_stream()
+            assert await incoming.receive() == b"partial"
+            stream.reset(7)
+            with pytest.raises(StreamReset, match="0x7"):
+                await incoming.receive()
+            with pytest.raises(StreamReset):
+                await incoming.send(b"too late")
+            with pytest.raises(anyio.ClosedResourceError):
+                await stream.receive()
             await dialed.aclose()

@@ -88,6 +88,12 @@ class NegotiatedStream(anyio.abc.ByteStream):
     async def aclose(self) -> None:
         await self.stream.aclose()
 
+    def reset(self, error_code: int = 0) -> None:
+        """Abort the stream both ways where the transport can (QUIC); else just drop it."""
+        reset = getattr(self.stream, "reset", None)
+        if callable(reset):
+            reset(error_code)
+
 
 async def _run(
     stream: anyio.abc.ByteStream, machine: MultistreamDialer | MultistreamListener

@@ -314,11 +314,33 @@ class QuicStream(anyio.abc.ByteStream):
             self._finish_sending()
         if not state.eof_received and state.reset_code is None:
             self._connection._stop_stream(self.stream_id)
+        self._discard()
+        await anyio.lowlevel.checkpoint()
+
+    def reset(self, error_code: int = 0) -> None:
+        """Abort the stream both ways (RESET_STREAM and STOP_SENDING); unread data is lost.
+
+        The peer's reads and writes on it then raise `StreamReset`.
+        """
+        state = self._state
+        if state.closed:
+            return
+        if not self._connection.is_closed:
+            self._connection._reset_stream(
+                self.stream_id,
+                error_code,
+                stop_receiving=not state.eof_received and state.reset_code is None,
+            )
+        state.eof_sent = True
+        self._discard()
+
+    def _discard(self) -> None:
+        state = self._state
         state.closed = True
         state.buffer.clear()
         self._readable.set()
+        self._writable.set()
         self._connection._forget_stream(self.stream_id)
-        await anyio.lowlevel.checkpoint()
 
 
 class QuicConnectionHandle:
@@ -406,6 +428,13 @@ class QuicConnectionHandle:
             self._quic.send_stream_data(stream_id, data, end_stream=end_stream)
         except RuntimeError as exc:  # aioquic: the peer stopped the stream (STOP_SENDING)
             raise StreamReset(f"cannot write to the stream: {exc}") from exc
+        self._wake()
+
+    def _reset_stream(self, stream_id: int, error_code: int, *, stop_receiving: bool) -> None:
+        self._quic.reset_stream(stream_id, error_code)
+        if stop_receiving:
+            with contextlib.suppress(ValueError):  # nothing received yet: nothing to stop
+                self._quic.stop_stream(stream_id, error_code)
         self._wake()
 
     def _stop_stream(self, stream_id: int) -> None:
