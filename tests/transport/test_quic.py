@@ -258,3 +258,28 @@ async def test_reset_aborts_both_directions() -> None:
             with pytest.raises(anyio.ClosedResourceError):
                 await stream.receive()
             await dialed.aclose()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("keep_alive", [None, 0.1])
+async def test_idle_timeout_and_keep_alive(keep_alive: float | None) -> None:
+    idle = 0.5
+    with anyio.fail_after(TIMEOUT):
+        async with (
+            QuicEndpoint(
+                ed25519.Ed25519PrivateKey.generate(), idle_timeout=idle, keep_alive=keep_alive
+            ) as a,
+            QuicEndpoint(
+                ed25519.Ed25519PrivateKey.generate(), idle_timeout=idle, keep_alive=None
+            ) as b,
+        ):
+            dialed, _accepted = await connect_pair(a, b)
+            if keep_alive is None:
+                await dialed.wait_closed()  # closes on its own once idle
+                assert dialed.is_closed
+            else:
+                # Observing elapsed time, not synchronising: four idle periods pass, still open.
+                with anyio.move_on_after(4 * idle):
+                    await dialed.wait_closed()
+                assert not dialed.is_closed
+                await dialed.aclose()

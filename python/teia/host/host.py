@@ -75,6 +75,7 @@ class Host:
         limits: ConnectionLimits | None = None,
         negotiation_timeout: float = 10.0,
         idle_timeout: float = 30.0,
+        keep_alive: float | None = 15.0,
     ) -> None:
         if not listen:
             raise ValueError("a host needs at least one listen address")
@@ -83,6 +84,7 @@ class Host:
         self._connections: ConnectionManager[QuicConnectionHandle] = ConnectionManager(limits)
         self._negotiation_timeout = negotiation_timeout
         self._idle_timeout = idle_timeout
+        self._keep_alive = keep_alive
         self._handlers: dict[str, StreamHandler] = {
             PING_PROTOCOL: serve_ping,
             IDENTIFY_PROTOCOL: self._serve_identify,
@@ -101,7 +103,11 @@ class Host:
         try:
             for host, port in self._listen:
                 endpoint = QuicEndpoint(
-                    self._host_key, host=host, port=port, idle_timeout=self._idle_timeout
+                    self._host_key,
+                    host=host,
+                    port=port,
+                    idle_timeout=self._idle_timeout,
+                    keep_alive=self._keep_alive,
                 )
                 self._endpoints.append(await stack.enter_async_context(endpoint))
             # Entered last so it exits first: handlers stop before the endpoints close.

@@ -561,6 +561,9 @@ class QuicConnectionHandle:
         """This connection's driver: timers, events and sending, woken on demand."""
         quic = self._quic
         endpoint = self._endpoint
+        keep_alive = endpoint._keep_alive
+        keep_alive_at = math.inf if keep_alive is None else anyio.current_time() + keep_alive
+        pings = 0
         try:
             while True:
                 self._wakeup = anyio.Event()
@@ -568,6 +571,11 @@ class QuicConnectionHandle:
                 timer = quic.get_timer()
                 if timer is not None and timer <= now:
                     quic.handle_timer(now)
+                if now >= keep_alive_at and keep_alive is not None:
+                    # An ack-eliciting PING keeps the peer's idle timer (and NAT bindings) fresh.
+                    pings += 1
+                    quic.send_ping(pings)
+                    keep_alive_at = now + keep_alive
                 terminated = False
                 while (event := quic.next_event()) is not None:
                     self._handle_event(event)
@@ -578,7 +586,8 @@ class QuicConnectionHandle:
                 if terminated:
                     return
                 timer = quic.get_timer()
-                with anyio.CancelScope(deadline=math.inf if timer is None else timer):
+                deadline = min(keep_alive_at, math.inf if timer is None else timer)
+                with anyio.CancelScope(deadline=deadline):
                     await self._wakeup.wait()
         finally:
             self._terminated.set()
@@ -597,6 +606,10 @@ class QuicEndpoint:
     Use as ``async with QuicEndpoint(host_key, host="127.0.0.1") as endpoint``; then
     ``await endpoint.connect(address, expected_peer_id=…)`` and ``await endpoint.accept()``.
     Leaving the block closes every connection and the socket.
+
+    Connections silent for ``idle_timeout`` seconds close; every ``keep_alive`` seconds (None:
+    never) each connection sends a PING so that a quiet but wanted connection stays up (the
+    same 15 s go-libp2p uses, below the usual 30 s idle timeout and NAT binding lifetimes).
     """
 
     def __init__(
@@ -606,12 +619,14 @@ class QuicEndpoint:
         host: str = "127.0.0.1",
         port: int = 0,
         idle_timeout: float = 30.0,
+        keep_alive: float | None = 15.0,
         max_connections: int = 1024,
         clock: Callable[[], dt.datetime] = _wall_clock,
     ) -> None:
         self._host_key = host_key
         self._bind = (host, port)
         self._idle_timeout = idle_timeout
+        self._keep_alive = keep_alive
         self._max_connections = max_connections
         self._clock = clock
         self._certified: CertifiedKey | None = None
