@@ -199,6 +199,7 @@ class Host:
                 await stream.aclose()
             raise
         negotiated.remote_peer_id = peer_id
+        negotiated.remote_address = connection.remote_address
         return negotiated
 
     async def ping(self, peer_id: bytes, *, count: int = 1) -> list[float]:

@@ -427,7 +427,7 @@ class QuicConnectionHandle:
             raise ConnectionClosed(f"connection closed: {self.close_reason}")
         try:
             self._quic.send_stream_data(stream_id, data, end_stream=end_stream)
-        except RuntimeError as exc:  # aioquic: the peer stopped the stream (STOP_SENDING)
+        except (RuntimeError, ValueError) as exc:  # aioquic: stopped by the peer, or finished
             raise StreamReset(f"cannot write to the stream: {exc}") from exc
         self._wake()
 
