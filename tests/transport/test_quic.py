@@ -283,3 +283,33 @@ async def test_idle_timeout_and_keep_alive(keep_alive: float | None) -> None:
                     await dialed.wait_closed()
                 assert not dialed.is_closed
                 await dialed.aclose()
+
+
+async def _silent_client_initial(target: tuple[str, int]) -> None:
+    """Send one client Initial to ``target`` from a fresh socket, then never answer."""
+    from aioquic.quic.configuration import QuicConfiguration
+    from aioquic.quic.connection import QuicConnection
+
+    quic = QuicConnection(
+        configuration=QuicConfiguration(is_client=True, alpn_protocols=["libp2p"])
+    )
+    quic.connect(target, now=anyio.current_time())
+    async with await anyio.create_udp_socket(local_host="127.0.0.1") as udp:
+        for data, (host, port) in quic.datagrams_to_send(now=anyio.current_time()):
+            await udp.sendto(data, host, port)
+
+
+@pytest.mark.anyio
+async def test_half_open_connections_time_out_and_are_capped() -> None:
+    with anyio.fail_after(TIMEOUT):
+        async with QuicEndpoint(
+            ed25519.Ed25519PrivateKey.generate(), handshake_timeout=0.3, max_handshaking=1
+        ) as server:
+            await _silent_client_initial(server.local_address)
+            await _silent_client_initial(server.local_address)
+            await anyio.wait_all_tasks_blocked()
+            assert len(server._connections) == 1  # the second Initial was dropped
+            (half_open,) = server._connections
+            await half_open.wait_closed()
+            assert "timed out" in half_open.close_reason
+            assert not server._connections

@@ -563,6 +563,9 @@ class QuicConnectionHandle:
         endpoint = self._endpoint
         keep_alive = endpoint._keep_alive
         keep_alive_at = math.inf if keep_alive is None else anyio.current_time() + keep_alive
+        # Half-open connections (an Initial, then nothing) must not hold a slot for a whole idle
+        # timeout; this bounds what spoofed Initials can occupy.
+        handshake_deadline = anyio.current_time() + endpoint._handshake_timeout
         pings = 0
         try:
             while True:
@@ -571,6 +574,12 @@ class QuicConnectionHandle:
                 timer = quic.get_timer()
                 if timer is not None and timer <= now:
                     quic.handle_timer(now)
+                if not self._handshake_settled.is_set() and now >= handshake_deadline:
+                    quic.close(
+                        error_code=QuicErrorCode.CONNECTION_REFUSED,
+                        reason_phrase="handshake timed out",
+                    )
+                    self._fail_handshake(HandshakeFailed("the handshake timed out"))
                 if now >= keep_alive_at and keep_alive is not None:
                     # An ack-eliciting PING keeps the peer's idle timer (and NAT bindings) fresh.
                     pings += 1
@@ -587,6 +596,8 @@ class QuicConnectionHandle:
                     return
                 timer = quic.get_timer()
                 deadline = min(keep_alive_at, math.inf if timer is None else timer)
+                if not self._handshake_settled.is_set():
+                    deadline = min(deadline, handshake_deadline)
                 with anyio.CancelScope(deadline=deadline):
                     await self._wakeup.wait()
         finally:
@@ -621,6 +632,8 @@ class QuicEndpoint:
         idle_timeout: float = 30.0,
         keep_alive: float | None = 15.0,
         max_connections: int = 1024,
+        max_handshaking: int = 128,
+        handshake_timeout: float = 10.0,
         clock: Callable[[], dt.datetime] = _wall_clock,
     ) -> None:
         self._host_key = host_key
@@ -628,6 +641,8 @@ class QuicEndpoint:
         self._idle_timeout = idle_timeout
         self._keep_alive = keep_alive
         self._max_connections = max_connections
+        self._max_handshaking = max_handshaking
+        self._handshake_timeout = handshake_timeout
         self._clock = clock
         self._certified: CertifiedKey | None = None
         self._socket: anyio.abc.UDPSocket | None = None
@@ -849,7 +864,8 @@ class QuicEndpoint:
             or len(data) < _MIN_INITIAL_DATAGRAM
         ):
             return
-        if len(self._connections) >= self._max_connections:
+        handshaking = sum(not c._handshake_settled.is_set() for c in self._connections)
+        if len(self._connections) >= self._max_connections or handshaking >= self._max_handshaking:
             return  # a hard ceiling; the connection manager above enforces the real limits
         quic = _Libp2pQuicConnection(
             configuration=self._configuration(is_client=False),
