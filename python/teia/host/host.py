@@ -3,8 +3,9 @@
 ``async with Host(host_key, listen=[("127.0.0.1", 0)]) as host`` opens one `QuicEndpoint` per
 listen address (each serves dialing and listening on one UDP socket). Every stream, in either
 direction, starts with multistream-select; inbound streams go to the handler registered for the
-agreed protocol (`set_handler`), outbound ones come from `open_stream`. ``/ipfs/ping/1.0.0`` is
-served by default.
+agreed protocol (`set_handler`), outbound ones come from `open_stream`. ``/ipfs/ping/1.0.0``
+and ``/ipfs/id/1.0.0`` are served by default, and every newly connected peer is identified
+(`peer_info`, `wait_identified`).
 
 Handlers run in the host's task group, one task per stream; the stream is closed when the
 handler returns, and a failing handler is logged without touching the connection. Leaving the
