@@ -3,6 +3,7 @@
 //! Each module is usable and tested without Python (`cargo test`). The PyO3 glue lives in
 //! `python/` behind the `python` feature and only converts types and errors.
 
+pub mod kad;
 pub mod ratchet;
 
 #[cfg(feature = "python")]

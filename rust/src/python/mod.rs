@@ -3,9 +3,17 @@
 use pyo3::prelude::*;
 
 mod errors;
+mod group;
+mod kad;
+mod primitives;
+mod session;
 
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    primitives::register(m)?;
+    session::register(m)?;
+    group::register(m)?;
+    kad::register(m)?;
     Ok(())
 }

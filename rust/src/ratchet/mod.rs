@@ -2,7 +2,12 @@
 //!
 //! Parameters and wire formats are specified in `docs/crypto.md`.
 
+pub mod double_ratchet;
 pub mod errors;
 pub mod kdf;
+pub mod keys;
+pub mod sender_keys;
+pub mod session;
+pub mod x3dh;
 
 pub use errors::{CryptoError, Result};

@@ -1,0 +1,1 @@
+//! Kademlia routing core: XOR keys, k-buckets and the iterative lookup state machine (sans-IO).
