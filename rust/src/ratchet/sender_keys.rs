@@ -1,0 +1,1 @@
+//! Sender keys for groups (in progress).
