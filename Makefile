@@ -17,6 +17,10 @@ PY_DIRS := $(wildcard python tests benchmarks examples)
 RUST_SOURCES := $(shell find rust/src -name '*.rs' 2>/dev/null) Cargo.toml rust/Cargo.toml
 STAMP_DEPS := $(VENV)/.deps-installed
 STAMP_BUILT := $(VENV)/.extension-built
+# py-libp2p (a foreign peer for the interop tests) pins its own dependencies: its own virtualenv.
+PYLIBP2P_VENV := .venv-libp2p
+PYLIBP2P_VERSION := 0.8.1
+STAMP_PYLIBP2P := $(PYLIBP2P_VENV)/.installed
 
 .PHONY: help
 help: ## list the targets
@@ -39,13 +43,19 @@ $(STAMP_BUILT): $(RUST_SOURCES) $(STAMP_DEPS)
 	$(BIN)/maturin develop --release --skip-install
 	touch $@
 
+$(STAMP_PYLIBP2P): | $(PY)
+	$(PYTHON) -m venv $(PYLIBP2P_VENV)
+	$(PYLIBP2P_VENV)/bin/pip install --quiet --upgrade pip
+	$(PYLIBP2P_VENV)/bin/pip install --quiet 'libp2p==$(PYLIBP2P_VERSION)'
+	touch $@
+
 .PHONY: dev
 dev: $(STAMP_BUILT) ## create .venv, install dev dependencies, build the extension
 
 .PHONY: test
-test: dev ## run cargo test and pytest
+test: dev $(STAMP_PYLIBP2P) ## run cargo test and pytest
 	cargo test --locked --manifest-path rust/Cargo.toml
-	$(BIN)/pytest $(PYTEST_ARGS)
+	TEIA_PYLIBP2P_PYTHON=$(abspath $(PYLIBP2P_VENV))/bin/python $(BIN)/pytest $(PYTEST_ARGS)
 
 .PHONY: demo
 demo: dev ## run the demo on embedded defaults
@@ -77,4 +87,4 @@ wheel: dev ## build an abi3 wheel under dist/
 
 .PHONY: clean
 clean: ## remove build outputs and the virtualenv
-	rm -rf $(VENV) target dist python/teia/*.so .pytest_cache .mypy_cache .ruff_cache .hypothesis .benchmarks
+	rm -rf $(VENV) $(PYLIBP2P_VENV) target dist python/teia/*.so .pytest_cache .mypy_cache .ruff_cache .hypothesis .benchmarks
