@@ -11,6 +11,16 @@ class TeiaError(Exception):
     """Base class of every error teia raises on purpose."""
 
 
+# --- general --------------------------------------------------------------------------------
+
+
+class InvalidVarint(TeiaError, ValueError):
+    """An unsigned varint that is truncated, longer than 9 bytes or not minimally encoded.
+
+    Also raised when asked to encode a negative value or one of 2**63 or more.
+    """
+
+
 # --- identity -------------------------------------------------------------------------------
 
 
@@ -20,6 +30,10 @@ class IdentityError(TeiaError):
 
 class InvalidPeerId(IdentityError, ValueError):
     """A peer ID string or byte form that does not parse, or uses an unsupported key type."""
+
+
+class InvalidKeyEncoding(IdentityError, ValueError):
+    """A key of the wrong size, or a libp2p key protobuf that is malformed or not canonical."""
 
 
 class InvalidMultiaddr(IdentityError, ValueError):
