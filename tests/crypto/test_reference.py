@@ -214,6 +214,257 @@ def test_reference_ratchet_limits_skipped_keys() -> None:
     assert bob.skipped_message_keys == ref.MAX_SKIP
 
 
+# --- 2. known answers of teia's parameters (computed by the reference, checked on Rust) --------
+
+
+def needs_native(*names: str) -> pytest.MarkDecorator:
+    missing = [name for name in names if not hasattr(native, name)]
+    return pytest.mark.skipif(bool(missing), reason=f"teia._native lacks {missing}")
+
+
+RK_IN, DH_IN = bytes(range(32)), bytes(range(32, 64))
+CK_IN, MK_IN = bytes(range(64, 96)), bytes(range(96, 128))
+KAT_PLAINTEXT, KAT_AD = b"teia known-answer plaintext", b"teia associated data"
+KAT_KDF_RK = (
+    h("6e9b5ca4ed7efcaac08a805a640e5f44d3887aa5038494458f725077a3db368f"),
+    h("9b6e3fa41525f2acfa19df221327defb292d887cdf8d5b50c9124704773c7e2d"),
+)
+KAT_KDF_CK = (  # (next chain key, message key)
+    h("f0bdefbbad3cf097dccb03f2c87159f7608e2480543eef7741c8f2e7f226e78f"),
+    h("01156abd78ef59f755f1e6945e5d1e2d7ddd1f1e5fe0a164b2f5fa8ad500bfba"),
+)
+KAT_MESSAGE_KEYS = (
+    h("4f472b73958431b29f423d2074c6c04b3c0354fb40e41dba47791925715a8696"),
+    h("e25135ec58c6045088331b508f1f924040dca4c03117c39628dddd31465e983d"),
+    h("136f2e22c3a7c63c675b7b9a24980607"),
+)
+KAT_SEALED = h(
+    "260bc259467ff48067a24457e8c21c1a4d8cca94985f23ab662da8b75bb32b8b"
+    "908c678972ba0d48d0d9a96aa7c5ff1d697650a012082e544d63a0c111bb8ae5"
+)
+
+# X3DH from fixed keys: Alice's identity seed, Bob's identity seed, signed prekey, one-time
+# prekey and Alice's ephemeral key, each a repeated byte.
+ALICE_SEED, BOB_SEED = bytes([0xA1]) * 32, bytes([0xB0]) * 32
+SPK_PRIVATE, OPK_PRIVATE, EK_PRIVATE = bytes([0x5B]) * 32, bytes([0x0B]) * 32, bytes([0xEA]) * 32
+KAT_ALICE_IK = h("bc7cbcb5636375fa1d82434d466724d92377f53b980695dd49d26d0ce12205a5")
+KAT_BOB_IK = h("705fbac01f5519899f437bc42e40255ae9ab54bff00de3433af7d687d9e71ad5")
+KAT_SPK = h("b1d15b513029951e811115ffe62a614706554fb610b8295e889bc3bebdf4370e")
+KAT_OPK = h("73b2d8b76aa9b53660032bc8f5d8bee3a3ae4e3b3a7fd49ade81f7347a34aa68")
+KAT_EK = h("a6ceb997753803924785244e687c61ef3ba6e0d4a7baf25eb91dbef2b9532c16")
+KAT_SPK_SIGNATURE = h(
+    "2938b57aa25e0fdbeffd1b89dcd848210822bb347a367a38bafa8d9a23cf7a37"
+    "132b4fb811f53b22218dd8df202f6caa82d13b877c17a6fd0ccb8e3b7883510d"
+)
+KAT_SK_WITHOUT_OPK = h("853eb471956779fb88a89e5fec4b0cd6df7ca2a0bca8695ebd360bd48ffe7281")
+KAT_SK_WITH_OPK = h("2400db8a235a009f1b1522800ca22d4407938d8555f662a345d5bb6ac73beb22")
+# The initiator's first ratchet message under KAT_SK_WITH_OPK and AD = IK_A ‖ IK_B, with its
+# first ratchet key fixed to RATCHET_PRIVATE.
+RATCHET_PRIVATE, KAT_FIRST_PLAINTEXT = bytes([0x3A]) * 32, b"hello, teia"
+KAT_FIRST_MESSAGE = h(
+    "0d43915fb4b40a2e9f111ae150197e643d39d000ec6977d28551a04caa189354"
+    "0000000000000000"
+    "f3aba947da159ba918644fea565b4df0"
+    "189f3fdb7ccd74ec19220ca31476043d009dbe431cb807fa4ea60b7d56336089"
+)
+
+
+def test_known_answers_of_the_reference() -> None:
+    assert ref.kdf_rk(RK_IN, DH_IN) == KAT_KDF_RK
+    assert ref.kdf_ck(CK_IN) == KAT_KDF_CK
+    assert ref.message_key_material(MK_IN) == KAT_MESSAGE_KEYS
+    assert ref.seal(MK_IN, KAT_PLAINTEXT, KAT_AD) == KAT_SEALED
+    assert ref.ed25519_public_key(ALICE_SEED) == KAT_ALICE_IK
+    assert ref.ed25519_public_key(BOB_SEED) == KAT_BOB_IK
+    assert [ref.x25519_public_key(k) for k in (SPK_PRIVATE, OPK_PRIVATE, EK_PRIVATE)] == [
+        KAT_SPK,
+        KAT_OPK,
+        KAT_EK,
+    ]
+    assert ref.sign_prekey(BOB_SEED, KAT_SPK) == KAT_SPK_SIGNATURE
+    args = (ALICE_SEED, EK_PRIVATE, KAT_BOB_IK, KAT_SPK, KAT_SPK_SIGNATURE)
+    assert ref.x3dh_initiate(*args) == KAT_SK_WITHOUT_OPK
+    assert ref.x3dh_initiate(*args, KAT_OPK) == KAT_SK_WITH_OPK
+    assert ref.x3dh_respond(BOB_SEED, SPK_PRIVATE, None, KAT_ALICE_IK, KAT_EK) == (
+        KAT_SK_WITHOUT_OPK
+    )
+    assert ref.x3dh_respond(BOB_SEED, SPK_PRIVATE, OPK_PRIVATE, KAT_ALICE_IK, KAT_EK) == (
+        KAT_SK_WITH_OPK
+    )
+    ad = KAT_ALICE_IK + KAT_BOB_IK
+    alice = ReferenceRatchet.init_initiator(KAT_SK_WITH_OPK, ad, KAT_SPK, RATCHET_PRIVATE)
+    assert alice.encrypt(KAT_FIRST_PLAINTEXT) == KAT_FIRST_MESSAGE
+    bob = ReferenceRatchet.init_responder(KAT_SK_WITH_OPK, ad, SPK_PRIVATE)
+    assert bob.decrypt(KAT_FIRST_MESSAGE) == KAT_FIRST_PLAINTEXT
+
+
+@needs_native("kdf_rk", "kdf_ck", "message_key_material", "seal", "open_sealed")
+def test_known_answers_of_the_ratchet_primitives() -> None:
+    assert native.kdf_rk(RK_IN, DH_IN) == KAT_KDF_RK
+    assert native.kdf_ck(CK_IN) == KAT_KDF_CK
+    assert native.message_key_material(MK_IN) == KAT_MESSAGE_KEYS
+    assert native.seal(MK_IN, KAT_PLAINTEXT, KAT_AD) == KAT_SEALED
+    assert native.open_sealed(MK_IN, KAT_SEALED, KAT_AD) == KAT_PLAINTEXT
+
+
+@needs_native("x25519_public_key", "ed25519_public_to_x25519", "ed25519_seed_to_x25519")
+def test_known_answers_of_the_key_conversions() -> None:
+    assert native.x25519_public_key(SPK_PRIVATE) == KAT_SPK
+    # libsodium's ed25519_convert vector (see test_ed25519_to_x25519_libsodium_vector).
+    seed = h("421151a459faeade3d247115f94aedae42318124095afabe4d1451a559faedee")
+    assert native.ed25519_public_to_x25519(
+        h("b5076a8474a832daee4dd5b4040983b6623b5f344aca57d4d6ee4baf3f259e6e")
+    ) == h("f1814f0e8ff1043d8a44d25babff3cedcae6c22c3edaa48f857ae70de2baae50")
+    assert ref.clamp(native.ed25519_seed_to_x25519(seed)) == h(
+        "8052030376d47112be7f73ed7a019293dd12ad910b654455798b4667d73de166"
+    )
+
+
+def kat_bundle(with_opk: bool) -> native.PrekeyBundle:
+    return native.PrekeyBundle(
+        KAT_BOB_IK,
+        1,
+        KAT_SPK,
+        KAT_SPK_SIGNATURE,
+        2 if with_opk else None,
+        KAT_OPK if with_opk else None,
+    )
+
+
+@needs_native("x3dh_initiate", "x3dh_respond", "x3dh_associated_data", "PrekeyBundle")
+@pytest.mark.parametrize("with_opk", [False, True])
+def test_known_answers_of_x3dh(with_opk: bool) -> None:
+    expected = KAT_SK_WITH_OPK if with_opk else KAT_SK_WITHOUT_OPK
+    assert native.x3dh_initiate(ALICE_SEED, EK_PRIVATE, kat_bundle(with_opk)) == expected
+    opk_private = OPK_PRIVATE if with_opk else None
+    assert native.x3dh_respond(BOB_SEED, SPK_PRIVATE, opk_private, KAT_ALICE_IK, KAT_EK) == expected
+    assert native.x3dh_associated_data(KAT_ALICE_IK, KAT_BOB_IK) == KAT_ALICE_IK + KAT_BOB_IK
+
+
+@needs_native("RatchetState")
+def test_known_answer_of_the_first_ratchet_message() -> None:
+    ad = KAT_ALICE_IK + KAT_BOB_IK
+    alice = native.RatchetState.init_initiator(
+        KAT_SK_WITH_OPK, ad, KAT_SPK, ratchet_private=RATCHET_PRIVATE
+    )
+    assert alice.encrypt(KAT_FIRST_PLAINTEXT) == KAT_FIRST_MESSAGE
+    bob = native.RatchetState.init_responder(KAT_SK_WITH_OPK, ad, SPK_PRIVATE)
+    assert bob.decrypt(KAT_FIRST_MESSAGE) == KAT_FIRST_PLAINTEXT
+
+
+# --- 3. the Rust core against the reference on random inputs -----------------------------------
+
+
+@needs_native("x25519_public_key", "ed25519_public_to_x25519", "ed25519_seed_to_x25519")
+@given(private=key32, seed=key32)
+def test_key_conversions_match(private: bytes, seed: bytes) -> None:
+    assert native.x25519_public_key(private) == ref.x25519_public_key(private)
+    public = ref.ed25519_public_key(seed)
+    assert native.ed25519_public_to_x25519(public) == ref.ed25519_public_to_x25519(public)
+    assert native.ed25519_seed_to_x25519(seed) == ref.ed25519_seed_to_x25519(seed)
+
+
+@needs_native("x25519_keypair", "x25519_public_key")
+def test_x25519_keypair_is_consistent() -> None:
+    pairs = [native.x25519_keypair() for _ in range(8)]
+    assert len({private for private, _ in pairs}) == 8
+    for private, public in pairs:
+        assert ref.x25519_public_key(private) == public
+
+
+@needs_native("kdf_rk", "kdf_ck", "message_key_material")
+@given(rk=key32, dh=key32, ck=key32)
+def test_kdfs_match(rk: bytes, dh: bytes, ck: bytes) -> None:
+    assert native.kdf_rk(rk, dh) == ref.kdf_rk(rk, dh)
+    assert native.kdf_ck(ck) == ref.kdf_ck(ck)
+    assert native.message_key_material(ck) == ref.message_key_material(ck)
+
+
+@needs_native("seal", "open_sealed")
+@given(mk=key32, plaintext=st.binary(max_size=600), ad=st.binary(max_size=120))
+def test_seal_matches(mk: bytes, plaintext: bytes, ad: bytes) -> None:
+    sealed = native.seal(mk, plaintext, ad)
+    assert sealed == ref.seal(mk, plaintext, ad)
+    assert native.open_sealed(mk, sealed, ad) == plaintext
+    assert ref.open_sealed(mk, sealed, ad) == plaintext
+    forged = sealed[:-1] + bytes([sealed[-1] ^ 0x40])
+    with pytest.raises(errors.DecryptionError):
+        native.open_sealed(mk, forged, ad)
+
+
+@needs_native("x3dh_initiate", "x3dh_respond", "PrekeyBundle")
+@given(alice=key32, bob=key32, spk=key32, opk=key32, ek=key32, use_opk=st.booleans())
+def test_x3dh_interoperates(
+    alice: bytes, bob: bytes, spk: bytes, opk: bytes, ek: bytes, use_opk: bool
+) -> None:
+    alice_ik, bob_ik = ref.ed25519_public_key(alice), ref.ed25519_public_key(bob)
+    spk_public, ek_public = ref.x25519_public_key(spk), ref.x25519_public_key(ek)
+    opk_public = ref.x25519_public_key(opk) if use_opk else None
+    opk_private = opk if use_opk else None
+    signature = ref.sign_prekey(bob, spk_public)
+    bundle = native.PrekeyBundle(
+        bob_ik, 7, spk_public, signature, 9 if use_opk else None, opk_public
+    )
+    bundle.verify()
+    # Reference initiator, Rust responder; then Rust initiator, reference responder.
+    sk = ref.x3dh_initiate(alice, ek, bob_ik, spk_public, signature, opk_public)
+    assert native.x3dh_respond(bob, spk, opk_private, alice_ik, ek_public) == sk
+    assert native.x3dh_initiate(alice, ek, bundle) == sk
+    assert ref.x3dh_respond(bob, spk, opk_private, alice_ik, ek_public) == sk
+
+
+@needs_native("SignedPrekey", "PrekeyBundle")
+@given(seed=key32, prekey_id=st.integers(0, 2**32 - 1))
+def test_signed_prekeys_match(seed: bytes, prekey_id: int) -> None:
+    spk = native.SignedPrekey.generate(seed, prekey_id)
+    assert spk.id == prekey_id
+    assert ref.x25519_public_key(spk.private_key) == spk.public_key
+    # Ed25519 signatures are deterministic: the reference must produce the same bytes.
+    assert spk.signature == ref.sign_prekey(seed, spk.public_key)
+    forged_signature = bytes([spk.signature[0] ^ 1]) + spk.signature[1:]
+    forged = native.PrekeyBundle(
+        ref.ed25519_public_key(seed), prekey_id, spk.public_key, forged_signature
+    )
+    with pytest.raises(errors.InvalidSignature):
+        forged.verify()
+
+
+@needs_native("RatchetState")
+@given(
+    data=st.data(),
+    sk=key32,
+    ad=st.binary(max_size=64),
+    responder_private=key32,
+    initiator_private=key32,
+    reference_initiates=st.booleans(),
+)
+def test_ratchet_conversation_between_reference_and_rust(
+    data: st.DataObject,
+    sk: bytes,
+    ad: bytes,
+    responder_private: bytes,
+    initiator_private: bytes,
+    reference_initiates: bool,
+) -> None:
+    initiator, responder = (
+        (ReferenceRatchet, native.RatchetState)
+        if reference_initiates
+        else (native.RatchetState, ReferenceRatchet)
+    )
+    sides = [
+        initiator.init_initiator(
+            sk, ad, ref.x25519_public_key(responder_private), ratchet_private=initiator_private
+        ),
+        responder.init_responder(sk, ad, responder_private),
+    ]
+    assert sides[0].ratchet_public_key == ref.x25519_public_key(initiator_private)
+    assert sides[1].ratchet_public_key == ref.x25519_public_key(responder_private)
+    converse(data, sides)
+    for side in sides:
+        if not isinstance(side, ReferenceRatchet):
+            assert side.associated_data == ad
+
+
 # --- the conversation driver shared by (1) and (3) ---------------------------------------------
 
 
