@@ -307,7 +307,7 @@ def test_from_string_rejects_non_str() -> None:
 def test_peer_id_is_immutable_and_compares_by_value() -> None:
     peer_id = PeerId.from_string(SPEC_ED25519_B58)
     with pytest.raises(AttributeError):
-        peer_id._bytes = b""  # type: ignore[misc]
+        peer_id._bytes = b""
     assert peer_id != PeerId.from_string(SPEC_SHA256_B58)
     assert peer_id != str(peer_id)
     assert repr(peer_id) == f"PeerId({SPEC_ED25519_B58!r})"
