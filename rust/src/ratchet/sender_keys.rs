@@ -290,9 +290,8 @@ impl ReceiverKey {
         if iteration < self.iteration {
             let index = self
                 .skipped
-                .iter()
-                .position(|k| k.iteration == iteration)
-                .ok_or(CryptoError::DuplicateMessage)?;
+                .binary_search_by_key(&iteration, |k| k.iteration)
+                .map_err(|_| CryptoError::DuplicateMessage)?;
             let plaintext = open(&self.skipped[index].message_key, sealed, header)?;
             // Dropping the entry zeroizes its key: each message key opens one message.
             self.skipped.remove(index);
