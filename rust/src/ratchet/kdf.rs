@@ -34,7 +34,10 @@ pub const BLOCK_LEN: usize = 16;
 
 /// KDF_RK: HKDF-SHA256(salt = root key, IKM = DH output, info = "teia Ratchet v1") → 64 bytes,
 /// split into the new root key and a chain key.
-pub fn kdf_rk(root_key: &[u8; 32], dh_output: &[u8; 32]) -> (Zeroizing<[u8; 32]>, Zeroizing<[u8; 32]>) {
+pub fn kdf_rk(
+    root_key: &[u8; 32],
+    dh_output: &[u8; 32],
+) -> (Zeroizing<[u8; 32]>, Zeroizing<[u8; 32]>) {
     let hk = Hkdf::<Sha256>::new(Some(root_key), dh_output);
     let mut okm = Zeroizing::new([0u8; 64]);
     hk.expand(INFO_RATCHET, okm.as_mut())
@@ -120,7 +123,8 @@ pub fn open(message_key: &[u8; 32], sealed: &[u8], associated_data: &[u8]) -> Re
     }
     let (ciphertext, tag) = sealed.split_at(sealed.len() - MAC_LEN);
     let keys = message_key_material(message_key);
-    let mut m = <HmacSha256 as Mac>::new_from_slice(keys.hmac_key.as_ref()).expect("any key length");
+    let mut m =
+        <HmacSha256 as Mac>::new_from_slice(keys.hmac_key.as_ref()).expect("any key length");
     m.update(associated_data);
     m.update(ciphertext);
     m.verify_slice(tag)
@@ -237,15 +241,24 @@ mod tests {
             let sealed = seal(&mk, &pt, b"ad");
             assert_eq!(sealed.len(), (len / 16 + 1) * 16 + MAC_LEN);
             assert_eq!(open(&mk, &sealed, b"ad").unwrap(), pt);
-            assert!(matches!(open(&mk, &sealed, b"AD"), Err(CryptoError::Decryption(_))));
+            assert!(matches!(
+                open(&mk, &sealed, b"AD"),
+                Err(CryptoError::Decryption(_))
+            ));
             let mut bad = sealed.clone();
             bad[0] ^= 1;
-            assert!(matches!(open(&mk, &bad, b"ad"), Err(CryptoError::Decryption(_))));
+            assert!(matches!(
+                open(&mk, &bad, b"ad"),
+                Err(CryptoError::Decryption(_))
+            ));
             assert!(matches!(
                 open(&mk, &sealed[..sealed.len() - 1], b"ad"),
                 Err(CryptoError::InvalidMessage(_))
             ));
         }
-        assert!(matches!(open(&mk, &[], b""), Err(CryptoError::InvalidMessage(_))));
+        assert!(matches!(
+            open(&mk, &[], b""),
+            Err(CryptoError::InvalidMessage(_))
+        ));
     }
 }
