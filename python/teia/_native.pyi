@@ -108,15 +108,15 @@ class RatchetState:
 class PrekeyBundle:
     """What a responder publishes so that others can start sessions with it."""
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         identity_key: bytes,
         signed_prekey_id: int,
         signed_prekey: bytes,
         signed_prekey_signature: bytes,
         one_time_prekey_id: int | None = None,
         one_time_prekey: bytes | None = None,
-    ) -> None: ...
+    ) -> PrekeyBundle: ...
     @property
     def identity_key(self) -> bytes: ...
     @property
