@@ -471,3 +471,14 @@ def test_ratchet_decrypt_on_arbitrary_bytes(data: bytes) -> None:
 
 RATCHET_PAIR = ratchet_pair()
 RATCHET_PAIR[1].decrypt(RATCHET_PAIR[0].encrypt(b"start"))
+
+
+ACCEPTOR = Responder(b"\xbb" * 32)
+
+
+@given(data=st.binary(max_size=300), with_opk=st.booleans())
+def test_accept_on_arbitrary_bytes(data: bytes, with_opk: bool) -> None:
+    opk = ACCEPTOR.opks[100] if with_opk else None
+    for candidate in (data, b"\x01\x02" + data):
+        with pytest.raises(errors.CryptoError):
+            Session.accept(ACCEPTOR.seed, ACCEPTOR.spk, opk, candidate)
