@@ -6,7 +6,6 @@ import contextlib
 
 import anyio
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ed25519
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -16,11 +15,10 @@ from teia.host.identify import (
     IDENTIFY_PROTOCOL,
     MAX_PROTOCOLS,
     IdentifyInfo,
-    quic_v1_multiaddr,
     request_identify,
 )
 from teia.host.protobuf import decode_uvarint, encode_bytes_field, encode_uvarint
-from teia.transport.tls import host_key_protobuf
+from teia.identity import Identity, Multiaddr
 
 TIMEOUT = 10
 
@@ -90,9 +88,14 @@ def test_malformed_messages(data: bytes, match: str) -> None:
 
 
 def test_quic_v1_multiaddr_known_answers() -> None:
-    # /ip4/127.0.0.1/udp/4001/quic-v1 and /ip6/::1/udp/4001/quic-v1
-    assert quic_v1_multiaddr("127.0.0.1", 4001).hex() == "047f00000191020fa1cc03"
-    assert quic_v1_multiaddr("::1", 4001).hex() == "29" + "00" * 15 + "01" + "91020fa1cc03"
+    # quic-v1 is code 0x01cd (461) in the multiaddr table; 0x01cc is the old draft "quic".
+    v4 = Multiaddr("/ip4/127.0.0.1/udp/4001/quic-v1").to_bytes()
+    assert v4.hex() == "047f00000191020fa1cd03"
+    v6 = Multiaddr("/ip6/::1/udp/4001/quic-v1").to_bytes()
+    assert v6.hex() == "29" + "00" * 15 + "01" + "91020fa1cd03"
+    info = IdentifyInfo(listen_addrs=(v4, b"\xff garbage"), observed_addr=v6)
+    assert info.listen_multiaddrs == [Multiaddr("/ip4/127.0.0.1/udp/4001/quic-v1")]
+    assert info.observed_multiaddr == Multiaddr("/ip6/::1/udp/4001/quic-v1")
 
 
 @pytest.mark.anyio
@@ -102,25 +105,25 @@ async def test_hosts_identify_each_other() -> None:
 
     with anyio.fail_after(TIMEOUT):
         async with (
-            Host(ed25519.Ed25519PrivateKey.generate()) as a,
-            Host(ed25519.Ed25519PrivateKey.generate()) as b,
+            Host(Identity.generate()) as a,
+            Host(Identity.generate()) as b,
         ):
             b.set_handler("/teia/custom/1.0.0", noop)
-            await a.connect(b.listen_addresses[0], peer_id=b.peer_id)
+            await a.connect(b.addrs[0])
             info = await a.identify(b.peer_id)
             assert info.public_key is not None
-            assert bytes([0, len(info.public_key)]) + info.public_key == b.peer_id
+            assert info.public_key == b.identity.public_key_protobuf
             assert set(info.protocols) == {
                 "/ipfs/ping/1.0.0",
                 IDENTIFY_PROTOCOL,
                 "/teia/custom/1.0.0",
             }
-            assert info.listen_addrs == (quic_v1_multiaddr(*b.listen_addresses[0]),)
-            assert info.observed_addr == quic_v1_multiaddr(*a.listen_addresses[0])
+            assert info.listen_multiaddrs == b.listen_addrs
+            assert info.observed_multiaddr == a.listen_addrs[0]
             assert info.agent_version is not None
             assert info.agent_version.startswith("teia/")
             back = await b.identify(a.peer_id)
-            assert back.public_key == host_key_protobuf(a._host_key.public_key())
+            assert back.public_key == a.identity.public_key_protobuf
 
 
 @pytest.mark.anyio
@@ -143,15 +146,15 @@ async def test_unprefixed_responses_are_accepted() -> None:
 async def test_new_connections_are_identified_both_ways() -> None:
     with anyio.fail_after(TIMEOUT):
         async with (
-            Host(ed25519.Ed25519PrivateKey.generate()) as a,
-            Host(ed25519.Ed25519PrivateKey.generate()) as b,
+            Host(Identity.generate()) as a,
+            Host(Identity.generate()) as b,
         ):
-            await a.connect(b.listen_addresses[0], peer_id=b.peer_id)
+            await a.connect(b.addrs[0])
             of_b = await a.wait_identified(b.peer_id)
             of_a = await b.wait_identified(a.peer_id)
             assert of_b is not None
             assert of_a is not None
             assert IDENTIFY_PROTOCOL in of_b.protocols
-            assert of_a.listen_addrs == (quic_v1_multiaddr(*a.listen_addresses[0]),)
+            assert of_a.listen_multiaddrs == a.listen_addrs
             assert a.peer_info(b.peer_id) == of_b
             assert a.peer_info(a.peer_id) is None

@@ -7,6 +7,7 @@ creates (``.venv-libp2p``). ``TEIA_PYLIBP2P_PYTHON`` may point at another interp
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -15,9 +16,9 @@ import anyio
 import anyio.abc
 import pytest
 from anyio.streams.text import TextReceiveStream
-from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from teia.host.host import Host
+from teia.identity import Identity, Multiaddr, PeerId
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = os.environ.get("TEIA_PYLIBP2P_PYTHON") or str(REPO / ".venv-libp2p" / "bin" / "python")
@@ -31,37 +32,28 @@ def _pylibp2p_present() -> None:
         pytest.fail(f"py-libp2p interpreter {PYTHON} missing: run `make test` (it installs it)")
 
 
-_B58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
+class Lines:
+    """Complete lines from a child's stdout, kept across calls."""
 
+    def __init__(self, process: anyio.abc.Process) -> None:
+        assert process.stdout is not None
+        self._text = TextReceiveStream(process.stdout)
+        self._buffered = ""
+        self._lines: list[str] = []
 
-# Test-only base58btc until teia.identity's PeerId takes over.
-def b58decode(text: str) -> bytes:
-    number = 0
-    for char in text:
-        number = number * 58 + _B58.index(char)
-    body = number.to_bytes((number.bit_length() + 7) // 8, "big")
-    return b"\x00" * (len(text) - len(text.lstrip("1"))) + body
-
-
-def b58encode(data: bytes) -> str:
-    number, text = int.from_bytes(data, "big"), ""
-    while number:
-        number, digit = divmod(number, 58)
-        text = _B58[digit] + text
-    return "1" * (len(data) - len(data.lstrip(b"\x00"))) + text
-
-
-async def first_line(process: anyio.abc.Process, prefix: str) -> str:
-    assert process.stdout is not None
-    buffered = ""
-    async for chunk in TextReceiveStream(process.stdout):
-        buffered += chunk
-        # Only complete lines: a chunk may end in the middle of the line we wait for.
-        *complete, buffered = buffered.split("\n")
-        for line in complete:
-            if line.startswith(prefix):
-                return line.rstrip("\r")
-    raise AssertionError(f"py-libp2p peer exited without printing {prefix!r}")
+    async def first(self, prefix: str) -> str:
+        while True:
+            while self._lines:
+                line = self._lines.pop(0)
+                if line.startswith(prefix):
+                    return line
+            try:
+                self._buffered += await self._text.receive()
+            except anyio.EndOfStream:
+                raise AssertionError(f"py-libp2p peer exited without printing {prefix!r}") from None
+            # Only complete lines: a chunk may end in the middle of the line we wait for.
+            *complete, self._buffered = self._buffered.split("\n")
+            self._lines += [line.rstrip("\r") for line in complete]
 
 
 @pytest.mark.anyio
@@ -72,14 +64,16 @@ async def test_teia_dials_pylibp2p_and_pings() -> None:
             await anyio.open_process(
                 [PYTHON, str(PEER_SCRIPT), "listen"], stderr=subprocess.DEVNULL
             ) as process,
-            Host(ed25519.Ed25519PrivateKey.generate()) as host,
+            Host(Identity.generate()) as host,
         ):
             try:
-                _, peer, port = (await first_line(process, "PEER ")).split()
-                connection = await host.connect(("127.0.0.1", int(port)), peer_id=b58decode(peer))
-                assert b58encode(connection.remote_peer.peer_id) == peer
-                assert len(await host.ping(b58decode(peer), count=3)) == 3
-                info = await host.identify(b58decode(peer))
+                _, text, port = (await Lines(process).first("PEER ")).split()
+                peer = PeerId.from_string(text)
+                target = Multiaddr.from_udp("127.0.0.1", int(port), peer_id=peer)
+                connection = await host.connect(target)
+                assert connection.remote_peer.peer_id == peer
+                assert len(await host.ping(peer, count=3)) == 3
+                info = await host.identify(peer)
                 assert "/ipfs/ping/1.0.0" in info.protocols
                 assert info.listen_addrs
             finally:
@@ -90,12 +84,19 @@ async def test_teia_dials_pylibp2p_and_pings() -> None:
 async def test_pylibp2p_dials_teia_and_pings() -> None:
     assert PYTHON is not None
     with anyio.fail_after(TIMEOUT):
-        async with Host(ed25519.Ed25519PrivateKey.generate()) as host:
-            _, port = host.listen_addresses[0]
-            target = f"/ip4/127.0.0.1/udp/{port}/quic-v1/p2p/{b58encode(host.peer_id)}"
+        async with Host(Identity.generate()) as host:
+            target = str(host.addrs[0])
             async with await anyio.open_process(
                 [PYTHON, str(PEER_SCRIPT), "dial", target], stderr=subprocess.DEVNULL
             ) as process:
-                assert await first_line(process, "PINGED") == "PINGED"
+                lines = Lines(process)
+                assert await lines.first("PINGED") == "PINGED"
+                line = await lines.first("IDENTIFIED ")
                 assert await process.wait() == 0
+            identified = json.loads(line.removeprefix("IDENTIFIED "))
+            assert "/ipfs/ping/1.0.0" in identified["protocols"]
+            assert identified["agent_version"].startswith("teia/")
+            assert identified["listen_addrs"] == [str(a) for a in host.listen_addrs]
+            assert identified["observed_addr"].startswith("/ip4/127.0.0.1/udp/")
+            assert identified["public_key"] == host.identity.public_key_protobuf.hex()
             assert len(host.connections.peers()) <= 1

@@ -19,7 +19,7 @@ from teia.errors import (
     StreamReset,
 )
 from teia.transport.quic import STREAM_WINDOW, QuicConnectionHandle, QuicEndpoint, QuicStream
-from teia.transport.tls import peer_id_bytes
+from teia.transport.tls import peer_id_of
 
 TIMEOUT = 10
 
@@ -124,7 +124,7 @@ async def test_many_streams_and_a_megabyte_both_ways() -> None:
 async def test_dialing_the_wrong_peer_id_fails_clearly() -> None:
     with anyio.fail_after(TIMEOUT):
         async with endpoints() as (a, b):
-            someone_else = peer_id_bytes(ed25519.Ed25519PrivateKey.generate().public_key())
+            someone_else = peer_id_of(ed25519.Ed25519PrivateKey.generate().public_key())
             with pytest.raises(PeerIdMismatch, match="different peer ID"):
                 await a.connect(b.local_address, expected_peer_id=someone_else)
             # The endpoints still work afterwards.

@@ -13,6 +13,7 @@ from enum import Enum
 from typing import Generic, TypeVar
 
 from teia.errors import ConnectionLimitExceeded
+from teia.identity import PeerId
 
 __all__ = ["ConnectionLimits", "ConnectionManager", "Direction"]
 
@@ -45,8 +46,8 @@ class ConnectionManager(Generic[C]):
 
     def __init__(self, limits: ConnectionLimits | None = None) -> None:
         self.limits = limits or ConnectionLimits()
-        self._by_peer: dict[bytes, list[C]] = {}
-        self._direction: dict[C, tuple[bytes, Direction]] = {}
+        self._by_peer: dict[PeerId, list[C]] = {}
+        self._direction: dict[C, tuple[PeerId, Direction]] = {}
         self._inbound = 0
 
     def __len__(self) -> int:
@@ -55,7 +56,7 @@ class ConnectionManager(Generic[C]):
     def __iter__(self) -> Iterator[C]:
         return iter(list(self._direction))
 
-    def admit(self, peer_id: bytes, direction: Direction) -> None:
+    def admit(self, peer_id: PeerId, direction: Direction) -> None:
         """Raise `ConnectionLimitExceeded` unless one more such connection fits."""
         limits = self.limits
         if len(self._direction) >= limits.max_connections:
@@ -71,7 +72,7 @@ class ConnectionManager(Generic[C]):
                 f"already holding {limits.max_per_peer} connections to this peer (max_per_peer)"
             )
 
-    def add(self, peer_id: bytes, direction: Direction, connection: C) -> None:
+    def add(self, peer_id: PeerId, direction: Direction, connection: C) -> None:
         """Admit and record ``connection`` in one step."""
         self.admit(peer_id, direction)
         self._by_peer.setdefault(peer_id, []).append(connection)
@@ -92,9 +93,9 @@ class ConnectionManager(Generic[C]):
         if not peers:
             del self._by_peer[peer_id]
 
-    def connections_to(self, peer_id: bytes) -> list[C]:
+    def connections_to(self, peer_id: PeerId) -> list[C]:
         """Connections to ``peer_id``, oldest first."""
         return list(self._by_peer.get(peer_id, ()))
 
-    def peers(self) -> list[bytes]:
+    def peers(self) -> list[PeerId]:
         return list(self._by_peer)

@@ -1,19 +1,20 @@
 """The host: QUIC endpoints, connections under a connection manager, protocol handlers by name.
 
-``async with Host(host_key, listen=[("127.0.0.1", 0)]) as host`` opens one `QuicEndpoint` per
-listen address (each serves dialing and listening on one UDP socket). Every stream, in either
-direction, starts with multistream-select; inbound streams go to the handler registered for the
-agreed protocol (`set_handler`), outbound ones come from `open_stream`. ``/ipfs/ping/1.0.0``
-and ``/ipfs/id/1.0.0`` are served by default, and every newly connected peer is identified
-(`peer_info`, `wait_identified`).
+``async with Host(identity, listen=["/ip4/127.0.0.1/udp/0/quic-v1"]) as host`` opens one
+`QuicEndpoint` per listen address (each serves dialing and listening on one UDP socket). Every
+stream, in either direction, starts with multistream-select; inbound streams go to the handler
+registered for the agreed protocol (`set_handler`), outbound ones come from `open_stream`.
+``/ipfs/ping/1.0.0`` and ``/ipfs/id/1.0.0`` are served by default, and every newly connected
+peer is identified (`peer_info`, `wait_identified`); what it announces lands in the address
+book (`peerstore`), and the address it saw us at is counted (`observed_addrs`).
+
+One connection per peer: concurrent dials to a peer share one attempt, and when both sides
+dial each other at once, both keep the connection initiated by the peer with the smaller
+peer ID; the other stops taking new streams and closes after a grace period.
 
 Handlers run in the host's task group, one task per stream; the stream is closed when the
 handler returns, and a failing handler is logged without touching the connection. Leaving the
 block cancels every handler and closes every connection.
-
-Provisional surface until `teia.identity` lands: peers are binary peer IDs and addresses are
-``(ip, port)`` pairs; `connect` will take a multiaddr (``…/quic-v1/p2p/<id>``) and the host an
-``Identity``.
 """
 
 from __future__ import annotations
@@ -21,17 +22,20 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import logging
+import socket
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
 from typing import Self
 
 import anyio
 import anyio.abc
-from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from teia.errors import (
     ConnectionClosed,
     ConnectionLimitExceeded,
+    InvalidMultiaddr,
+    InvalidPeerId,
     NotConnected,
     PeerIdMismatch,
     ProtocolNegotiationError,
@@ -43,16 +47,16 @@ from teia.host.identify import (
     IDENTIFY_PROTOCOL,
     PROTOCOL_VERSION,
     IdentifyInfo,
-    quic_v1_multiaddr,
     request_identify,
     serve_identify,
 )
+from teia.host.peerstore import ANNOUNCED_TTL, CONNECTED_TTL, AddressBook
 from teia.host.ping import PING_PROTOCOL, ping, serve_ping
 from teia.host.streams import NegotiatedStream, accept_protocol, select_protocol
+from teia.identity import Identity, Multiaddr, PeerId
 from teia.transport.quic import QuicConnectionHandle, QuicEndpoint, QuicStream
-from teia.transport.tls import host_key_protobuf, peer_id_bytes
 
-__all__ = ["Host", "StreamHandler"]
+__all__ = ["DEFAULT_LISTEN", "Host", "StreamHandler"]
 
 _log = logging.getLogger(__name__)
 
@@ -61,8 +65,21 @@ StreamHandler = Callable[[NegotiatedStream], Awaitable[None]]
 
 Address = tuple[str, int]
 
-# Identify results kept for peers, oldest dropped first (a peerstore proper comes later).
+DEFAULT_LISTEN = ("/ip4/127.0.0.1/udp/0/quic-v1",)
+
+# Identify results kept for peers, oldest dropped first.
 _MAX_PEER_INFO = 4096
+# Distinct observed addresses remembered (a stranger chooses what it reports).
+_MAX_OBSERVED = 32
+
+
+class _PendingDial:
+    """A dial in progress to a known peer, shared by every caller that wants that peer."""
+
+    def __init__(self) -> None:
+        self.done = anyio.Event()
+        self.connection: QuicConnectionHandle | None = None
+        self.error: BaseException | None = None
 
 
 class Host:
@@ -70,29 +87,49 @@ class Host:
 
     def __init__(
         self,
-        host_key: ed25519.Ed25519PrivateKey,
+        identity: Identity,
         *,
-        listen: Sequence[Address] = (("127.0.0.1", 0),),
+        listen: Sequence[Multiaddr | str] = DEFAULT_LISTEN,
         limits: ConnectionLimits | None = None,
         negotiation_timeout: float = 10.0,
+        dial_timeout: float = 10.0,
         idle_timeout: float = 30.0,
         keep_alive: float | None = 15.0,
+        close_grace: float = 10.0,
+        peerstore: AddressBook | None = None,
     ) -> None:
         if not listen:
             raise ValueError("a host needs at least one listen address")
-        self._host_key = host_key
-        self._listen = list(listen)
+        self._identity = identity
+        self._listen: list[Address] = []
+        for item in listen:
+            addr = Multiaddr(item) if isinstance(item, str) else item
+            if not addr.is_quic_v1 or addr.peer_id is not None:
+                raise InvalidMultiaddr(f"listen address {addr} is not /ip4|ip6/…/udp/…/quic-v1")
+            host, port = addr.to_udp_address()
+            try:
+                ipaddress.ip_address(host)
+            except ValueError:
+                raise InvalidMultiaddr(f"listen address {addr} must be an IP literal") from None
+            self._listen.append((host, port))
         self._connections: ConnectionManager[QuicConnectionHandle] = ConnectionManager(limits)
         self._negotiation_timeout = negotiation_timeout
+        self._dial_timeout = dial_timeout
         self._idle_timeout = idle_timeout
         self._keep_alive = keep_alive
+        self._close_grace = close_grace
         self._handlers: dict[str, StreamHandler] = {
             PING_PROTOCOL: serve_ping,
             IDENTIFY_PROTOCOL: self._serve_identify,
         }
+        self.peerstore = peerstore if peerstore is not None else AddressBook()
+        """Where known peers can be dialed (see `teia.host.peerstore`)."""
         self._endpoints: list[QuicEndpoint] = []
-        self._peer_info: dict[bytes, IdentifyInfo] = {}
-        self._identify_waiters: dict[bytes, anyio.Event] = {}
+        self._peer_info: dict[PeerId, IdentifyInfo] = {}
+        self._identify_waiters: dict[PeerId, anyio.Event] = {}
+        self._dialing: dict[PeerId, _PendingDial] = {}
+        self._draining: set[QuicConnectionHandle] = set()
+        self._observed: Counter[Multiaddr] = Counter()
         self._stack: contextlib.AsyncExitStack | None = None
         self._task_group: anyio.abc.TaskGroup | None = None
 
@@ -104,7 +141,7 @@ class Host:
         try:
             for host, port in self._listen:
                 endpoint = QuicEndpoint(
-                    self._host_key,
+                    self._identity.private_key,
                     host=host,
                     port=port,
                     idle_timeout=self._idle_timeout,
@@ -135,16 +172,44 @@ class Host:
     # --- who and where --------------------------------------------------------------------------
 
     @property
-    def peer_id(self) -> bytes:
-        return peer_id_bytes(self._host_key.public_key())
+    def identity(self) -> Identity:
+        return self._identity
 
     @property
-    def listen_addresses(self) -> list[Address]:
-        return [endpoint.local_address for endpoint in self._endpoints]
+    def peer_id(self) -> PeerId:
+        return self._identity.peer_id
+
+    @property
+    def listen_addrs(self) -> list[Multiaddr]:
+        """The bound addresses (the real port when 0 was asked for), without ``/p2p``."""
+        return [Multiaddr.from_udp(*endpoint.local_address) for endpoint in self._endpoints]
+
+    @property
+    def addrs(self) -> list[Multiaddr]:
+        """What this host tells others to dial: the bound addresses with ``/p2p/<our id>``.
+
+        Wildcard binds (``0.0.0.0``, ``::``) are left out: they are not dialable as such.
+        """
+        return [
+            Multiaddr.from_udp(host, port, peer_id=self.peer_id)
+            for host, port in (endpoint.local_address for endpoint in self._endpoints)
+            if not ipaddress.ip_address(host).is_unspecified
+        ]
+
+    def observed_addrs(self, *, min_peers: int = 1) -> list[Multiaddr]:
+        """Addresses peers saw us at (identify), most reported first.
+
+        Behind NAT this is how a host learns its public address; ask for ``min_peers`` > 1
+        before trusting one, since any single peer can report anything.
+        """
+        return [addr for addr, count in self._observed.most_common() if count >= min_peers]
 
     @property
     def connections(self) -> ConnectionManager[QuicConnectionHandle]:
         return self._connections
+
+    def is_connected(self, peer: PeerId) -> bool:
+        return self._usable_connection(peer) is not None
 
     # --- protocols ----------------------------------------------------------------------------
 
@@ -161,37 +226,38 @@ class Host:
 
     # --- connections and streams ----------------------------------------------------------------
 
-    async def connect(
-        self, address: Address, *, peer_id: bytes | None = None
-    ) -> QuicConnectionHandle:
-        """Connect to ``address``; with ``peer_id``, reuse an open connection or insist on it.
+    async def connect(self, target: Multiaddr | str | PeerId) -> QuicConnectionHandle:
+        """Connect to a peer, reusing an open connection to it when there is one.
 
-        Raises `PeerIdMismatch` if another peer answers, `ConnectionLimitExceeded` if the
-        connection manager is full. Bound it with ``anyio.fail_after``.
+        ``target`` is a multiaddr (``/ip4|ip6|dns/…/udp/…/quic-v1[/p2p/<id>]``; with ``/p2p``
+        the remote must prove that peer ID, else `PeerIdMismatch`), or a `PeerId`, dialed at
+        the addresses in `peerstore`. Each address gets ``dial_timeout`` seconds. Raises
+        `NotConnected` when a peer has no known address, `ConnectionLimitExceeded` when the
+        connection manager is full, and the last dial's error when every address failed.
         """
-        if peer_id is not None:
-            for connection in self._connections.connections_to(peer_id):
-                if not connection.is_closed:
-                    return connection
-        endpoint = self._endpoint_for(address)
-        connection = await endpoint.connect(address, expected_peer_id=peer_id)
-        remote = connection.remote_peer.peer_id
-        try:
-            self._connections.add(remote, Direction.OUTBOUND, connection)
-        except ConnectionLimitExceeded:
-            await connection.aclose()
-            raise
-        self._start(connection)
-        return connection
+        if isinstance(target, PeerId):
+            return await self._connect_peer(target)
+        addr = Multiaddr(target) if isinstance(target, str) else target
+        if not addr.is_quic_v1:
+            raise InvalidMultiaddr(f"{addr} is not a QUIC-v1 address (…/udp/<port>/quic-v1)")
+        peer = addr.peer_id
+        if peer is None:
+            return await self._dial(addr, None)
+        existing = self._usable_connection(peer)
+        if existing is not None:
+            return existing
+        return await self._shared_dial(peer, [addr])
 
-    async def open_stream(self, peer_id: bytes, protocols: str | Sequence[str]) -> NegotiatedStream:
+    async def open_stream(self, peer: PeerId, protocols: str | Sequence[str]) -> NegotiatedStream:
         """Open a stream to a connected peer and agree on the first protocol it supports.
 
         Raises `NotConnected` without an open connection, `ProtocolNotSupported` if the peer
         declines every protocol.
         """
         proposals = [protocols] if isinstance(protocols, str) else list(protocols)
-        connection = self._open_connection_to(peer_id)
+        connection = self._usable_connection(peer)
+        if connection is None:
+            raise NotConnected(f"no open connection to {peer}; connect to one of its addresses")
         stream = await connection.open_stream()
         try:
             negotiated = await select_protocol(stream, proposals)
@@ -199,74 +265,143 @@ class Host:
             with anyio.CancelScope(shield=True):
                 await stream.aclose()
             raise
-        negotiated.remote_peer_id = peer_id
+        negotiated.remote_peer_id = peer
         negotiated.remote_address = connection.remote_address
         return negotiated
 
-    async def ping(self, peer_id: bytes, *, count: int = 1) -> list[float]:
+    async def ping(self, peer: PeerId, *, count: int = 1) -> list[float]:
         """Ping a connected peer ``count`` times on one stream; round trips in seconds."""
-        stream = await self.open_stream(peer_id, PING_PROTOCOL)
+        stream = await self.open_stream(peer, PING_PROTOCOL)
         try:
             return [await ping(stream) for _ in range(count)]
         finally:
             with anyio.CancelScope(shield=True):
                 await stream.aclose()
 
-    async def identify(self, peer_id: bytes) -> IdentifyInfo:
+    async def identify(self, peer: PeerId) -> IdentifyInfo:
         """Ask a connected peer who it is (``/ipfs/id/1.0.0``).
 
         A public key in the answer must be the one the peer proved in the handshake, else
         `PeerIdMismatch`.
         """
-        stream = await self.open_stream(peer_id, IDENTIFY_PROTOCOL)
+        stream = await self.open_stream(peer, IDENTIFY_PROTOCOL)
         try:
             info = await request_identify(stream)
         finally:
             with anyio.CancelScope(shield=True):
                 await stream.aclose()
-        if info.public_key is not None and (
-            bytes([0x00, len(info.public_key)]) + info.public_key != peer_id
-        ):
-            raise PeerIdMismatch("identify carried a public key other than the peer's own")
+        if info.public_key is not None:
+            try:
+                announced = PeerId.from_public_key_protobuf(info.public_key)
+            except InvalidPeerId as exc:
+                raise PeerIdMismatch(f"identify carried an unusable public key: {exc}") from None
+            if announced != peer:
+                raise PeerIdMismatch("identify carried a public key other than the peer's own")
         return info
 
-    def peer_info(self, peer_id: bytes) -> IdentifyInfo | None:
-        """What identify told us about ``peer_id``, if it has run (after each new peer)."""
-        return self._peer_info.get(peer_id)
+    def peer_info(self, peer: PeerId) -> IdentifyInfo | None:
+        """What identify told us about ``peer``, if it has run (after each new peer)."""
+        return self._peer_info.get(peer)
 
-    async def wait_identified(self, peer_id: bytes) -> IdentifyInfo | None:
+    async def wait_identified(self, peer: PeerId) -> IdentifyInfo | None:
         """Wait for the identify exchange that follows a new connection; None if it failed."""
-        if peer_id not in self._peer_info:
-            waiter = self._identify_waiters.setdefault(peer_id, anyio.Event())
+        if peer not in self._peer_info:
+            waiter = self._identify_waiters.setdefault(peer, anyio.Event())
             await waiter.wait()
-        return self._peer_info.get(peer_id)
+        return self._peer_info.get(peer)
 
     def identify_info(self, observed: Address | None = None) -> IdentifyInfo:
         """What this host says about itself; ``observed`` is the asking peer's address."""
-        listen = [
-            quic_v1_multiaddr(host, port)
-            for host, port in self.listen_addresses
-            if not ipaddress.ip_address(host).is_unspecified
-        ]
         return IdentifyInfo(
-            public_key=host_key_protobuf(self._host_key.public_key()),
-            listen_addrs=tuple(listen),
+            public_key=self._identity.public_key_protobuf,
+            listen_addrs=tuple(addr.without_peer_id().to_bytes() for addr in self.addrs),
             protocols=tuple(self.protocols),
-            observed_addr=quic_v1_multiaddr(*observed) if observed is not None else None,
+            observed_addr=Multiaddr.from_udp(*observed).to_bytes() if observed else None,
             protocol_version=PROTOCOL_VERSION,
             agent_version=AGENT_VERSION,
         )
 
-    # --- internals ------------------------------------------------------------------------------
+    # --- internals: dialing ---------------------------------------------------------------------
 
-    async def _serve_identify(self, stream: NegotiatedStream) -> None:
-        await serve_identify(stream, self.identify_info(stream.remote_address))
+    async def _connect_peer(self, peer: PeerId) -> QuicConnectionHandle:
+        existing = self._usable_connection(peer)
+        if existing is not None:
+            return existing
+        addrs = self.peerstore.addrs(peer, now=anyio.current_time())
+        if not addrs:
+            raise NotConnected(f"no known address for {peer}")
+        return await self._shared_dial(peer, addrs)
 
-    def _open_connection_to(self, peer_id: bytes) -> QuicConnectionHandle:
-        for connection in self._connections.connections_to(peer_id):
-            if not connection.is_closed:
-                return connection
-        raise NotConnected("no open connection to that peer; connect to one of its addresses")
+    async def _shared_dial(self, peer: PeerId, addrs: list[Multiaddr]) -> QuicConnectionHandle:
+        """Dial ``peer`` unless a dial to it is already running; then share that one."""
+        pending = self._dialing.get(peer)
+        if pending is not None:
+            await pending.done.wait()
+            if pending.connection is not None and not pending.connection.is_closed:
+                return pending.connection
+            existing = self._usable_connection(peer)
+            if existing is not None:
+                return existing
+            if pending.error is not None:
+                raise TransportError(f"the shared dial to {peer} failed: {pending.error}")
+            raise NotConnected(f"the shared dial to {peer} was abandoned")
+        pending = self._dialing[peer] = _PendingDial()
+        try:
+            error: BaseException | None = None
+            for addr in addrs:
+                try:
+                    pending.connection = await self._dial(addr.without_peer_id(), peer)
+                    return pending.connection
+                except (TransportError, OSError, TimeoutError) as exc:
+                    _log.debug("dial to %s at %s failed: %s", peer, addr, exc)
+                    error = exc
+            assert error is not None
+            pending.error = error
+            raise error
+        except BaseException as exc:
+            pending.error = pending.error or exc
+            raise
+        finally:
+            del self._dialing[peer]
+            pending.done.set()
+
+    async def _dial(self, addr: Multiaddr, peer: PeerId | None) -> QuicConnectionHandle:
+        host, port = addr.to_udp_address()
+        address = await self._resolve(addr, host, port)
+        endpoint = self._endpoint_for(address)
+        with anyio.fail_after(self._dial_timeout):
+            connection = await endpoint.connect(address, expected_peer_id=peer)
+        remote = connection.remote_peer.peer_id
+        try:
+            self._connections.add(remote, Direction.OUTBOUND, connection)
+        except ConnectionLimitExceeded:
+            await connection.aclose()
+            raise
+        now = anyio.current_time()
+        self.peerstore.add(remote, [Multiaddr.from_udp(*address)], ttl=CONNECTED_TTL, now=now)
+        self._start(connection)
+        return connection
+
+    async def _resolve(self, addr: Multiaddr, host: str, port: int) -> Address:
+        try:
+            ipaddress.ip_address(host)
+            return host, port
+        except ValueError:
+            pass
+        kind = addr.protocols[0]
+        family = {"dns4": socket.AF_INET, "dns6": socket.AF_INET6}.get(kind, socket.AF_UNSPEC)
+        usable = {
+            ipaddress.ip_address(endpoint.local_address[0]).version for endpoint in self._endpoints
+        }
+        try:
+            infos = await anyio.getaddrinfo(host, port, family=family, type=socket.SOCK_DGRAM)
+        except OSError as exc:
+            raise TransportError(f"cannot resolve {host}: {exc}") from None
+        for info in infos:
+            ip = str(info[4][0])
+            if ipaddress.ip_address(ip).version in usable:
+                return ip, port
+        raise TransportError(f"{host} has no address of an IP version this host listens on")
 
     def _endpoint_for(self, address: Address) -> QuicEndpoint:
         version = ipaddress.ip_address(address[0]).version
@@ -275,28 +410,92 @@ class Host:
                 return endpoint
         raise TransportError(f"no listen address of IP version {version} to dial from")
 
+    # --- internals: one connection per peer -------------------------------------------------
+
+    def _usable_connection(self, peer: PeerId) -> QuicConnectionHandle | None:
+        fallback = None
+        for connection in self._connections.connections_to(peer):
+            if connection.is_closed:
+                continue
+            if connection not in self._draining:
+                return connection
+            fallback = connection
+        return fallback
+
+    def _initiator(self, connection: QuicConnectionHandle) -> PeerId:
+        return self.peer_id if connection.is_initiator else connection.remote_peer.peer_id
+
+    def _resolve_duplicates(self, connection: QuicConnectionHandle) -> None:
+        """With two live connections to one peer, both sides drain the same one."""
+        peer = connection.remote_peer.peer_id
+        others = [
+            c
+            for c in self._connections.connections_to(peer)
+            if c is not connection and not c.is_closed and c not in self._draining
+        ]
+        for other in others:
+            a, b = self._initiator(other), self._initiator(connection)
+            if a == b:
+                loser = connection  # the same side dialed twice: keep the older one
+            else:
+                keep_other = a.to_bytes() < b.to_bytes()
+                loser = connection if keep_other else other
+            self._drain(loser)
+            if loser is connection:
+                return
+
+    def _drain(self, connection: QuicConnectionHandle) -> None:
+        assert self._task_group is not None
+        self._draining.add(connection)
+        self._task_group.start_soon(self._close_after_grace, connection)
+
+    async def _close_after_grace(self, connection: QuicConnectionHandle) -> None:
+        try:
+            with anyio.move_on_after(self._close_grace):
+                await connection.wait_closed()
+            await connection.aclose()
+        finally:
+            self._draining.discard(connection)
+
+    # --- internals: serving ---------------------------------------------------------------------
+
+    async def _serve_identify(self, stream: NegotiatedStream) -> None:
+        await serve_identify(stream, self.identify_info(stream.remote_address))
+
     def _start(self, connection: QuicConnectionHandle) -> None:
         assert self._task_group is not None
+        self._resolve_duplicates(connection)
         self._task_group.start_soon(self._serve_connection, connection)
         self._task_group.start_soon(self._identify_new_peer, connection.remote_peer.peer_id)
 
-    async def _identify_new_peer(self, peer_id: bytes) -> None:
+    async def _identify_new_peer(self, peer: PeerId) -> None:
         """Learn a newly connected peer's protocols and addresses, as libp2p hosts do."""
-        if peer_id in self._peer_info:
+        if peer in self._peer_info:
             return
         info: IdentifyInfo | None = None
         try:
             with anyio.fail_after(self._negotiation_timeout):
-                info = await self.identify(peer_id)
+                info = await self.identify(peer)
         except (TransportError, TimeoutError, anyio.EndOfStream, anyio.BrokenResourceError) as exc:
             _log.debug("identify of a new peer failed: %s", exc)
         if info is not None:
-            self._peer_info[peer_id] = info
+            self._peer_info[peer] = info
             while len(self._peer_info) > _MAX_PEER_INFO:
                 del self._peer_info[next(iter(self._peer_info))]
-        waiter = self._identify_waiters.pop(peer_id, None)
+            now = anyio.current_time()
+            self.peerstore.add(peer, info.listen_multiaddrs, ttl=ANNOUNCED_TTL, now=now)
+            self._note_observed(info.observed_multiaddr)
+        waiter = self._identify_waiters.pop(peer, None)
         if waiter is not None:
             waiter.set()
+
+    def _note_observed(self, addr: Multiaddr | None) -> None:
+        if addr is None or not addr.is_quic_v1 or addr.peer_id is not None:
+            return
+        if addr not in self._observed and len(self._observed) >= _MAX_OBSERVED:
+            least, _ = self._observed.most_common()[-1]
+            del self._observed[least]
+        self._observed[addr] += 1
 
     async def _accept_loop(self, endpoint: QuicEndpoint) -> None:
         while True:

@@ -8,19 +8,19 @@ filling the whole stream, which older implementations sent. Spec: libp2p/specs
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass, field
 
 import anyio
 import anyio.abc
 
-from teia.errors import InvalidProtobuf
+from teia.errors import InvalidMultiaddr, InvalidProtobuf
 from teia.host.protobuf import (
     decode_uvarint,
     encode_bytes_field,
     encode_uvarint,
     iter_fields,
 )
+from teia.identity import Multiaddr
 
 __all__ = [
     "AGENT_VERSION",
@@ -28,7 +28,6 @@ __all__ = [
     "MAX_IDENTIFY_SIZE",
     "PROTOCOL_VERSION",
     "IdentifyInfo",
-    "quic_v1_multiaddr",
     "request_identify",
     "serve_identify",
 ]
@@ -57,6 +56,16 @@ class IdentifyInfo:
     protocol_version: str | None = None
     agent_version: str | None = None
     unknown_fields: tuple[int, ...] = field(default=(), compare=False)
+
+    @property
+    def listen_multiaddrs(self) -> list[Multiaddr]:
+        """The listen addresses that parse as multiaddrs (others are skipped, not fatal)."""
+        return [m for m in map(_parse_multiaddr, self.listen_addrs) if m is not None]
+
+    @property
+    def observed_multiaddr(self) -> Multiaddr | None:
+        """The address the peer saw us at, if it sent one that parses."""
+        return None if self.observed_addr is None else _parse_multiaddr(self.observed_addr)
 
     def encode(self) -> bytes:
         out = bytearray()
@@ -128,21 +137,11 @@ class IdentifyInfo:
         )
 
 
-# TODO(identity): replace with teia.identity.Multiaddr once it lands.
-_IP4, _IP6, _UDP, _QUIC_V1 = 0x04, 0x29, 0x0111, 0x01CC
-
-
-def quic_v1_multiaddr(host: str, port: int) -> bytes:
-    """The binary multiaddr ``/ip4|ip6/<host>/udp/<port>/quic-v1``."""
-    address = ipaddress.ip_address(host)
-    code = _IP4 if address.version == 4 else _IP6
-    return (
-        encode_uvarint(code)
-        + address.packed
-        + encode_uvarint(_UDP)
-        + port.to_bytes(2, "big")
-        + encode_uvarint(_QUIC_V1)
-    )
+def _parse_multiaddr(data: bytes) -> Multiaddr | None:
+    try:
+        return Multiaddr.from_bytes(data)
+    except InvalidMultiaddr:
+        return None
 
 
 async def serve_identify(stream: anyio.abc.ByteStream, info: IdentifyInfo) -> None:

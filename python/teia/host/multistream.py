@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from teia.errors import ProtocolNegotiationError, ProtocolNotSupported
+from teia.identity import varint
 
 __all__ = [
     "MAX_MESSAGE_SIZE",
@@ -64,12 +65,8 @@ def encode_message(text: str) -> bytes:
     return _encode_length(len(body)) + body
 
 
-# The length of a message fits two varint bytes (MAX_MESSAGE_SIZE < 2**14), so this codec need
-# not handle more. TODO(identity): switch to teia.identity.varint once it lands.
 def _encode_length(length: int) -> bytes:
-    if length < 0x80:
-        return bytes([length])
-    return bytes([0x80 | (length & 0x7F), length >> 7])
+    return varint.encode(length)
 
 
 class _MessageReader:

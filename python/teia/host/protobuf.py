@@ -10,43 +10,29 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from teia.errors import InvalidProtobuf
+from teia.errors import InvalidProtobuf, InvalidVarint
+from teia.identity import varint
 
 __all__ = ["Field", "decode_uvarint", "encode_bytes_field", "encode_uvarint", "iter_fields"]
 
 Field = tuple[int, int, int | bytes]
 
-_MAX_VARINT_BYTES = 9  # multiformats unsigned-varint caps values at 63 bits
 
-
-# TODO(identity): switch to teia.identity.varint once it lands; this is the only other copy.
 def encode_uvarint(value: int) -> bytes:
-    if value < 0 or value >= 1 << 63:
-        raise ValueError("varint out of range")
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
+    """The minimal unsigned varint of ``value`` (`teia.identity.varint`)."""
+    return varint.encode(value)
 
 
 def decode_uvarint(data: bytes, offset: int = 0) -> tuple[int, int]:
-    """Decode a minimal unsigned varint at ``offset``; return (value, offset after it)."""
-    value = 0
-    for index in range(_MAX_VARINT_BYTES):
-        if offset + index >= len(data):
-            raise InvalidProtobuf("truncated varint")
-        byte = data[offset + index]
-        value |= (byte & 0x7F) << (7 * index)
-        if not byte & 0x80:
-            if byte == 0 and index > 0:
-                raise InvalidProtobuf("varint is not minimally encoded")
-            return value, offset + index + 1
-    raise InvalidProtobuf("varint longer than 9 bytes")
+    """Decode a minimal unsigned varint at ``offset``; return (value, offset after it).
+
+    Raises `InvalidProtobuf` (rather than the varint codec's own error) so that protobuf
+    readers have one error type to handle.
+    """
+    try:
+        return varint.decode(data, offset)
+    except InvalidVarint as exc:
+        raise InvalidProtobuf(str(exc)) from None
 
 
 def encode_bytes_field(number: int, value: bytes) -> bytes:

@@ -16,6 +16,7 @@ import anyio.abc
 from teia.errors import InvalidProtobuf, MessageTooLarge, ProtocolNegotiationError
 from teia.host.multistream import MultistreamDialer, MultistreamListener, ProtocolAgreed
 from teia.host.protobuf import decode_uvarint, encode_uvarint
+from teia.identity import PeerId
 
 __all__ = ["NegotiatedStream", "accept_protocol", "receive_exactly", "select_protocol"]
 
@@ -31,8 +32,8 @@ class NegotiatedStream(anyio.abc.ByteStream):
         self.stream = stream
         self.protocol = protocol
         self._unconsumed = unconsumed
-        self.remote_peer_id: bytes | None = None
-        """Who is on the other end, when a host made this stream (binary peer ID)."""
+        self.remote_peer_id: PeerId | None = None
+        """Who is on the other end, when a host made this stream."""
         self.remote_address: tuple[str, int] | None = None
         """The peer's transport address as this host sees it, when a host made this stream."""
 

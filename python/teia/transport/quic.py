@@ -63,12 +63,13 @@ from teia.errors import (
     StreamReset,
     TransportError,
 )
+from teia.identity import PeerId
 from teia.transport.tls import (
     ALPN,
     CertifiedKey,
     VerifiedPeer,
     generate_certificate,
-    peer_id_bytes,
+    peer_id_of,
 )
 from teia.transport.tls import verify_certificate_chain as _verify_chain
 
@@ -117,7 +118,7 @@ class _Libp2pQuicConnection(QuicConnection):
         self,
         *,
         configuration: QuicConfiguration,
-        expected_peer_id: bytes | None,
+        expected_peer_id: PeerId | None,
         clock: Callable[[], dt.datetime],
         original_destination_connection_id: bytes | None = None,
     ) -> None:
@@ -656,9 +657,9 @@ class QuicEndpoint:
         ](MAX_PENDING_CONNECTIONS)
 
     @property
-    def peer_id(self) -> bytes:
-        """Our binary peer ID, as peers will derive it from our certificate."""
-        return peer_id_bytes(self._host_key.public_key())
+    def peer_id(self) -> PeerId:
+        """Our peer ID, as peers will derive it from our certificate."""
+        return peer_id_of(self._host_key.public_key())
 
     @property
     def local_address(self) -> Address:
@@ -718,11 +719,11 @@ class QuicEndpoint:
         return suppress
 
     async def connect(
-        self, address: Address, *, expected_peer_id: bytes | None = None
+        self, address: Address, *, expected_peer_id: PeerId | None = None
     ) -> QuicConnectionHandle:
         """Dial ``address`` (an IP literal and port) and complete the libp2p handshake.
 
-        With ``expected_peer_id`` (the binary peer ID from ``/p2p/<id>``), a peer proving any
+        With ``expected_peer_id`` (from ``/p2p/<id>``), a peer proving any
         other ID is refused with `PeerIdMismatch`. Bound the wait with ``anyio.fail_after``.
         """
         host, port = address

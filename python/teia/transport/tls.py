@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtensionOID, NameOID
 
 from teia.errors import InvalidCertificate, InvalidSignedKey, UnsupportedKeyType
+from teia.identity import PeerId
 
 __all__ = [
     "ALPN",
@@ -42,7 +43,7 @@ __all__ = [
     "VerifiedPeer",
     "generate_certificate",
     "host_key_protobuf",
-    "peer_id_bytes",
+    "peer_id_of",
     "verify_certificate_chain",
 ]
 
@@ -230,13 +231,10 @@ def _decode_host_key(encoded: bytes) -> ed25519.Ed25519PublicKey:
     return ed25519.Ed25519PublicKey.from_public_bytes(body[2:])
 
 
-def peer_id_bytes(public_key: ed25519.Ed25519PublicKey) -> bytes:
-    """The binary peer ID of an Ed25519 host key: the identity multihash of its protobuf.
-
-    The one place the derivation lives until `teia.identity.PeerId` takes it over.
-    """
-    encoded = _encode_host_key(public_key)
-    return bytes([0x00, len(encoded)]) + encoded
+def peer_id_of(public_key: ed25519.Ed25519PublicKey) -> PeerId:
+    """The peer ID of an Ed25519 host key (`teia.identity.PeerId` does the derivation)."""
+    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return PeerId.from_public_key(raw)
 
 
 # --- our certificate ----------------------------------------------------------------------------
@@ -289,8 +287,8 @@ class VerifiedPeer:
     """What a verified certificate proves: the remote host key and its peer ID."""
 
     public_key: ed25519.Ed25519PublicKey
-    peer_id: bytes
-    """Binary peer ID (identity multihash); see `peer_id_bytes`."""
+    peer_id: PeerId
+    """The peer ID the host key derives (an identity multihash of its protobuf)."""
 
 
 def verify_certificate_chain(
@@ -355,4 +353,4 @@ def verify_certificate_chain(
         raise InvalidCertificate(
             "host-key signature over the certificate key does not verify"
         ) from exc
-    return VerifiedPeer(public_key=host_key, peer_id=peer_id_bytes(host_key))
+    return VerifiedPeer(public_key=host_key, peer_id=peer_id_of(host_key))
