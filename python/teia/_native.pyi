@@ -8,6 +8,31 @@ Errors raised are the classes of :mod:`teia.errors` (``InvalidKey``, ``InvalidSi
 from typing import final
 
 __version__: str
+__all__ = [
+    "GroupReceiverKey",
+    "GroupSenderKey",
+    "OneTimePrekey",
+    "PrekeyBundle",
+    "PrekeyMessageInfo",
+    "RatchetState",
+    "Session",
+    "SignedPrekey",
+    "__version__",
+    "ed25519_public_to_x25519",
+    "ed25519_seed_to_x25519",
+    "is_prekey_message",
+    "kdf_ck",
+    "kdf_rk",
+    "message_key_material",
+    "open_sealed",
+    "parse_prekey_message",
+    "seal",
+    "x3dh_associated_data",
+    "x3dh_initiate",
+    "x3dh_respond",
+    "x25519_keypair",
+    "x25519_public_key",
+]
 
 # --- primitives, exposed for known-answer tests and interoperability -----------------------
 

@@ -14,11 +14,6 @@ from teia.cli import main
 from teia.identity import PeerId, keystore
 from teia.identity.keystore import KdfParams, load_identity
 
-try:  # `teia.cli` builds its parser with every role's subcommands, the demo's among them
-    import teia.demo  # noqa: F401
-except ImportError as exc:  # pragma: no cover - a sibling module that has not landed yet
-    pytest.skip(f"teia.cli cannot build its parser yet: {exc}", allow_module_level=True)
-
 PASS = "s3cret passphrase"
 TEIA = Path(sys.executable).with_name("teia")
 
