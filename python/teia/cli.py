@@ -25,6 +25,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     identity_cli.register(sub)
 
+    from teia.host import cli as host_cli
+
+    host_cli.register(sub)
+
     from teia import demo
 
     demo.register(sub)

@@ -647,6 +647,7 @@ class QuicEndpoint:
         self._clock = clock
         self._certified: CertifiedKey | None = None
         self._socket: anyio.abc.UDPSocket | None = None
+        self._local_address: Address | None = None
         self._task_group: anyio.abc.TaskGroup | None = None
         self._by_cid: dict[bytes, QuicConnectionHandle] = {}
         self._send_lock = anyio.Lock()
@@ -663,11 +664,10 @@ class QuicEndpoint:
 
     @property
     def local_address(self) -> Address:
-        if self._socket is None:
+        """The bound address (the real port when 0 was asked for); kept after closing."""
+        if self._local_address is None:
             raise TransportError("endpoint is not open")
-        address = self._socket.extra(anyio.abc.SocketAttribute.local_address)  # noqa: S610
-        host, port = address[0], address[1]
-        return str(host), int(port)
+        return self._local_address
 
     async def __aenter__(self) -> Self:
         self._certified = generate_certificate(self._host_key, now=self._clock())
@@ -680,6 +680,8 @@ class QuicEndpoint:
             self._socket = await anyio.create_udp_socket(
                 family=socket.AF_INET, local_host=host, local_port=port
             )
+        address = self._socket.extra(anyio.abc.SocketAttribute.local_address)  # noqa: S610
+        self._local_address = (str(address[0]), int(address[1]))
         raw = self._socket.extra(anyio.abc.SocketAttribute.raw_socket)  # noqa: S610
         # Only a plain non-blocking socket may be used beside the event loop (trio hands one
         # out; asyncio's transport wraps its socket, and keeps the event-loop path).
