@@ -499,14 +499,20 @@ class Host:
 
     async def _accept_loop(self, endpoint: QuicEndpoint) -> None:
         while True:
-            connection = await endpoint.accept()
-            try:
-                self._connections.add(connection.remote_peer.peer_id, Direction.INBOUND, connection)
-            except ConnectionLimitExceeded as exc:
-                _log.info("refusing inbound connection: %s", exc)
-                await connection.aclose()
-                continue
-            self._start(connection)
+            connection: QuicConnectionHandle | None = await endpoint.accept()
+            # Take every connection already waiting, not one per wake-up.
+            while connection is not None:
+                self._admit(connection)
+                connection = endpoint.accept_nowait()
+
+    def _admit(self, connection: QuicConnectionHandle) -> None:
+        try:
+            self._connections.add(connection.remote_peer.peer_id, Direction.INBOUND, connection)
+        except ConnectionLimitExceeded as exc:
+            _log.info("refusing inbound connection: %s", exc)
+            connection.close()
+            return
+        self._start(connection)
 
     async def _serve_connection(self, connection: QuicConnectionHandle) -> None:
         assert self._task_group is not None

@@ -84,9 +84,14 @@ _RECEIVE_BATCH = 64
 # Per-stream flow-control window: the most unread bytes a peer may have outstanding on one stream,
 # and the most unacknowledged bytes one of our writers may queue before `send` waits.
 STREAM_WINDOW = 512 * 1024
-# Incoming streams not yet taken by accept_stream(); beyond this new streams are refused.
-MAX_PENDING_STREAMS = 64
-MAX_PENDING_CONNECTIONS = 64
+# Incoming streams not yet taken by accept_stream(); beyond this new streams are refused. QUIC
+# stream credit already caps a peer at 128 concurrent streams of each kind (aioquic grants one
+# more per finished stream), so a burst within that credit is always queued, never refused.
+MAX_PENDING_STREAMS = 256
+# Established inbound connections not yet taken by accept(); beyond this they are refused
+# ("busy"). As large as the default cap on half-open handshakes, so that a burst of handshakes
+# completing together fits.
+MAX_PENDING_CONNECTIONS = 128
 _STREAM_REFUSED = 0x100  # application error code for a refused/stopped stream
 _CERTIFICATE_REQUIRED = 116  # TLS alert certificate_required (RFC 8446 §6.2)
 _NO_APPLICATION_PROTOCOL = 120  # TLS alert no_application_protocol
@@ -412,10 +417,14 @@ class QuicConnectionHandle:
         except (anyio.EndOfStream, anyio.ClosedResourceError):
             raise ConnectionClosed(f"connection closed: {self.close_reason}") from None
 
+    def close(self, reason: str = "closed") -> None:
+        """Start closing without waiting: CONNECTION_CLOSE goes out from the driver task."""
+        self._quic.close(error_code=QuicErrorCode.NO_ERROR, reason_phrase=reason)
+        self._wake()
+
     async def aclose(self) -> None:
         """Close the connection (CONNECTION_CLOSE is sent; draining continues in background)."""
-        self._quic.close(error_code=QuicErrorCode.NO_ERROR, reason_phrase="closed")
-        self._wake()
+        self.close()
         await anyio.lowlevel.checkpoint()
 
     async def wait_closed(self) -> None:
@@ -750,6 +759,19 @@ class QuicEndpoint:
         """Wait for the next inbound connection whose handshake and verification succeeded."""
         try:
             return await self._accept_receive.receive()
+        except (anyio.EndOfStream, anyio.ClosedResourceError):
+            raise TransportError("endpoint closed") from None
+
+    def accept_nowait(self) -> QuicConnectionHandle | None:
+        """The next inbound connection if one is waiting, else None (never blocks).
+
+        Handshakes can complete many per scheduling round; an accept loop that takes every
+        waiting connection each time it wakes keeps the queue from filling up.
+        """
+        try:
+            return self._accept_receive.receive_nowait()
+        except anyio.WouldBlock:
+            return None
         except (anyio.EndOfStream, anyio.ClosedResourceError):
             raise TransportError("endpoint closed") from None
 
