@@ -9,6 +9,8 @@ from contextlib import asynccontextmanager
 
 import anyio
 import pytest
+from aioquic._buffer import Buffer
+from aioquic.quic.packet import QuicProtocolVersion, pull_quic_header
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from teia.errors import (
@@ -313,3 +315,31 @@ async def test_half_open_connections_time_out_and_are_capped() -> None:
             await half_open.wait_closed()
             assert "timed out" in half_open.close_reason
             assert not server._connections
+
+
+def _long_header(version: int, dcid: bytes, scid: bytes, size: int) -> bytes:
+    head = bytes([0xC0]) + version.to_bytes(4, "big")
+    head += bytes([len(dcid)]) + dcid + bytes([len(scid)]) + scid
+    return head + b"\x00" * (size - len(head))
+
+
+@pytest.mark.anyio
+async def test_unknown_versions_get_version_negotiation_without_amplification() -> None:
+    with anyio.fail_after(TIMEOUT):
+        async with (
+            QuicEndpoint(ed25519.Ed25519PrivateKey.generate()) as endpoint,
+            await anyio.create_udp_socket(family=socket.AF_INET, local_host="127.0.0.1") as client,
+        ):
+            dcid, scid = b"\x11" * 8, b"\x22" * 8
+            target = endpoint.local_address
+            # Too small to answer (an answer could amplify a spoofed source): silence.
+            await client.sendto(_long_header(0x1A2A3A4A, dcid, scid, 300), *target)
+            # Full-size: answered with Version Negotiation listing QUIC v1.
+            await client.sendto(_long_header(0x1A2A3A4A, dcid, scid, 1200), *target)
+            answer, _ = await client.receive()
+    header = pull_quic_header(Buffer(data=answer), host_cid_length=8)
+    assert header.version == QuicProtocolVersion.NEGOTIATION
+    assert header.destination_cid == scid
+    assert header.source_cid == dcid
+    assert QuicProtocolVersion.VERSION_1 in header.supported_versions
+    assert len(answer) < 100

@@ -48,6 +48,7 @@ from aioquic.quic.packet import (
     QuicFrameType,
     QuicPacketType,
     QuicProtocolVersion,
+    encode_quic_version_negotiation,
     pull_quic_header,
 )
 from aioquic.quic.packet_builder import QuicPacketBuilder
@@ -821,6 +822,15 @@ class QuicEndpoint:
         for cid in connection._local_cids:
             self._unregister(cid, connection)
 
+    def _send_now(self, data: bytes, address: Address) -> None:
+        """Best-effort send from synchronous code (a full kernel buffer drops the datagram)."""
+        raw = self._raw_socket
+        if raw is not None:
+            with contextlib.suppress(OSError):
+                raw.sendto(data, address)
+        elif self._task_group is not None:
+            self._task_group.start_soon(self._send_datagrams, [(data, address)])
+
     async def _send_datagrams(self, datagrams: list[tuple[bytes, Address]]) -> None:
         assert self._socket is not None
         raw = self._raw_socket
@@ -881,8 +891,23 @@ class QuicEndpoint:
             connection._quic.receive_datagram(data, address, now=anyio.current_time())
             connection._wake()
             return
-        # Other versions are dropped rather than answered with Version Negotiation: every
-        # libp2p QUIC peer speaks v1, and unanswered junk costs us nothing.
+        if (
+            header.version is not None
+            and header.version != QuicProtocolVersion.VERSION_1
+            and header.version != QuicProtocolVersion.NEGOTIATION
+            and len(data) >= _MIN_INITIAL_DATAGRAM
+        ):
+            # RFC 9000 §6.1: a client offering another version learns that we speak v1. Only
+            # for full-size datagrams, so the answer (a few dozen bytes) never amplifies.
+            self._send_now(
+                encode_quic_version_negotiation(
+                    source_cid=header.destination_cid,
+                    destination_cid=header.source_cid,
+                    supported_versions=[QuicProtocolVersion.VERSION_1],
+                ),
+                address,
+            )
+            return
         if (
             header.packet_type != QuicPacketType.INITIAL
             or header.version != QuicProtocolVersion.VERSION_1
