@@ -19,7 +19,7 @@ import hmac
 import os
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from cryptography.hazmat.primitives import hashes, padding
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -387,3 +387,134 @@ class ReferenceRatchet:
     @property
     def skipped_message_keys(self) -> int:
         return len(self.mkskipped)
+
+
+# --- teia's wire formats around X3DH (docs/crypto.md: prekey bundle, session messages) --------
+
+FORMAT_VERSION = 1
+MESSAGE_NORMAL, MESSAGE_PREKEY = 1, 2
+
+
+@dataclass(frozen=True)
+class ReferenceBundle:
+    identity_key: bytes
+    signed_prekey_id: int
+    signed_prekey: bytes
+    signed_prekey_signature: bytes
+    one_time_prekey_id: int | None = None
+    one_time_prekey: bytes | None = None
+
+    def to_bytes(self) -> bytes:
+        out = (
+            bytes([FORMAT_VERSION])
+            + self.identity_key
+            + struct.pack(">I", self.signed_prekey_id)
+            + self.signed_prekey
+            + self.signed_prekey_signature
+        )
+        if self.one_time_prekey is None:
+            return out + b"\x00"
+        assert self.one_time_prekey_id is not None
+        return out + b"\x01" + struct.pack(">I", self.one_time_prekey_id) + self.one_time_prekey
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> ReferenceBundle:
+        if (
+            len(data) not in (134, 170)
+            or data[0] != FORMAT_VERSION
+            or data[133] != int(len(data) == 170)
+        ):
+            raise ReferenceCryptoError("malformed prekey bundle")
+        (spk_id,) = struct.unpack(">I", data[33:37])
+        bundle = cls(data[1:33], spk_id, data[37:69], data[69:133])
+        if len(data) == 134:
+            return bundle
+        (opk_id,) = struct.unpack(">I", data[134:138])
+        return replace(bundle, one_time_prekey_id=opk_id, one_time_prekey=data[138:170])
+
+
+@dataclass
+class ReferenceSession:
+    """A pairwise session: X3DH to start, then the Double Ratchet, in teia's message framing."""
+
+    ratchet: ReferenceRatchet
+    is_initiator: bool
+    # IK_A ‖ EK_A ‖ spk_id ‖ has_opk [‖ opk_id]: the clear fields of every prekey message.
+    prekey_fields: bytes
+    answered: bool = False
+
+    @classmethod
+    def initiate(
+        cls,
+        identity_seed: bytes,
+        bundle: ReferenceBundle,
+        ephemeral_private: bytes | None = None,
+        ratchet_private: bytes | None = None,
+    ) -> ReferenceSession:
+        ek = os.urandom(32) if ephemeral_private is None else ephemeral_private
+        sk = x3dh_initiate(
+            identity_seed,
+            ek,
+            bundle.identity_key,
+            bundle.signed_prekey,
+            bundle.signed_prekey_signature,
+            bundle.one_time_prekey,
+        )
+        ik_a = ed25519_public_key(identity_seed)
+        ad = x3dh_associated_data(ik_a, bundle.identity_key)
+        ratchet = ReferenceRatchet.init_initiator(sk, ad, bundle.signed_prekey, ratchet_private)
+        fields = ik_a + x25519_public_key(ek) + struct.pack(">I", bundle.signed_prekey_id)
+        if bundle.one_time_prekey_id is None:
+            fields += b"\x00"
+        else:
+            fields += b"\x01" + struct.pack(">I", bundle.one_time_prekey_id)
+        return cls(ratchet, is_initiator=True, prekey_fields=fields)
+
+    @staticmethod
+    def split_prekey_message(message: bytes) -> tuple[bytes, bytes]:
+        """(clear fields, ratchet message) of a prekey message."""
+        if len(message) < 2 + 69 or message[:2] != bytes([FORMAT_VERSION, MESSAGE_PREKEY]):
+            raise ReferenceCryptoError("not a prekey message")
+        end = {0: 71, 1: 75}.get(message[70])
+        if end is None or len(message) < end:
+            raise ReferenceCryptoError("malformed prekey message")
+        return message[2:end], message[end:]
+
+    @classmethod
+    def accept(
+        cls,
+        identity_seed: bytes,
+        signed_prekey_id: int,
+        signed_prekey_private: bytes,
+        one_time_prekey_id: int | None,
+        one_time_prekey_private: bytes | None,
+        message: bytes,
+    ) -> tuple[ReferenceSession, bytes]:
+        fields, _ = cls.split_prekey_message(message)
+        ik_a, ek_a = fields[:32], fields[32:64]
+        (spk_id,) = struct.unpack(">I", fields[64:68])
+        opk_id = struct.unpack(">I", fields[69:73])[0] if fields[68] else None
+        if spk_id != signed_prekey_id or opk_id != one_time_prekey_id:
+            raise ReferenceCryptoError("the message names other prekeys")
+        sk = x3dh_respond(identity_seed, signed_prekey_private, one_time_prekey_private, ik_a, ek_a)
+        ad = x3dh_associated_data(ik_a, ed25519_public_key(identity_seed))
+        ratchet = ReferenceRatchet.init_responder(sk, ad, signed_prekey_private)
+        session = cls(ratchet, is_initiator=False, prekey_fields=fields)
+        return session, session.decrypt(message)
+
+    def encrypt(self, plaintext: bytes) -> bytes:
+        body = self.ratchet.encrypt(plaintext)
+        if self.is_initiator and not self.answered:
+            return bytes([FORMAT_VERSION, MESSAGE_PREKEY]) + self.prekey_fields + body
+        return bytes([FORMAT_VERSION, MESSAGE_NORMAL]) + body
+
+    def decrypt(self, message: bytes) -> bytes:
+        if message[:2] == bytes([FORMAT_VERSION, MESSAGE_NORMAL]):
+            body = message[2:]
+        else:
+            fields, body = self.split_prekey_message(message)
+            if self.is_initiator or fields != self.prekey_fields:
+                raise ReferenceCryptoError("a prekey message of another session")
+        plaintext = self.ratchet.decrypt(body)
+        self.answered = self.answered or self.is_initiator
+        return plaintext

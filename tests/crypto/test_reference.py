@@ -7,11 +7,14 @@ against the reference.
 2. Known answers of teia's own parameters, computed by the reference and pinned as hex: the
    Rust core must produce the same bytes.
 3. Hypothesis cross-checks on random inputs: every primitive, X3DH with each implementation on
-   either side, and Double Ratchet conversations where the reference and the Rust core talk to
-   each other with random plaintexts and random delivery order.
+   either side, and conversations where the reference and the Rust core talk to each other —
+   bare ratchet states, and sessions in teia's bundle and message framing — with random
+   plaintexts, random delivery order, replays and tampering.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -21,7 +24,7 @@ from teia import _native as native
 from teia import errors
 
 from . import reference as ref
-from .reference import ReferenceCryptoError, ReferenceRatchet
+from .reference import ReferenceBundle, ReferenceCryptoError, ReferenceRatchet, ReferenceSession
 
 key32 = st.binary(min_size=32, max_size=32)
 h = bytes.fromhex
@@ -214,12 +217,38 @@ def test_reference_ratchet_limits_skipped_keys() -> None:
     assert bob.skipped_message_keys == ref.MAX_SKIP
 
 
+def reference_sessions(
+    use_opk: bool, alice: bytes, bob: bytes, spk: bytes, opk: bytes
+) -> tuple[ReferenceSession, ReferenceBundle]:
+    spk_public = ref.x25519_public_key(spk)
+    bundle = ReferenceBundle(
+        ref.ed25519_public_key(bob),
+        11,
+        spk_public,
+        ref.sign_prekey(bob, spk_public),
+        12 if use_opk else None,
+        ref.x25519_public_key(opk) if use_opk else None,
+    )
+    assert ReferenceBundle.from_bytes(bundle.to_bytes()) == bundle
+    assert len(bundle.to_bytes()) == (170 if use_opk else 134)
+    return ReferenceSession.initiate(alice, bundle), bundle
+
+
+@given(data=st.data(), alice=key32, bob=key32, spk=key32, opk=key32, use_opk=st.booleans())
+def test_reference_session_conversation(
+    data: st.DataObject, alice: bytes, bob: bytes, spk: bytes, opk: bytes, use_opk: bool
+) -> None:
+    initiator, _ = reference_sessions(use_opk, alice, bob, spk, opk)
+    first = initiator.encrypt(b"first")
+    assert first[:2] == b"\x01\x02"
+    responder, plaintext = ReferenceSession.accept(
+        bob, 11, spk, 12 if use_opk else None, opk if use_opk else None, first
+    )
+    assert plaintext == b"first"
+    converse(data, [initiator, responder], responder_can_send=True)
+
+
 # --- 2. known answers of teia's parameters (computed by the reference, checked on Rust) --------
-
-
-def needs_native(*names: str) -> pytest.MarkDecorator:
-    missing = [name for name in names if not hasattr(native, name)]
-    return pytest.mark.skipif(bool(missing), reason=f"teia._native lacks {missing}")
 
 
 RK_IN, DH_IN = bytes(range(32)), bytes(range(32, 64))
@@ -298,7 +327,6 @@ def test_known_answers_of_the_reference() -> None:
     assert bob.decrypt(KAT_FIRST_MESSAGE) == KAT_FIRST_PLAINTEXT
 
 
-@needs_native("kdf_rk", "kdf_ck", "message_key_material", "seal", "open_sealed")
 def test_known_answers_of_the_ratchet_primitives() -> None:
     assert native.kdf_rk(RK_IN, DH_IN) == KAT_KDF_RK
     assert native.kdf_ck(CK_IN) == KAT_KDF_CK
@@ -307,7 +335,6 @@ def test_known_answers_of_the_ratchet_primitives() -> None:
     assert native.open_sealed(MK_IN, KAT_SEALED, KAT_AD) == KAT_PLAINTEXT
 
 
-@needs_native("x25519_public_key", "ed25519_public_to_x25519", "ed25519_seed_to_x25519")
 def test_known_answers_of_the_key_conversions() -> None:
     assert native.x25519_public_key(SPK_PRIVATE) == KAT_SPK
     # libsodium's ed25519_convert vector (see test_ed25519_to_x25519_libsodium_vector).
@@ -331,7 +358,6 @@ def kat_bundle(with_opk: bool) -> native.PrekeyBundle:
     )
 
 
-@needs_native("x3dh_initiate", "x3dh_respond", "x3dh_associated_data", "PrekeyBundle")
 @pytest.mark.parametrize("with_opk", [False, True])
 def test_known_answers_of_x3dh(with_opk: bool) -> None:
     expected = KAT_SK_WITH_OPK if with_opk else KAT_SK_WITHOUT_OPK
@@ -341,7 +367,6 @@ def test_known_answers_of_x3dh(with_opk: bool) -> None:
     assert native.x3dh_associated_data(KAT_ALICE_IK, KAT_BOB_IK) == KAT_ALICE_IK + KAT_BOB_IK
 
 
-@needs_native("RatchetState")
 def test_known_answer_of_the_first_ratchet_message() -> None:
     ad = KAT_ALICE_IK + KAT_BOB_IK
     alice = native.RatchetState.init_initiator(
@@ -352,10 +377,46 @@ def test_known_answer_of_the_first_ratchet_message() -> None:
     assert bob.decrypt(KAT_FIRST_MESSAGE) == KAT_FIRST_PLAINTEXT
 
 
+# The same first message framed as a session's prekey message (docs/crypto.md).
+KAT_FIRST_SESSION_MESSAGE = (
+    b"\x01\x02"
+    + KAT_ALICE_IK
+    + KAT_EK
+    + h("00000001")
+    + b"\x01"
+    + h("00000002")
+    + KAT_FIRST_MESSAGE
+)
+
+
+def test_known_answer_of_the_first_session_message() -> None:
+    bundle = ReferenceBundle(KAT_BOB_IK, 1, KAT_SPK, KAT_SPK_SIGNATURE, 2, KAT_OPK)
+    alice = ReferenceSession.initiate(ALICE_SEED, bundle, EK_PRIVATE, RATCHET_PRIVATE)
+    assert alice.encrypt(KAT_FIRST_PLAINTEXT) == KAT_FIRST_SESSION_MESSAGE
+    _, plaintext = ReferenceSession.accept(
+        BOB_SEED, 1, SPK_PRIVATE, 2, OPK_PRIVATE, KAT_FIRST_SESSION_MESSAGE
+    )
+    assert plaintext == KAT_FIRST_PLAINTEXT
+
+
+def test_rust_accepts_the_known_first_session_message() -> None:
+    assert kat_bundle(True).to_bytes() == (
+        ReferenceBundle(KAT_BOB_IK, 1, KAT_SPK, KAT_SPK_SIGNATURE, 2, KAT_OPK).to_bytes()
+    )
+    info = native.parse_prekey_message(KAT_FIRST_SESSION_MESSAGE)
+    assert (info.identity_key, info.base_key) == (KAT_ALICE_IK, KAT_EK)
+    assert (info.signed_prekey_id, info.one_time_prekey_id) == (1, 2)
+    spk = native.SignedPrekey.from_bytes(b"\x01" + h("00000001") + SPK_PRIVATE + KAT_SPK_SIGNATURE)
+    opk = native.OneTimePrekey.from_bytes(b"\x01" + h("00000002") + OPK_PRIVATE)
+    assert (spk.public_key, opk.public_key) == (KAT_SPK, KAT_OPK)
+    bob, plaintext = native.Session.accept(BOB_SEED, spk, opk, KAT_FIRST_SESSION_MESSAGE)
+    assert plaintext == KAT_FIRST_PLAINTEXT
+    assert (bob.local_identity_key, bob.remote_identity_key) == (KAT_BOB_IK, KAT_ALICE_IK)
+
+
 # --- 3. the Rust core against the reference on random inputs -----------------------------------
 
 
-@needs_native("x25519_public_key", "ed25519_public_to_x25519", "ed25519_seed_to_x25519")
 @given(private=key32, seed=key32)
 def test_key_conversions_match(private: bytes, seed: bytes) -> None:
     assert native.x25519_public_key(private) == ref.x25519_public_key(private)
@@ -364,7 +425,6 @@ def test_key_conversions_match(private: bytes, seed: bytes) -> None:
     assert native.ed25519_seed_to_x25519(seed) == ref.ed25519_seed_to_x25519(seed)
 
 
-@needs_native("x25519_keypair", "x25519_public_key")
 def test_x25519_keypair_is_consistent() -> None:
     pairs = [native.x25519_keypair() for _ in range(8)]
     assert len({private for private, _ in pairs}) == 8
@@ -372,7 +432,6 @@ def test_x25519_keypair_is_consistent() -> None:
         assert ref.x25519_public_key(private) == public
 
 
-@needs_native("kdf_rk", "kdf_ck", "message_key_material")
 @given(rk=key32, dh=key32, ck=key32)
 def test_kdfs_match(rk: bytes, dh: bytes, ck: bytes) -> None:
     assert native.kdf_rk(rk, dh) == ref.kdf_rk(rk, dh)
@@ -380,7 +439,6 @@ def test_kdfs_match(rk: bytes, dh: bytes, ck: bytes) -> None:
     assert native.message_key_material(ck) == ref.message_key_material(ck)
 
 
-@needs_native("seal", "open_sealed")
 @given(mk=key32, plaintext=st.binary(max_size=600), ad=st.binary(max_size=120))
 def test_seal_matches(mk: bytes, plaintext: bytes, ad: bytes) -> None:
     sealed = native.seal(mk, plaintext, ad)
@@ -392,7 +450,6 @@ def test_seal_matches(mk: bytes, plaintext: bytes, ad: bytes) -> None:
         native.open_sealed(mk, forged, ad)
 
 
-@needs_native("x3dh_initiate", "x3dh_respond", "PrekeyBundle")
 @given(alice=key32, bob=key32, spk=key32, opk=key32, ek=key32, use_opk=st.booleans())
 def test_x3dh_interoperates(
     alice: bytes, bob: bytes, spk: bytes, opk: bytes, ek: bytes, use_opk: bool
@@ -413,7 +470,6 @@ def test_x3dh_interoperates(
     assert ref.x3dh_respond(bob, spk, opk_private, alice_ik, ek_public) == sk
 
 
-@needs_native("SignedPrekey", "PrekeyBundle")
 @given(seed=key32, prekey_id=st.integers(0, 2**32 - 1))
 def test_signed_prekeys_match(seed: bytes, prekey_id: int) -> None:
     spk = native.SignedPrekey.generate(seed, prekey_id)
@@ -429,7 +485,6 @@ def test_signed_prekeys_match(seed: bytes, prekey_id: int) -> None:
         forged.verify()
 
 
-@needs_native("RatchetState")
 @given(
     data=st.data(),
     sk=key32,
@@ -465,20 +520,97 @@ def test_ratchet_conversation_between_reference_and_rust(
             assert side.associated_data == ad
 
 
+@given(
+    data=st.data(),
+    alice=key32,
+    bob=key32,
+    spk_id=st.integers(0, 2**32 - 1),
+    opk_id=st.none() | st.integers(0, 2**32 - 1),
+    reference_initiates=st.booleans(),
+)
+def test_session_conversation_between_reference_and_rust(
+    data: st.DataObject,
+    alice: bytes,
+    bob: bytes,
+    spk_id: int,
+    opk_id: int | None,
+    reference_initiates: bool,
+) -> None:
+    # The responder's prekeys come from Rust; the reference reads their documented format.
+    spk = native.SignedPrekey.generate(bob, spk_id)
+    opk = None if opk_id is None else native.OneTimePrekey.generate(opk_id)
+    opk_private = None if opk is None else opk.private_key
+    bundle = native.PrekeyBundle(
+        ref.ed25519_public_key(bob),
+        spk.id,
+        spk.public_key,
+        spk.signature,
+        opk_id,
+        None if opk is None else opk.public_key,
+    )
+    reference_bundle = ReferenceBundle.from_bytes(bundle.to_bytes())
+    assert reference_bundle.to_bytes() == bundle.to_bytes()
+    assert native.PrekeyBundle.from_bytes(reference_bundle.to_bytes()).to_bytes() == (
+        bundle.to_bytes()
+    )
+
+    initiator: Any
+    responder: Any
+    if reference_initiates:
+        initiator = ReferenceSession.initiate(alice, reference_bundle)
+        first = initiator.encrypt(b"first")
+        assert native.is_prekey_message(first)
+        info = native.parse_prekey_message(first)
+        assert (info.identity_key, info.signed_prekey_id, info.one_time_prekey_id) == (
+            ref.ed25519_public_key(alice),
+            spk_id,
+            opk_id,
+        )
+        responder, plaintext = native.Session.accept(bob, spk, opk, first)
+    else:
+        initiator = native.Session.initiate(alice, bundle)
+        first = initiator.encrypt(b"first")
+        responder, plaintext = ReferenceSession.accept(
+            bob, spk_id, spk.private_key, opk_id, opk_private, first
+        )
+    assert plaintext == b"first"
+    converse(data, [initiator, responder], responder_can_send=True)
+
+
+@pytest.mark.parametrize("gap", [ref.MAX_SKIP, ref.MAX_SKIP + 1])
+def test_skipped_key_limit_matches(gap: int) -> None:
+    sk, ad, bob_private = bytes([1]) * 32, b"ad", bytes([2]) * 32
+    alice = ReferenceRatchet.init_initiator(sk, ad, ref.x25519_public_key(bob_private))
+    messages = [alice.encrypt(b"%d" % n) for n in range(gap + 1)]
+    reference_bob = ReferenceRatchet.init_responder(sk, ad, bob_private)
+    rust_bob = native.RatchetState.init_responder(sk, ad, bob_private)
+    if gap <= ref.MAX_SKIP:
+        assert reference_bob.decrypt(messages[gap]) == rust_bob.decrypt(messages[gap])
+        assert reference_bob.skipped_message_keys == rust_bob.skipped_message_keys == gap
+        assert reference_bob.decrypt(messages[7]) == rust_bob.decrypt(messages[7]) == b"7"
+        assert reference_bob.skipped_message_keys == rust_bob.skipped_message_keys == gap - 1
+    else:
+        with pytest.raises(ref.ReferenceTooManySkipped):
+            reference_bob.decrypt(messages[gap])
+        with pytest.raises(errors.TooManySkippedMessages):
+            rust_bob.decrypt(messages[gap])
+
+
 # --- the conversation driver shared by (1) and (3) ---------------------------------------------
 
 
-def converse(data: st.DataObject, sides: list[ReferenceRatchet | native.RatchetState]) -> None:
+def converse(data: st.DataObject, sides: list[Any], *, responder_can_send: bool = False) -> None:
     """Drive ``sides[0]`` (initiator) and ``sides[1]`` (responder) through a random conversation.
 
-    Each step either sends a random plaintext from one side or delivers one of the messages in
-    flight to the other side, in any order; sometimes a delivered message is replayed, or a
-    message is tampered with, and both must be refused without disturbing the session. Whatever
-    is still in flight at the end is delivered in a random order.
+    The sides are ratchet states or sessions, reference or Rust, in any mix. Each step either
+    sends a random plaintext from one side or delivers one of the messages in flight to the
+    other side, in any order; sometimes a delivered message is replayed, or a message in flight
+    is tampered with, and both must be refused without disturbing the state. The Rust sides are
+    sometimes serialised and reloaded. Whatever is still in flight at the end is delivered in a
+    random order.
     """
     in_flight: list[list[tuple[bytes, bytes]]] = [[], []]  # messages towards side i
     delivered: list[list[bytes]] = [[], []]
-    responder_can_send = False
 
     def deliver(to: int, index: int) -> None:
         nonlocal responder_can_send
@@ -493,8 +625,10 @@ def converse(data: st.DataObject, sides: list[ReferenceRatchet | native.RatchetS
             sender = data.draw(st.integers(0, 1 if responder_can_send else 0), label="sender")
             plaintext = data.draw(st.binary(max_size=100), label="plaintext")
             message = sides[sender].encrypt(plaintext)
-            assert len(message) == ref.HEADER_LEN + (len(plaintext) // 16 + 1) * 16 + ref.TAG_LEN
-            assert message[:32] == sides[sender].ratchet_public_key
+            if hasattr(sides[sender], "ratchet_public_key"):  # a bare ratchet message
+                padded = (len(plaintext) // 16 + 1) * 16
+                assert len(message) == ref.HEADER_LEN + padded + ref.TAG_LEN
+                assert message[:32] == sides[sender].ratchet_public_key
             in_flight[1 - sender].append((plaintext, message))
         elif action == "deliver":
             ready = [i for i in (0, 1) if in_flight[i]]
@@ -519,24 +653,28 @@ def converse(data: st.DataObject, sides: list[ReferenceRatchet | native.RatchetS
                 )
                 expect_refusal(sides[to], forged)
         for i, side in enumerate(sides):
-            if not isinstance(side, ReferenceRatchet) and data.draw(
-                st.booleans(), label="serialise the Rust side"
-            ):
-                sides[i] = native.RatchetState.from_bytes(side.to_bytes())
+            if not is_reference(side) and data.draw(st.booleans(), label="serialise"):
+                sides[i] = type(side).from_bytes(side.to_bytes())
 
     for to in (0, 1):
         while in_flight[to]:
             deliver(to, data.draw(st.integers(0, len(in_flight[to]) - 1), label="final index"))
 
 
-def expect_refusal(side: ReferenceRatchet | native.RatchetState, message: bytes) -> None:
-    before = ratchet_snapshot(side)
+def is_reference(side: object) -> bool:
+    return isinstance(side, ReferenceRatchet | ReferenceSession)
+
+
+def expect_refusal(side: Any, message: bytes) -> None:
+    before = snapshot(side)
     with pytest.raises((ReferenceCryptoError, errors.CryptoError)):
         side.decrypt(message)
-    assert ratchet_snapshot(side) == before
+    assert snapshot(side) == before
 
 
-def ratchet_snapshot(side: ReferenceRatchet | native.RatchetState) -> object:
+def snapshot(side: Any) -> object:
+    if isinstance(side, ReferenceSession):
+        return side.answered, snapshot(side.ratchet)
     if isinstance(side, ReferenceRatchet):
         return dict(side.__dict__, mkskipped=dict(side.mkskipped))
     return side.to_bytes()
