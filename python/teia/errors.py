@@ -162,3 +162,10 @@ class InvalidProtobuf(TransportError, ValueError):
 
 class MessageTooLarge(TransportError, ValueError):
     """A length-prefixed message on a stream is over the reader's limit (or its prefix is bad)."""
+
+
+# --- services -------------------------------------------------------------------------------
+
+
+class ConfigError(TeiaError, ValueError):
+    """A configuration file or flag that does not parse, names an unknown key, or is invalid."""

@@ -1,0 +1,10 @@
+"""Service framework tests run on trio."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "trio"
