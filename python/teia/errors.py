@@ -169,3 +169,90 @@ class MessageTooLarge(TransportError, ValueError):
 
 class ConfigError(TeiaError, ValueError):
     """A configuration file or flag that does not parse, names an unknown key, or is invalid."""
+
+
+# --- discovery ------------------------------------------------------------------------------
+
+
+class DhtError(TeiaError):
+    """Base class of errors from the Kademlia DHT: its messages, peer records and storage."""
+
+
+class InvalidDhtMessage(DhtError, ValueError):
+    """A kad-dht protobuf message that is truncated, oversize, malformed or over a limit.
+
+    Drop the message (and reset the stream); the peer that sent it is misbehaving or broken.
+    """
+
+
+class InvalidRecord(DhtError, ValueError):
+    """A signed peer record that must not be stored or used; `reason` says why, in one word.
+
+    Each reason has its own subclass, so callers can catch one case or all of them.
+    """
+
+    reason = "invalid"
+
+
+class MalformedRecord(InvalidRecord):
+    """A record or envelope that does not parse, misses a required field or breaks a rule."""
+
+    reason = "malformed"
+
+
+class OversizeRecord(InvalidRecord):
+    """A record over a size or count limit (envelope bytes, addresses, protocols, strings)."""
+
+    reason = "oversize"
+
+
+class BadRecordSignature(InvalidRecord):
+    """An envelope whose signature does not verify (forged, corrupted, or another domain)."""
+
+    reason = "bad-signature"
+
+
+class WrongRecordSigner(InvalidRecord):
+    """A record signed by a key that is not the record's peer (or not an Ed25519 key)."""
+
+    reason = "wrong-signer"
+
+
+class RecordKeyMismatch(InvalidRecord):
+    """A record stored or fetched under a DHT key that does not name the record's peer."""
+
+    reason = "key-mismatch"
+
+
+class StaleRecord(InvalidRecord):
+    """A record whose sequence number does not beat the one already held for that peer."""
+
+    reason = "stale-sequence"
+
+
+class ExpiredRecord(InvalidRecord):
+    """A record whose ``issued_at + ttl`` is in the past; its owner must publish a new one."""
+
+    reason = "expired"
+
+
+class FutureRecord(InvalidRecord):
+    """A record issued further in the future than the allowed clock skew (5 minutes)."""
+
+    reason = "future-dated"
+
+
+class DhtStoreError(DhtError):
+    """The DHT's SQLite store is unusable: corrupt, of an unknown schema version, or closed.
+
+    A corrupt file must be moved aside (the node rebuilds its table and records from the
+    network); a newer schema version needs a newer teia.
+    """
+
+
+class DhtQuotaExceeded(DhtError):
+    """A DHT store limit is reached (records, providers per key or routing entries).
+
+    Nothing was written. Expired entries are purged periodically; raise the limit if the node
+    really should hold more.
+    """
