@@ -7,6 +7,8 @@ use aes::cipher::{block_padding::Pkcs7, BlockDecryptMut, BlockEncryptMut, KeyIvI
 use hkdf::Hkdf;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
+use std::sync::OnceLock;
+
 use zeroize::{Zeroize, Zeroizing};
 
 use super::errors::{CryptoError, Result};
@@ -52,15 +54,34 @@ pub fn kdf_rk(
 /// KDF_CK: message key = HMAC-SHA256(chain key, 0x01), next chain key = HMAC-SHA256(chain key, 0x02).
 /// Returns (next chain key, message key).
 pub fn kdf_ck(chain_key: &[u8; 32]) -> (Zeroizing<[u8; 32]>, Zeroizing<[u8; 32]>) {
-    (hmac_byte(chain_key, 0x02), hmac_byte(chain_key, 0x01))
+    // Key the HMAC once (two compressions) and clone it for the second input.
+    let keyed = <HmacSha256 as Mac>::new_from_slice(chain_key).expect("HMAC takes any key length");
+    (hmac_finish(keyed.clone(), 0x02), hmac_finish(keyed, 0x01))
 }
 
-fn hmac_byte(key: &[u8; 32], byte: u8) -> Zeroizing<[u8; 32]> {
-    let mut mac = <HmacSha256 as Mac>::new_from_slice(key).expect("HMAC takes any key length");
+fn hmac_finish(mut mac: HmacSha256, byte: u8) -> Zeroizing<[u8; 32]> {
     mac.update(&[byte]);
     let mut out = Zeroizing::new([0u8; 32]);
     out.copy_from_slice(&mac.finalize().into_bytes());
     out
+}
+
+/// HMAC-SHA256 keyed with 32 zero bytes (the HKDF salt of message keys and X3DH), keyed once
+/// per process: HKDF-Extract with that salt then costs two compressions instead of four.
+fn zero_salt_hmac() -> HmacSha256 {
+    static ZERO_SALT: OnceLock<HmacSha256> = OnceLock::new();
+    ZERO_SALT
+        .get_or_init(|| <HmacSha256 as Mac>::new_from_slice(&[0u8; 32]).expect("any key length"))
+        .clone()
+}
+
+/// HKDF-Extract(salt = 32 zero bytes, ikm) as an `Hkdf` ready to expand.
+pub(crate) fn hkdf_zero_salt(ikm: &[u8]) -> Hkdf<Sha256> {
+    let mut extract = zero_salt_hmac();
+    extract.update(ikm);
+    let mut prk = Zeroizing::new([0u8; 32]);
+    prk.copy_from_slice(&extract.finalize().into_bytes());
+    Hkdf::<Sha256>::from_prk(prk.as_ref()).expect("a 32-byte PRK is valid for HKDF-SHA256")
 }
 
 /// The three values ENCRYPT expands a message key into.
@@ -73,7 +94,7 @@ pub struct MessageKeyMaterial {
 /// HKDF-SHA256(salt = 32 zero bytes, IKM = message key, info = "teia MessageKeys v1") → 80 bytes
 /// = AES-256 key ‖ HMAC key ‖ IV.
 pub fn message_key_material(message_key: &[u8; 32]) -> MessageKeyMaterial {
-    let hk = Hkdf::<Sha256>::new(Some(&[0u8; 32]), message_key);
+    let hk = hkdf_zero_salt(message_key);
     let mut okm = Zeroizing::new([0u8; 80]);
     hk.expand(INFO_MESSAGE_KEYS, okm.as_mut())
         .expect("80 bytes is a valid HKDF-SHA256 output length");
@@ -96,7 +117,7 @@ pub fn x3dh_kdf(dh_outputs: &[&[u8; 32]]) -> Zeroizing<[u8; 32]> {
     for dh in dh_outputs {
         ikm.extend_from_slice(dh.as_slice());
     }
-    let hk = Hkdf::<Sha256>::new(Some(&[0u8; 32]), &ikm);
+    let hk = hkdf_zero_salt(&ikm);
     let mut sk = Zeroizing::new([0u8; 32]);
     hk.expand(INFO_X3DH, sk.as_mut())
         .expect("32 bytes is a valid HKDF-SHA256 output length");
@@ -156,6 +177,13 @@ pub fn wipe(buf: &mut [u8]) {
 mod tests {
     use super::*;
 
+    /// HMAC-SHA256(key, [byte]) keyed afresh, independent of `kdf_ck`'s keyed-once path.
+    fn hmac_byte(key: &[u8; 32], byte: u8) -> [u8; 32] {
+        let mut mac = <HmacSha256 as Mac>::new_from_slice(key).unwrap();
+        mac.update(&[byte]);
+        mac.finalize().into_bytes().into()
+    }
+
     fn h(s: &str) -> Vec<u8> {
         hex::decode(s).unwrap()
     }
@@ -164,8 +192,8 @@ mod tests {
     fn kdf_ck_is_hmac_of_constant_bytes() {
         let ck = [7u8; 32];
         let (next, mk) = kdf_ck(&ck);
-        assert_eq!(*mk, hmac_byte(&ck, 1).as_slice()[..]);
-        assert_eq!(*next, hmac_byte(&ck, 2).as_slice()[..]);
+        assert_eq!(*mk, hmac_byte(&ck, 1));
+        assert_eq!(*next, hmac_byte(&ck, 2));
         assert_ne!(*next, *mk);
     }
 

@@ -83,11 +83,13 @@ pub fn x25519_generate() -> StaticSecret {
     StaticSecret::random_from_rng(OsRng)
 }
 
-/// X25519 DH with a validated peer key; refuses low-order keys and all-zero outputs.
+/// X25519 DH; refuses low-order peer keys through their all-zero (non-contributory) output.
+///
+/// No separate low-order test here: X25519 clamps the scalar to a multiple of the cofactor, so
+/// every low-order point (on the curve or its twist) gives the all-zero output, which
+/// `was_contributory` rejects. Keys parsed from outside without a DH are checked with
+/// [`is_low_order_x25519`] instead (bundles, saved state).
 pub fn dh(secret: &StaticSecret, their_public: &[u8; 32]) -> Result<Zeroizing<[u8; 32]>> {
-    if is_low_order_x25519(their_public) {
-        return Err(CryptoError::InvalidKey("low-order X25519 public key"));
-    }
     let shared = secret.diffie_hellman(&PublicKey::from(*their_public));
     if !shared.was_contributory() {
         return Err(CryptoError::InvalidKey("non-contributory DH output"));

@@ -16,7 +16,6 @@ use std::fmt;
 
 use aes::cipher::{block_padding::Pkcs7, BlockDecryptMut, BlockEncryptMut, KeyIvInit};
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
-use hkdf::Hkdf;
 use hmac::{Hmac, Mac};
 use rand_core::{OsRng, RngCore};
 use sha2::Sha256;
@@ -461,7 +460,7 @@ struct MessageKeys {
 /// HKDF-SHA256(salt = 32 zero bytes, IKM = message key, info = "teia SenderKey v1") → 80 bytes
 /// = AES-256 key ‖ HMAC key ‖ IV.
 fn message_keys(message_key: &[u8; 32]) -> MessageKeys {
-    let hk = Hkdf::<Sha256>::new(Some(&[0u8; 32]), message_key);
+    let hk = super::kdf::hkdf_zero_salt(message_key);
     let mut okm = Zeroizing::new([0u8; 80]);
     hk.expand(INFO_SENDER_KEY, okm.as_mut())
         .expect("80 bytes is a valid HKDF-SHA256 output length");
