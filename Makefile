@@ -62,7 +62,7 @@ demo: dev ## run the demo on embedded defaults
 	$(BIN)/teia demo
 
 .PHONY: bench
-bench: dev ## run the benchmarks (pytest-benchmark)
+bench: dev $(STAMP_PYLIBP2P) ## run the benchmarks (pytest-benchmark)
 	$(BIN)/pytest benchmarks --benchmark-only --benchmark-columns=min,median,mean,ops,rounds $(PYTEST_ARGS)
 
 .PHONY: lint
