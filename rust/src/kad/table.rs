@@ -14,7 +14,9 @@
 //!    the oldest (long-lived peers are the likeliest to stay, and an attacker cannot flush them
 //!    by flooding new IDs); [`RoutingTable::ping_failed`] evicts it and inserts the candidate.
 //!    One ping per bucket is outstanding at a time; a pending entry older than
-//!    `pending_timeout_ms` may be replaced by a newer candidate.
+//!    `pending_timeout_ms` may be replaced by a newer candidate. The same candidate inserted
+//!    again stays linked to the entry it waits on, and the answer names that entry (even if it
+//!    has been seen since and is no longer the oldest), so the ping already under way settles it.
 //!
 //! Times are milliseconds on any monotonic clock the caller chooses; the table never reads one.
 
@@ -299,8 +301,21 @@ impl RoutingTable {
         let (oldest_key, oldest_peer_id) = (oldest.key, oldest.peer_id.clone());
         match &mut bucket.pending {
             Some(p) if p.entry.key == entry.key => {
-                // The same candidate again: keep its place, take the fresher data.
+                // The same candidate again: keep its place and its link, take the fresher data.
+                // The link stays on the entry the caller was first asked to ping, even if that
+                // entry has since been seen and is no longer the oldest: that ping may still be
+                // outstanding, and its ping_ok/ping_failed must be the one that settles the
+                // candidate. So the answer names the linked entry, not the current oldest.
                 p.entry = entry;
+                let linked = bucket.entries.iter().find(|e| e.key == p.oldest);
+                if let Some(linked) = linked {
+                    return InsertOutcome::Pending {
+                        oldest: linked.key,
+                        oldest_peer_id: linked.peer_id.clone(),
+                    };
+                }
+                // Not reached: removing any entry of a bucket settles its pending candidate, so
+                // the linked entry is present while the candidate waits. Relink to be safe.
                 p.oldest = oldest_key;
             }
             Some(p) if now_ms.saturating_sub(p.since_ms) < pending_timeout => {
@@ -790,6 +805,71 @@ mod tests {
         assert!(!t.contains(&Key::from_peer_id_bytes(&ids[2])));
     }
 
+    /// A full bucket A, B with candidate C waiting on a ping of A; then A is seen (so B is the
+    /// oldest) and C is offered again.
+    fn candidate_reinserted_after_oldest_changed() -> (RoutingTable, Vec<Vec<u8>>) {
+        let local = Key::from_raw(b"local");
+        let mut t = RoutingTable::new(local, small_config(2));
+        let ids = peers_in_bucket(&local, 255, 3, 8);
+        for id in &ids[..2] {
+            t.insert(Entry::new(id.clone(), vec![], 1, None), 1);
+        }
+        let a = Key::from_peer_id_bytes(&ids[0]);
+        let first = t.insert(Entry::new(ids[2].clone(), vec![], 2, None), 2);
+        assert_eq!(
+            first,
+            InsertOutcome::Pending {
+                oldest: a,
+                oldest_peer_id: ids[0].clone()
+            }
+        );
+        assert_eq!(
+            t.insert(Entry::new(ids[0].clone(), vec![], 3, None), 3),
+            InsertOutcome::Updated
+        );
+        let order: Vec<&[u8]> = t.bucket(255).iter().map(|e| e.peer_id()).collect();
+        assert_eq!(order, vec![&ids[1][..], &ids[0][..]]);
+        // The candidate again: still waiting on A's ping, and told so (not to ping B).
+        let again = t.insert(
+            Entry::new(ids[2].clone(), vec![b"new".to_vec()], 4, None),
+            4,
+        );
+        assert_eq!(again, first);
+        assert_eq!(
+            t.pending(255).map(|e| e.addrs().to_vec()),
+            Some(vec![b"new".to_vec()])
+        );
+        (t, ids)
+    }
+
+    #[test]
+    fn kad_table_reinserted_candidate_is_settled_by_outstanding_ping_ok() {
+        let (mut t, ids) = candidate_reinserted_after_oldest_changed();
+        assert!(t.ping_ok(&Key::from_peer_id_bytes(&ids[0]), 5));
+        assert!(t.pending(255).is_none());
+        assert!(!t.contains(&Key::from_peer_id_bytes(&ids[2])));
+        // The bucket is free for a new candidate at once (no pending_timeout wait).
+        let ids2 = peers_in_bucket(t.local_key(), 255, 1, 9);
+        assert!(matches!(
+            t.insert(Entry::new(ids2[0].clone(), vec![], 6, None), 6),
+            InsertOutcome::Pending { .. }
+        ));
+    }
+
+    #[test]
+    fn kad_table_reinserted_candidate_is_promoted_by_outstanding_ping_failed() {
+        let (mut t, ids) = candidate_reinserted_after_oldest_changed();
+        let ev = t.ping_failed(&Key::from_peer_id_bytes(&ids[0]));
+        assert_eq!(
+            ev.evicted.map(|e| e.peer_id().to_vec()),
+            Some(ids[0].clone())
+        );
+        assert_eq!(ev.promoted, Some(Key::from_peer_id_bytes(&ids[2])));
+        let got = t.get(&Key::from_peer_id_bytes(&ids[2])).expect("promoted");
+        assert_eq!(got.addrs(), &[b"new".to_vec()]);
+        assert!(t.pending(255).is_none());
+    }
+
     #[test]
     fn kad_table_full_bucket_ping_failed_evicts_oldest() {
         let local = Key::from_raw(b"local");
@@ -1029,13 +1109,39 @@ mod tests {
             match rng.below(10) {
                 0..=5 => {
                     let p = prefixes[rng.below(prefixes.len() as u64) as usize];
-                    if let InsertOutcome::Pending { oldest, .. } =
-                        t.insert(Entry::new(id.clone(), vec![], step, p), step)
+                    let index = t.bucket_index(&key).expect("not the local key");
+                    let waiting_on = t.buckets[index]
+                        .pending
+                        .as_ref()
+                        .filter(|p| p.entry.key == key)
+                        .map(|p| p.oldest);
+                    if let InsertOutcome::Pending {
+                        oldest,
+                        oldest_peer_id,
+                    } = t.insert(Entry::new(id.clone(), vec![], step, p), step)
                     {
-                        if rng.chance(50) {
-                            t.ping_ok(&oldest, step);
-                        } else {
-                            t.ping_failed(&oldest);
+                        // The answer names the entry the candidate is linked to, which is the
+                        // one it already waited on, if it was waiting.
+                        let linked = t.buckets[index]
+                            .pending
+                            .as_ref()
+                            .map(|p| (p.entry.key, p.oldest));
+                        assert_eq!(linked, Some((key, oldest)));
+                        assert_eq!(Key::from_peer_id_bytes(&oldest_peer_id), oldest);
+                        if let Some(before) = waiting_on {
+                            assert_eq!(oldest, before);
+                        }
+                        // Settle now, or leave the ping outstanding while other operations run.
+                        match rng.below(3) {
+                            0 => {
+                                t.ping_ok(&oldest, step);
+                                assert!(t.buckets[index].pending.is_none());
+                            }
+                            1 => {
+                                t.ping_failed(&oldest);
+                                assert!(t.buckets[index].pending.is_none());
+                            }
+                            _ => {}
                         }
                     }
                 }
@@ -1052,6 +1158,10 @@ mod tests {
             assert_eq!(t.len(), t.iter().count());
             let mut per_prefix: HashMap<IpPrefix, usize> = HashMap::new();
             for index in 0..KEY_BITS {
+                if let Some(p) = &t.buckets[index].pending {
+                    assert!(t.buckets[index].position(&p.oldest).is_some());
+                    assert!(t.buckets[index].position(&p.entry.key).is_none());
+                }
                 let bucket = t.bucket(index);
                 assert!(bucket.len() <= config.k);
                 assert_eq!(t.occupied.contains(index), !bucket.is_empty());
