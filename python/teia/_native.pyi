@@ -11,6 +11,8 @@ __version__: str
 __all__ = [
     "GroupReceiverKey",
     "GroupSenderKey",
+    "KadLookup",
+    "KadRoutingTable",
     "OneTimePrekey",
     "PrekeyBundle",
     "PrekeyMessageInfo",
@@ -21,6 +23,8 @@ __all__ = [
     "ed25519_public_to_x25519",
     "ed25519_seed_to_x25519",
     "is_prekey_message",
+    "kad_distance",
+    "kad_key",
     "kdf_ck",
     "kdf_rk",
     "message_key_material",
@@ -285,3 +289,114 @@ class GroupReceiverKey:
     def to_bytes(self) -> bytes: ...
     @staticmethod
     def from_bytes(data: bytes) -> GroupReceiverKey: ...
+
+# --- Kademlia ---------------------------------------------------------------------------------
+# Peer IDs and addresses are opaque bytes; keys are 32 bytes (SHA-256, see kad_key); times are
+# non-negative integers of milliseconds on the caller's clock. A wrong key length, bad IP text or
+# a negative number raises ValueError. Objects are not for concurrent use from several threads
+# (a second call while one runs raises RuntimeError).
+
+def kad_key(data: bytes) -> bytes:
+    """SHA-256 of peer ID bytes or a record key: its 32-byte Kademlia key."""
+
+def kad_distance(a: bytes, b: bytes) -> bytes:
+    """XOR of two 32-byte keys, big-endian (compare as bytes: smaller is closer)."""
+
+@final
+class KadRoutingTable:
+    """256 k-buckets around the local peer: least-recently-seen order, ping-before-evict, and
+    per-network-prefix limits against eclipse attacks."""
+
+    def __new__(
+        cls,
+        local_peer_id: bytes,
+        *,
+        k: int = 20,
+        bucket_prefix_limit: int = 2,
+        table_prefix_limit: int = 10,
+        max_addrs: int = 16,
+    ) -> KadRoutingTable: ...
+    def insert(
+        self, peer_id: bytes, addrs: list[bytes], now_ms: int, ip: str | None = None
+    ) -> tuple[str, bytes | None]:
+        """Add or refresh a contact seen alive at ``now_ms``.
+
+        ``("inserted", None)`` or ``("updated", None)``; ``("pending", oldest_peer_id)`` when
+        the bucket is full: ping that peer, then call `ping_ok` or `ping_failed` (the same
+        candidate inserted again names the same peer); ``("refused:<reason>", None)`` with
+        reason ``local-key``, ``bucket-prefix-limit``, ``table-prefix-limit`` or
+        ``bucket-full`` (a ping is already outstanding in that bucket).
+
+        ``ip``: the address the peer was observed on (its /24 or /48 counts for the prefix
+        limits); None exempts the entry (configured bootstrap nodes).
+        """
+
+    def ping_ok(self, peer_id: bytes, now_ms: int) -> bool:
+        """The pinged entry answered: it stays, its waiting candidate is dropped. False if it
+        is not in the table."""
+
+    def ping_failed(self, peer_id: bytes) -> bytes | None:
+        """The pinged entry did not answer: it is evicted; returns the peer ID of the waiting
+        candidate that took its place, if any."""
+
+    def remove(self, peer_id: bytes) -> bool:
+        """Drop an entry (a waiting candidate of its bucket moves in); False if unknown."""
+
+    def contains(self, peer_id: bytes) -> bool: ...
+    def get(self, peer_id: bytes) -> tuple[list[bytes], int] | None:
+        """``(addrs, last_seen_ms)``, or None if unknown."""
+
+    def closest(self, target_key: bytes, n: int) -> list[tuple[bytes, list[bytes]]]:
+        """Up to ``n`` ``(peer_id, addrs)`` closest to the 32-byte ``target_key``, nearest
+        first."""
+
+    def entries(self) -> list[tuple[bytes, list[bytes], int]]:
+        """Every ``(peer_id, addrs, last_seen_ms)``, for persistence."""
+
+    def refresh_targets(self, now_ms: int, max_age_ms: int) -> list[bytes]:
+        """A random 32-byte key in each bucket not refreshed for ``max_age_ms``: look each one
+        up, then call `mark_refreshed`."""
+
+    def mark_refreshed(self, target_key: bytes, now_ms: int) -> None:
+        """A lookup for ``target_key`` ran at ``now_ms``: its bucket is fresh."""
+
+    def __len__(self) -> int: ...
+
+@final
+class KadLookup:
+    """One iterative FIND_NODE lookup, sans-IO: `poll` says whom to ask and until when to wait;
+    report each request's outcome with `on_response` or `on_failure`."""
+
+    def __new__(
+        cls,
+        target_key: bytes,
+        seeds: list[tuple[bytes, list[bytes]]],
+        *,
+        local_peer_id: bytes | None = None,
+        k: int = 20,
+        alpha: int = 3,
+        request_timeout_ms: int = 10_000,
+        max_requests: int = 200,
+    ) -> KadLookup: ...
+    def poll(self, now_ms: int) -> tuple[str, object]:
+        """``("send", (peer_id, addrs))``: ask that peer; ``("wait", until_ms)``: poll again at
+        that time or after a response/failure; ``("done", None)``: see `results`."""
+
+    def on_response(self, peer_id: bytes, closer_peers: list[tuple[bytes, list[bytes]]]) -> bool:
+        """``peer_id`` answered; False if the answer was ignored (not asked, a duplicate, or
+        the lookup is over)."""
+
+    def on_failure(self, peer_id: bytes) -> bool:
+        """The request to ``peer_id`` failed; False if none was outstanding."""
+
+    @property
+    def is_done(self) -> bool: ...
+    def results(self) -> list[tuple[bytes, list[bytes]]]:
+        """The k closest peers that answered, nearest first."""
+
+    def unresponsive(self) -> list[bytes]:
+        """Peer IDs that failed or timed out (without a late answer)."""
+
+    def stats(self) -> dict[str, int]:
+        """Counters: requests, responses, late_responses, failures, timeouts,
+        ignored_responses."""
