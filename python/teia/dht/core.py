@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import os
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -392,6 +393,38 @@ class DhtCore:
         found = self.table.closest(_native.kad_key(key), count + (exclude is not None))
         return [p for p in found if p[0] != exclude][:count]
 
+    def refresh_keys(
+        self,
+        now_ms: int,
+        max_age_ms: int,
+        *,
+        limit: int = 16,
+        max_tries: int = 1 << 16,
+        random_bytes: Callable[[int], bytes] = os.urandom,
+    ) -> list[bytes]:
+        """FIND_NODE keys whose lookups refresh the buckets idle for ``max_age_ms``.
+
+        A request carries a key that the answering node hashes, so a bucket is refreshed by a
+        key whose hash falls into it: random keys are drawn until one does (about 2^(d+1)
+        draws for the bucket at shared-prefix depth d; deeper buckets than ``max_tries``
+        allows are left to the self-lookup, which covers the closest buckets anyway).
+        """
+        local_key = int.from_bytes(_native.kad_key(self.local_bytes), "big")
+        out: list[bytes] = []
+        for target in self.table.refresh_targets(now_ms, max_age_ms):
+            depth = 256 - (local_key ^ int.from_bytes(target, "big")).bit_length()
+            if 2 ** (depth + 1) > max_tries:
+                continue
+            for _ in range(max_tries):
+                candidate = random_bytes(32)
+                hashed = int.from_bytes(_native.kad_key(candidate), "big")
+                if 256 - (local_key ^ hashed).bit_length() == depth:
+                    out.append(candidate)
+                    break
+            if len(out) >= limit:
+                break
+        return out
+
     def peer_addrs(self, peer: PeerId) -> list[Multiaddr]:
         """The addresses the table holds for ``peer`` (empty if unknown)."""
         entry = self.table.get(peer.to_bytes())
@@ -593,6 +626,8 @@ class LookupDriver:
         self._addrs: dict[bytes, list[bytes]] = {peer_id: list(a) for peer_id, a in start}
         self._rounds = 0
         self.record: SignedPeerRecord | None = None
+        self.target_addrs: list[bytes] = []
+        """FIND_NODE lookups of a peer ID: addresses answers gave for that very peer."""
         self.invalid_records = 0
         self.pings: list[PingRequest] = []
         """Ping actions produced by adding responders to the table (the I/O layer runs them)."""
@@ -639,6 +674,8 @@ class LookupDriver:
             if entry.id not in self._round:
                 self._round[entry.id] = depth
                 self._addrs[entry.id] = list(entry.addrs)
+            if entry.id == self.key and entry.addrs and not self.target_addrs:
+                self.target_addrs = list(entry.addrs)
         if not self._lookup.on_response(peer_id, closer):
             return False
         if self.kind is MessageType.GET_VALUE and response.record is not None:
