@@ -256,3 +256,26 @@ class DhtQuotaExceeded(DhtError):
     Nothing was written. Expired entries are purged periodically; raise the limit if the node
     really should hold more.
     """
+
+
+# --- relay ----------------------------------------------------------------------------------
+
+
+class RelayError(TeiaError):
+    """A problem in the STUN/TURN relay (its wire format, configuration or data plane)."""
+
+
+class InvalidStunMessage(RelayError, ValueError):
+    """Bytes that are not a well-formed STUN message or ChannelData frame, or that break a
+    limit (size, attribute count, attribute length, a FINGERPRINT that does not match).
+
+    Drop the datagram (RFC 8489 says so: no error response to malformed input); on a TCP
+    connection, close it, since the framing is lost.
+    """
+
+
+class RelayCapacityError(RelayError):
+    """The data plane could not create a relayed socket (ports exhausted, bind failed).
+
+    The client gets 508 (Insufficient Capacity); widen the relay port range or add relays.
+    """
