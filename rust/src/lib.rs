@@ -5,6 +5,9 @@
 
 pub mod kad;
 pub mod ratchet;
+// epoll and recvmmsg/sendmmsg: the relay data plane is Linux-only.
+#[cfg(target_os = "linux")]
+pub mod relay;
 
 #[cfg(feature = "python")]
 mod python;

@@ -1,0 +1,415 @@
+//! The few system calls std does not offer: epoll readiness and batched datagram I/O
+//! (recvmmsg/sendmmsg with scatter-gather, so headers are prepended without copying payloads).
+//!
+//! Linux only; every unsafe block is a plain libc call on buffers this module owns and sizes.
+
+use std::io;
+use std::mem::{size_of, zeroed};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::ptr;
+
+/// An epoll instance; each registered socket carries a `u64` token.
+pub struct Poller {
+    epoll: OwnedFd,
+}
+
+impl Poller {
+    pub fn new() -> io::Result<Self> {
+        // SAFETY: epoll_create1 takes no pointers; a non-negative result is a fresh fd we own.
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is a valid descriptor returned above and owned by nobody else.
+        Ok(Poller {
+            epoll: unsafe { OwnedFd::from_raw_fd(fd) },
+        })
+    }
+
+    /// Watch `fd` for readability (level-triggered).
+    pub fn add(&self, fd: RawFd, token: u64) -> io::Result<()> {
+        let mut event = libc::epoll_event {
+            events: libc::EPOLLIN as u32,
+            u64: token,
+        };
+        // SAFETY: event is a valid epoll_event for the duration of the call.
+        let r =
+            unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut event) };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Stop watching `fd` (before it is closed, so no stale event names a reused number).
+    pub fn remove(&self, fd: RawFd) {
+        let mut event = libc::epoll_event { events: 0, u64: 0 };
+        // SAFETY: as in add; errors (fd not registered) are irrelevant here.
+        unsafe {
+            libc::epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_DEL, fd, &mut event);
+        }
+    }
+
+    /// Wait up to `timeout_ms` for readiness; fills `tokens` (cleared first).
+    pub fn wait(
+        &self,
+        events: &mut Vec<libc::epoll_event>,
+        tokens: &mut Vec<u64>,
+        timeout_ms: i32,
+    ) {
+        tokens.clear();
+        let capacity = events.capacity().max(1);
+        events.clear();
+        // SAFETY: the kernel writes at most `capacity` events into the vector's spare capacity;
+        // set_len covers exactly the count it reports.
+        let n = unsafe {
+            libc::epoll_wait(
+                self.epoll.as_raw_fd(),
+                events.as_mut_ptr(),
+                capacity as i32,
+                timeout_ms,
+            )
+        };
+        if n > 0 {
+            // SAFETY: see above; n <= capacity.
+            unsafe { events.set_len(n as usize) };
+            tokens.extend(events.iter().map(|e| e.u64));
+        }
+    }
+}
+
+fn to_sockaddr(addr: SocketAddr, out: &mut libc::sockaddr_storage) -> libc::socklen_t {
+    match addr {
+        SocketAddr::V4(a) => {
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
+            let sin = unsafe { &mut *(out as *mut _ as *mut libc::sockaddr_in) };
+            sin.sin_family = libc::AF_INET as libc::sa_family_t;
+            sin.sin_port = a.port().to_be();
+            sin.sin_addr = libc::in_addr {
+                s_addr: u32::from_ne_bytes(a.ip().octets()),
+            };
+            size_of::<libc::sockaddr_in>() as libc::socklen_t
+        }
+        SocketAddr::V6(a) => {
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in6.
+            let sin6 = unsafe { &mut *(out as *mut _ as *mut libc::sockaddr_in6) };
+            sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+            sin6.sin6_port = a.port().to_be();
+            sin6.sin6_flowinfo = a.flowinfo();
+            sin6.sin6_addr = libc::in6_addr {
+                s6_addr: a.ip().octets(),
+            };
+            sin6.sin6_scope_id = a.scope_id();
+            size_of::<libc::sockaddr_in6>() as libc::socklen_t
+        }
+    }
+}
+
+fn from_sockaddr(storage: &libc::sockaddr_storage) -> Option<SocketAddr> {
+    match storage.ss_family as libc::c_int {
+        libc::AF_INET => {
+            // SAFETY: the family says the storage holds a sockaddr_in.
+            let sin = unsafe { &*(storage as *const _ as *const libc::sockaddr_in) };
+            let ip = Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes());
+            Some(SocketAddr::V4(SocketAddrV4::new(
+                ip,
+                u16::from_be(sin.sin_port),
+            )))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the family says the storage holds a sockaddr_in6.
+            let sin6 = unsafe { &*(storage as *const _ as *const libc::sockaddr_in6) };
+            Some(SocketAddr::V6(SocketAddrV6::new(
+                Ipv6Addr::from(sin6.sin6_addr.s6_addr),
+                u16::from_be(sin6.sin6_port),
+                sin6.sin6_flowinfo,
+                sin6.sin6_scope_id,
+            )))
+        }
+        _ => None,
+    }
+}
+
+/// Receive buffers for up to `capacity` datagrams of up to `slot` bytes each; [`RecvBatch::get`]
+/// reads the datagrams of the last [`RecvBatch::recv`].
+pub struct RecvBatch {
+    slot: usize,
+    buffers: Vec<u8>,
+    lengths: Vec<usize>,
+    sources: Vec<Option<SocketAddr>>,
+    headers: Vec<libc::mmsghdr>,
+    iovecs: Vec<libc::iovec>,
+    names: Vec<libc::sockaddr_storage>,
+}
+
+impl RecvBatch {
+    pub fn new(capacity: usize, slot: usize) -> Self {
+        RecvBatch {
+            slot,
+            buffers: vec![0; capacity * slot],
+            lengths: vec![0; capacity],
+            sources: vec![None; capacity],
+            // SAFETY: all-zero is a valid value of these plain C structs.
+            headers: (0..capacity).map(|_| unsafe { zeroed() }).collect(),
+            iovecs: (0..capacity)
+                .map(|_| libc::iovec {
+                    iov_base: ptr::null_mut(),
+                    iov_len: 0,
+                })
+                .collect(),
+            // SAFETY: as above.
+            names: (0..capacity).map(|_| unsafe { zeroed() }).collect(),
+        }
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.lengths.len()
+    }
+
+    /// The `i`th datagram and its source (None: a truncated datagram or an unknown family).
+    #[inline]
+    pub fn get(&self, i: usize) -> (&[u8], Option<SocketAddr>) {
+        let start = i * self.slot;
+        (
+            &self.buffers[start..start + self.lengths[i]],
+            self.sources[i],
+        )
+    }
+
+    /// Receive what is waiting on `socket` (non-blocking), up to the capacity.
+    pub fn recv(&mut self, socket: &UdpSocket) -> usize {
+        let capacity = self.capacity();
+        for i in 0..capacity {
+            self.iovecs[i] = libc::iovec {
+                iov_base: self.buffers[i * self.slot..].as_mut_ptr().cast(),
+                iov_len: self.slot,
+            };
+            let header = &mut self.headers[i].msg_hdr;
+            header.msg_name = (&mut self.names[i] as *mut libc::sockaddr_storage).cast();
+            header.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            header.msg_iov = &mut self.iovecs[i];
+            header.msg_iovlen = 1;
+            header.msg_control = ptr::null_mut();
+            header.msg_controllen = 0;
+            header.msg_flags = 0;
+        }
+        let n = loop {
+            // SAFETY: every header points at buffers owned by self that outlive the call, with
+            // lengths matching their allocations.
+            let n = unsafe {
+                libc::recvmmsg(
+                    socket.as_raw_fd(),
+                    self.headers.as_mut_ptr(),
+                    capacity as libc::c_uint,
+                    libc::MSG_DONTWAIT,
+                    ptr::null_mut(),
+                )
+            };
+            if n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            break n;
+        };
+        if n <= 0 {
+            return 0;
+        }
+        let n = n as usize;
+        for i in 0..n {
+            let header = &self.headers[i];
+            let truncated = header.msg_hdr.msg_flags & libc::MSG_TRUNC != 0;
+            self.lengths[i] = (header.msg_len as usize).min(self.slot);
+            self.sources[i] = if truncated {
+                None
+            } else {
+                from_sockaddr(&self.names[i])
+            };
+        }
+        n
+    }
+}
+
+/// One datagram to send: `head ‖ body ‖ pad zero bytes` to `to`.
+#[derive(Clone, Copy)]
+pub struct Outgoing<'a> {
+    pub head: &'a [u8],
+    pub body: &'a [u8],
+    pub pad: usize,
+    pub to: SocketAddr,
+}
+
+static ZEROS: [u8; 4] = [0; 4];
+
+/// Scratch space for [`SendBatch::send`].
+pub struct SendBatch {
+    headers: Vec<libc::mmsghdr>,
+    iovecs: Vec<[libc::iovec; 3]>,
+    names: Vec<libc::sockaddr_storage>,
+}
+
+impl SendBatch {
+    pub fn new(capacity: usize) -> Self {
+        let empty = libc::iovec {
+            iov_base: ptr::null_mut(),
+            iov_len: 0,
+        };
+        SendBatch {
+            // SAFETY: all-zero is a valid value of these plain C structs.
+            headers: (0..capacity).map(|_| unsafe { zeroed() }).collect(),
+            iovecs: vec![[empty; 3]; capacity],
+            // SAFETY: as above.
+            names: (0..capacity).map(|_| unsafe { zeroed() }).collect(),
+        }
+    }
+
+    /// Send `messages` on `fd` with as few system calls as the kernel allows; calls `failed(i)`
+    /// for each message that could not be sent (a full socket buffer, an unreachable address).
+    pub fn send(&mut self, fd: RawFd, messages: &[Outgoing<'_>], mut failed: impl FnMut(usize)) {
+        let mut done = 0;
+        while done < messages.len() {
+            let chunk = &messages[done..(done + self.headers.len()).min(messages.len())];
+            for (i, m) in chunk.iter().enumerate() {
+                let namelen = to_sockaddr(m.to, &mut self.names[i]);
+                let iov = &mut self.iovecs[i];
+                iov[0] = libc::iovec {
+                    iov_base: m.head.as_ptr() as *mut libc::c_void,
+                    iov_len: m.head.len(),
+                };
+                iov[1] = libc::iovec {
+                    iov_base: m.body.as_ptr() as *mut libc::c_void,
+                    iov_len: m.body.len(),
+                };
+                iov[2] = libc::iovec {
+                    iov_base: ZEROS.as_ptr() as *mut libc::c_void,
+                    iov_len: m.pad.min(3),
+                };
+                let header = &mut self.headers[i].msg_hdr;
+                header.msg_name = (&mut self.names[i] as *mut libc::sockaddr_storage).cast();
+                header.msg_namelen = namelen;
+                header.msg_iov = iov.as_mut_ptr();
+                header.msg_iovlen = 3;
+                header.msg_control = ptr::null_mut();
+                header.msg_controllen = 0;
+                header.msg_flags = 0;
+            }
+            let mut sent = 0;
+            while sent < chunk.len() {
+                // SAFETY: headers[sent..chunk.len()] were filled above and point at `messages`
+                // (borrowed for the call), ZEROS, and self's own buffers.
+                let n = unsafe {
+                    libc::sendmmsg(
+                        fd,
+                        self.headers[sent..].as_mut_ptr(),
+                        (chunk.len() - sent) as libc::c_uint,
+                        libc::MSG_DONTWAIT,
+                    )
+                };
+                if n < 0 {
+                    if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                        continue;
+                    }
+                    // The first remaining message failed; skip it and go on.
+                    failed(done + sent);
+                    sent += 1;
+                } else {
+                    sent += n as usize;
+                }
+            }
+            done += chunk.len();
+        }
+    }
+}
+
+/// Best-effort socket buffer sizes (the kernel caps them at net.core.[rw]mem_max).
+pub fn set_buffer_sizes(socket: &UdpSocket, bytes: usize) {
+    let value = bytes.min(i32::MAX as usize) as libc::c_int;
+    for option in [libc::SO_RCVBUF, libc::SO_SNDBUF] {
+        // SAFETY: a c_int option value of the right size.
+        unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                option,
+                (&value as *const libc::c_int).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_round_trip_over_loopback() {
+        let a = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let b = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let to = b.local_addr().unwrap();
+        let bodies: Vec<Vec<u8>> = (0..40u8).map(|i| vec![i; i as usize]).collect();
+        let messages: Vec<Outgoing<'_>> = bodies
+            .iter()
+            .map(|body| Outgoing {
+                head: b"hd",
+                body,
+                pad: body.len() % 3,
+                to,
+            })
+            .collect();
+        let mut send = SendBatch::new(16);
+        let mut failures = 0;
+        send.send(a.as_raw_fd(), &messages, |_| failures += 1);
+        assert_eq!(failures, 0);
+        let mut recv = RecvBatch::new(8, 2048);
+        let mut got = Vec::new();
+        b.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+            .unwrap();
+        while got.len() < bodies.len() {
+            let mut probe = [0u8; 1];
+            // Block until something is there, without consuming it.
+            b.peek_from(&mut probe).unwrap();
+            let n = recv.recv(&b);
+            for i in 0..n {
+                let (data, from) = recv.get(i);
+                assert_eq!(from, Some(a.local_addr().unwrap()));
+                got.push(data.to_vec());
+            }
+        }
+        for (i, data) in got.iter().enumerate() {
+            let body = &bodies[i];
+            let mut expected = b"hd".to_vec();
+            expected.extend_from_slice(body);
+            expected.resize(expected.len() + body.len() % 3, 0);
+            assert_eq!(data, &expected);
+        }
+        // Nothing left: a non-blocking receive returns 0.
+        assert_eq!(recv.recv(&b), 0);
+        // An IPv6 destination on an IPv4 socket fails and is reported, not fatal.
+        let v6 = Outgoing {
+            head: b"",
+            body: b"x",
+            pad: 0,
+            to: "[::1]:9".parse().unwrap(),
+        };
+        let mut failed = Vec::new();
+        send.send(a.as_raw_fd(), &[v6], |i| failed.push(i));
+        assert_eq!(failed, vec![0]);
+    }
+
+    #[test]
+    fn poller_reports_tokens() {
+        let poller = Poller::new().unwrap();
+        let a = UdpSocket::bind("127.0.0.1:0").unwrap();
+        poller.add(a.as_raw_fd(), 42).unwrap();
+        let mut events = Vec::with_capacity(8);
+        let mut tokens = Vec::new();
+        poller.wait(&mut events, &mut tokens, 0);
+        assert!(tokens.is_empty());
+        a.send_to(b"x", a.local_addr().unwrap()).unwrap();
+        poller.wait(&mut events, &mut tokens, 1000);
+        assert_eq!(tokens, vec![42]);
+        poller.remove(a.as_raw_fd());
+        poller.wait(&mut events, &mut tokens, 0);
+        assert!(tokens.is_empty());
+    }
+}
