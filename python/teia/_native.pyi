@@ -17,6 +17,7 @@ __all__ = [
     "PrekeyBundle",
     "PrekeyMessageInfo",
     "RatchetState",
+    "RelayDataPlane",
     "Session",
     "SignedPrekey",
     "__version__",
@@ -400,3 +401,112 @@ class KadLookup:
     def stats(self) -> dict[str, int]:
         """Counters: requests, responses, late_responses, failures, timeouts,
         ignored_responses."""
+
+# --- TURN relay data plane ------------------------------------------------------------------
+# Linux only (epoll, recvmmsg/sendmmsg). Hosts are IP literals (no DNS); times are milliseconds
+# on the data plane's monotonic clock. Bad IP text, a negative number, an out-of-range port or
+# channel, an unknown allocation or a closed data plane raise ValueError; the operating system's
+# refusals (binding, an exhausted relay port range, sending) raise OSError.
+
+@final
+class RelayDataPlane:
+    """The TURN data plane (RFC 8656): owns the client-facing UDP socket and one relayed UDP
+    socket per allocation, and forwards ChannelData, Send and Data indications on its own
+    thread without the GIL. Other STUN messages go up through :meth:`recv_control`.
+
+    Forwarding needs a live permission for the peer IP (and, for ChannelData, a live channel);
+    everything else is dropped and counted in :meth:`stats` under ``dropped_<reason>``
+    (``malformed``, ``no_allocation``, ``unknown_channel``, ``no_permission``,
+    ``forbidden_peer``, ``quota``, ``control_queue_full``, ``tcp_queue_full``,
+    ``send_error``)."""
+
+    def __new__(
+        cls,
+        host: str,
+        port: int = 0,
+        *,
+        relay_ip: str | None = None,
+        relay_port_min: int = 0,
+        relay_port_max: int = 0,
+        control_queue: int = 4096,
+    ) -> RelayDataPlane:
+        """Bind ``host:port`` for clients and start the worker. Relayed sockets bind
+        ``relay_ip`` (default ``host``) on a port in ``relay_port_min..relay_port_max``
+        (inclusive; 0 and 0: the OS chooses). ``control_queue`` bounds the queue of STUN
+        messages waiting for :meth:`recv_control` (and, apart, of TCP-client data)."""
+
+    @property
+    def port(self) -> int:
+        """The bound client-facing port."""
+
+    def recv_control(self, timeout_ms: int) -> list[tuple[bytes, str, int]]:
+        """STUN messages for the control plane as ``(datagram, client_host, client_port)``:
+        waits up to ``timeout_ms`` with the GIL released; ``[]`` on timeout or once closed."""
+
+    def recv_relayed_for_tcp(self, timeout_ms: int) -> list[tuple[bytes, str, int]]:
+        """Peer data for allocations made with ``tcp=True``, already framed for the client's
+        TCP stream (ChannelData padded to 4 bytes when a channel is bound, else a Data
+        indication), as ``(message, client_host, client_port)``."""
+
+    def send_to_client(self, data: bytes, host: str, port: int) -> None:
+        """Send a control-plane response to a client from the listening socket."""
+
+    def allocate(
+        self, client_host: str, client_port: int, *, bytes_per_second: int = 0, tcp: bool = False
+    ) -> tuple[str, int]:
+        """Open the relayed socket for a client; returns the relayed ``(ip, port)``.
+        ``bytes_per_second`` limits each direction (0: unlimited). ``tcp=True``: the client
+        uses a TCP control connection; its peer data goes to :meth:`recv_relayed_for_tcp`
+        and its traffic to peers comes through :meth:`send_from_relay`. ValueError if the
+        client has an allocation."""
+
+    def release(self, client_host: str, client_port: int) -> bool:
+        """Close the client's relayed socket; False if it had none."""
+
+    def add_permission(
+        self, client_host: str, client_port: int, peer_ip: str, lifetime_ms: int
+    ) -> None:
+        """Install or refresh the permission for ``peer_ip`` (any port) for ``lifetime_ms``;
+        0 removes it."""
+
+    def bind_channel(
+        self,
+        client_host: str,
+        client_port: int,
+        channel: int,
+        peer_host: str,
+        peer_port: int,
+        lifetime_ms: int,
+    ) -> None:
+        """Bind or refresh ``channel`` (0x4000-0x4FFF) to the peer for ``lifetime_ms``; also
+        installs or extends the peer IP's permission (to at most 300 s). ValueError if the
+        number or the peer is bound elsewhere (or was, less than 5 minutes ago), or the peer is
+        the relay's own listening address."""
+
+    def set_quota(self, client_host: str, client_port: int, bytes_per_second: int) -> None:
+        """Change the allocation's byte rate, each direction (0: unlimited)."""
+
+    def send_from_relay(
+        self, client_host: str, client_port: int, peer_host: str, peer_port: int, data: bytes
+    ) -> bool:
+        """Send ``data`` from the client's relayed socket to the peer (for TCP-transport
+        clients); the same permission and quota checks as the UDP path. False when dropped
+        (counted)."""
+
+    def allocation_stats(self) -> list[dict[str, object]]:
+        """Per allocation: ``client`` and ``relayed`` as ``(host, port)``, ``tcp``,
+        ``bytes_per_second``, ``permissions``, ``channels``, ``packets_to_peers``,
+        ``bytes_to_peers``, ``packets_to_client``, ``bytes_to_client`` (payload bytes),
+        ``drops`` (``{reason: count}``), ``created_ms`` and ``last_activity_ms`` (Unix
+        epoch)."""
+
+    def stats(self) -> dict[str, int]:
+        """Global counters: ``client_datagrams``, ``client_bytes``, ``peer_datagrams``,
+        ``peer_bytes``, ``control_messages``, ``control_replies``, ``tcp_messages``,
+        ``allocations``, ``allocations_created``, ``allocations_released``,
+        ``packets_to_peers``, ``bytes_to_peers``, ``packets_to_clients``,
+        ``bytes_to_clients``, ``dropped_<reason>`` for each reason and ``dropped`` (their
+        sum)."""
+
+    def close(self) -> None:
+        """Stop the worker (within about 50 ms) and close every socket; idempotent."""

@@ -6,6 +6,8 @@ mod errors;
 mod group;
 mod kad;
 mod primitives;
+#[cfg(target_os = "linux")]
+mod relay;
 mod session;
 
 #[pymodule]
@@ -15,5 +17,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     session::register(m)?;
     group::register(m)?;
     kad::register(m)?;
+    #[cfg(target_os = "linux")]
+    relay::register(m)?;
     Ok(())
 }
