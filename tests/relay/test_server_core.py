@@ -324,6 +324,8 @@ def test_allocate_retransmission_and_mismatch() -> None:
         ([(Attr.REQUESTED_TRANSPORT, b"\x11")], 400),
         ([(Attr.REQUESTED_TRANSPORT, UDP_TRANSPORT), (Attr.DONT_FRAGMENT, b"")], 420),
         ([(Attr.REQUESTED_TRANSPORT, UDP_TRANSPORT), (Attr.EVEN_PORT, b"\x80")], 508),
+        ([(Attr.REQUESTED_TRANSPORT, UDP_TRANSPORT), (Attr.EVEN_PORT, b"\x00")], None),
+        ([(Attr.REQUESTED_TRANSPORT, UDP_TRANSPORT), (Attr.EVEN_PORT, b"\x00\x00")], 400),
         ([(Attr.REQUESTED_TRANSPORT, UDP_TRANSPORT), (Attr.RESERVATION_TOKEN, bytes(8))], 508),
         (
             [
@@ -568,11 +570,22 @@ def test_channel_bind_rules() -> None:
     assert error_code(channel_bind(client, 0x4001, ("10.0.0.1", 1), T0)) == 403
     missing = client.request(Method.CHANNEL_BIND, T0, [(Attr.CHANNEL_NUMBER, b"\x40\x02\x00\x00")])
     assert error_code(missing) == 400
-    # After it expires, the channel can go to another peer.
+    # After it expires, the channel goes to another peer only once 5 more minutes passed.
     refresh(client, T0 + 500, 3600)
     client.core.expire(T0 + 601)
     client.renew_nonce(T0 + 601)
-    assert error_code(channel_bind(client, 0x4000, OTHER_PEER, T0 + 601)) is None
+    assert error_code(channel_bind(client, 0x4000, OTHER_PEER, T0 + 601)) == 400
+    assert error_code(channel_bind(client, 0x4001, PEER, T0 + 601)) == 400
+    assert (
+        client.core.handle(
+            stun.encode_channel_data(0x4000, b"late"), client.address, "udp", T0 + 601
+        )
+        == []
+    )
+    client.core.expire(T0 + 901)
+    client.renew_nonce(T0 + 901)
+    assert error_code(channel_bind(client, 0x4000, OTHER_PEER, T0 + 901)) is None
+    assert error_code(channel_bind(client, 0x4001, PEER, T0 + 901)) is None
 
 
 def test_unknown_method_gets_400() -> None:

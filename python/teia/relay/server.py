@@ -15,15 +15,16 @@ drive it with an explicit ``now``. Its rules, in the order the RFCs apply them:
   the same key.
 - Allocate: one allocation per client address (another transaction on it → 437, the same
   transaction again → the same answer); REQUESTED-TRANSPORT must be UDP (else 442);
-  EVEN-PORT and RESERVATION-TOKEN are not supported (508; with each other or with
-  REQUESTED-ADDRESS-FAMILY → 400); a family the relay does not relay → 440; quotas → 486
-  (per user, per source IP) or 508 (the whole relay). Lifetime: the client's ask capped at
+  EVEN-PORT gets an even port, but reservations are not kept (RESERVATION-TOKEN or
+  EVEN-PORT's R bit → 508; RESERVATION-TOKEN with either of the others → 400); a family
+  the relay does not relay → 440; quotas → 486 (per user, per source IP) or 508 (the whole
+  relay). Lifetime: the client's ask capped at
   3600 s, never below the 600 s default.
 - Refresh, CreatePermission, ChannelBind need the allocation (437) and the user who made it
   (441). Refresh with lifetime 0 deletes. Permissions last 300 s, channels 600 s (and
   refresh their peer's permission); peers the policy forbids → 403, another family → 443.
-  A channel is bound to one peer and a peer to one channel (else 400); numbers outside
-  0x4000-0x4FFF → 400.
+  A channel is bound to one peer and a peer to one channel, until 5 minutes after the
+  binding expires (else 400); numbers outside 0x4000-0x4FFF → 400.
 - Allocations, permissions and channels expire when ``expire(now)`` is called past their
   time; a TCP client's allocation ends with its connection.
 
@@ -40,9 +41,15 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol
 
-from teia.errors import InvalidStunMessage
+import anyio
+import anyio.abc
+import anyio.lowlevel
+import anyio.to_thread
+from anyio.streams.memory import MemoryObjectSendStream
+
+from teia.errors import InvalidStunMessage, RelayError
 from teia.relay import stun
 from teia.relay.auth import AuthOutcome, RelayAuthenticator
 from teia.relay.policy import RelayPolicy
@@ -53,9 +60,11 @@ __all__ = [
     "Action",
     "Address",
     "CreateRelay",
+    "DataPlane",
     "InstallChannel",
     "InstallPermission",
     "RelayAllocation",
+    "RelayServer",
     "ReleaseRelay",
     "SendToClient",
     "SendToPeer",
@@ -70,6 +79,8 @@ Transport = Literal["udp", "tcp"]
 Address = tuple[str, int]
 
 UDP_PROTOCOL = 17
+CHANNEL_QUARANTINE = 300.0
+"""Seconds after a channel binding expires before its number or peer may be paired anew."""
 FAMILY_IPV4 = 0x01
 FAMILY_IPV6 = 0x02
 
@@ -128,6 +139,8 @@ class CreateRelay:
     client: Address
     transport: Transport
     bytes_per_second: int
+    even_port: bool = False
+    """EVEN-PORT asked for an even relayed port (without reserving the next one)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -332,7 +345,7 @@ class TurnServerCore:
                 if until <= now:
                     del allocation.permissions[peer_ip]
             for channel, (peer, until) in list(allocation.channels.items()):
-                if until <= now:
+                if until + CHANNEL_QUARANTINE <= now:
                     del allocation.channels[channel]
                     allocation.peer_channels.pop(peer, None)
         return actions
@@ -394,6 +407,10 @@ class TurnServerCore:
         if unknown:
             builder.add_unknown_attributes(unknown)
         self._count(message, code)
+        log.debug(
+            "error answer",
+            extra=fields(client=_show(client), method=message.method, code=code, unknown=unknown),
+        )
         data = builder.finish(key=key, fingerprint=message.has_fingerprint)
         return SendToClient(data, client, transport)
 
@@ -459,12 +476,14 @@ class TurnServerCore:
         if stun.decode_requested_transport(raw_transport) != UDP_PROTOCOL:
             raise _Reply(442)
         token = message.has(Attr.RESERVATION_TOKEN)
-        even_port = message.has(Attr.EVEN_PORT)
+        raw_even_port = message.get(Attr.EVEN_PORT)
         raw_family = message.get(Attr.REQUESTED_ADDRESS_FAMILY)
-        if token and (even_port or raw_family is not None):
+        if token and (raw_even_port is not None or raw_family is not None):
             raise _Reply(400)
-        if token or even_port:
-            raise _Reply(508)  # no reservations are kept, and no port parity promised
+        if raw_even_port is not None and len(raw_even_port) != 1:
+            raise _Reply(400)
+        if token or (raw_even_port is not None and raw_even_port[0] & 0x80):
+            raise _Reply(508)  # no reservations are kept (RESERVATION-TOKEN, EVEN-PORT's R bit)
         if raw_family is not None:
             family = stun.decode_requested_family(raw_family)
             if family not in (FAMILY_IPV4, FAMILY_IPV6):
@@ -495,7 +514,11 @@ class TurnServerCore:
             expires=now + lifetime,
             fingerprint=message.has_fingerprint,
         )
-        return [CreateRelay(client, transport, policy.bandwidth_per_allocation)]
+        return [
+            CreateRelay(
+                client, transport, policy.bandwidth_per_allocation, raw_even_port is not None
+            )
+        ]
 
     def _refresh(
         self,
@@ -578,13 +601,20 @@ class TurnServerCore:
             raise _Reply(400)
         channel = stun.decode_channel_number(raw_channel)
         if not stun.CHANNEL_MIN <= channel <= stun.CHANNEL_MAX:
+            log.debug("channel number out of range", extra=fields(channel=f"0x{channel:04x}"))
             raise _Reply(400)
         (peer,) = self._peers(message, allocation)
+        # A number and a peer stay paired while bound and for 5 minutes after (RFC 8656 §12).
         bound = allocation.channels.get(channel)
+        if bound is not None and bound[0] != peer and bound[1] + CHANNEL_QUARANTINE > now:
+            raise _Reply(400)
+        other = allocation.peer_channels.get(peer, channel)
+        if other != channel and allocation.channels[other][1] + CHANNEL_QUARANTINE > now:
+            raise _Reply(400)
         if bound is not None and bound[0] != peer:
-            raise _Reply(400)
-        if allocation.peer_channels.get(peer, channel) != channel:
-            raise _Reply(400)
+            allocation.peer_channels.pop(bound[0], None)
+        if other != channel:
+            del allocation.channels[other]
         limit = self.policy.max_channels_per_allocation
         if bound is None and limit and len(allocation.channels) >= limit:
             raise _Reply(508)
@@ -654,3 +684,274 @@ def _show(address: Address) -> str:
 def wall_clock() -> float:
     """The core's clock: Unix time (nonces and REST credentials are wall-clock by nature)."""
     return time.time()
+
+
+# --- the I/O adapter --------------------------------------------------------------------------
+
+
+class DataPlane(Protocol):
+    """What `RelayServer` needs of ``teia._native.RelayDataPlane`` (tests may fake it)."""
+
+    @property
+    def port(self) -> int: ...
+
+    def recv_control(self, timeout_ms: int) -> list[tuple[bytes, str, int]]: ...
+
+    def recv_relayed_for_tcp(self, timeout_ms: int) -> list[tuple[bytes, str, int]]: ...
+
+    def send_to_client(self, data: bytes, host: str, port: int) -> None: ...
+
+    def allocate(
+        self, client_host: str, client_port: int, *, bytes_per_second: int = 0, tcp: bool = False
+    ) -> tuple[str, int]: ...
+
+    def release(self, client_host: str, client_port: int) -> bool: ...
+
+    def add_permission(
+        self, client_host: str, client_port: int, peer_ip: str, lifetime_ms: int
+    ) -> None: ...
+
+    def bind_channel(
+        self,
+        client_host: str,
+        client_port: int,
+        channel: int,
+        peer_host: str,
+        peer_port: int,
+        lifetime_ms: int,
+    ) -> None: ...
+
+    def send_from_relay(
+        self, client_host: str, client_port: int, peer_host: str, peer_port: int, data: bytes
+    ) -> bool: ...
+
+    def close(self) -> None: ...
+
+
+_POLL_MS = 100
+"""How long one blocking wait on the data plane lasts: the bound on how late a stop is."""
+_EXPIRY_EVERY = 1.0
+_EVEN_PORT_TRIES = 16
+_TCP_MAX_BUFFER = 2 * (stun.MAX_MESSAGE_SIZE + 4)
+_TCP_QUEUE = 256
+_DATA_PLANE_ERRORS = (RelayError, OSError, ValueError, RuntimeError)
+
+
+@dataclass
+class _TcpClient:
+    outgoing: MemoryObjectSendStream[bytes]
+
+
+class RelayServer:
+    """Runs a `TurnServerCore` over a data plane: UDP control messages from the data plane,
+    TURN over TCP on the same port, expiry. Owns the data plane (closes it on exit).
+
+    ``async with RelayServer(core, data_plane, host) as server:`` serves until the block
+    ends; ``server.port`` is the UDP and TCP port.
+    """
+
+    def __init__(
+        self,
+        core: TurnServerCore,
+        data_plane: DataPlane,
+        host: str,
+        *,
+        tcp: bool = True,
+        max_tcp_clients: int = 1024,
+        clock: Callable[[], float] = wall_clock,
+    ) -> None:
+        self.core = core
+        self.data_plane = data_plane
+        self.host = host
+        self.tcp = tcp
+        self._clock = clock
+        self._tcp_clients: dict[Address, _TcpClient] = {}
+        self._tcp_slots = anyio.Semaphore(max_tcp_clients)
+        self._task_group: anyio.abc.TaskGroup | None = None
+        self._listener: anyio.abc.Listener[anyio.abc.SocketStream] | None = None
+
+    @property
+    def port(self) -> int:
+        return self.data_plane.port
+
+    async def __aenter__(self) -> RelayServer:
+        try:
+            if self.tcp:
+                self._listener = await anyio.create_tcp_listener(
+                    local_host=self.host, local_port=self.port
+                )
+            self._task_group = anyio.create_task_group()
+            await self._task_group.__aenter__()
+        except BaseException:
+            self.data_plane.close()
+            raise
+        self._task_group.start_soon(self._control_loop)
+        self._task_group.start_soon(self._expiry_loop)
+        if self._listener is not None:
+            self._task_group.start_soon(self._tcp_data_loop)
+            self._task_group.start_soon(self._accept_loop, self._listener)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task_group is not None
+        try:
+            self._task_group.cancel_scope.cancel()
+            await self._task_group.__aexit__(None, None, None)
+        finally:
+            if self._listener is not None:
+                with anyio.CancelScope(shield=True):
+                    await self._listener.aclose()
+            self.data_plane.close()
+
+    # --- loops --------------------------------------------------------------------------------
+
+    async def _control_loop(self) -> None:
+        limiter = anyio.CapacityLimiter(1)
+        while True:
+            batch = await anyio.to_thread.run_sync(
+                self.data_plane.recv_control, _POLL_MS, limiter=limiter
+            )
+            if batch:
+                now = self._clock()
+                for data, host, port in batch:
+                    self.execute(self.core.handle(data, (host, port), "udp", now))
+            await anyio.lowlevel.checkpoint()
+
+    async def _tcp_data_loop(self) -> None:
+        limiter = anyio.CapacityLimiter(1)
+        while True:
+            batch = await anyio.to_thread.run_sync(
+                self.data_plane.recv_relayed_for_tcp, _POLL_MS, limiter=limiter
+            )
+            for data, host, port in batch:
+                self._to_tcp_client((host, port), data)
+            await anyio.lowlevel.checkpoint()
+
+    async def _expiry_loop(self) -> None:
+        while True:
+            await anyio.sleep(_EXPIRY_EVERY)
+            self.execute(self.core.expire(self._clock()))
+
+    async def _accept_loop(self, listener: anyio.abc.Listener[anyio.abc.SocketStream]) -> None:
+        await listener.serve(self._admit_tcp_client)
+
+    async def _admit_tcp_client(self, stream: anyio.abc.SocketStream) -> None:
+        if self._tcp_slots.value == 0:
+            await anyio.aclose_forcefully(stream)  # too many connections: refuse this one
+            return
+        await self._serve_tcp_client(stream)
+
+    async def _serve_tcp_client(self, stream: anyio.abc.SocketStream) -> None:
+        async with self._tcp_slots:
+            try:
+                remote = stream.extra(anyio.abc.SocketAttribute.remote_address)  # noqa: S610
+                client: Address = (str(remote[0]), int(remote[1]))
+            except (anyio.TypedAttributeLookupError, IndexError, TypeError):
+                await anyio.aclose_forcefully(stream)
+                return
+            send, receive = anyio.create_memory_object_stream[bytes](_TCP_QUEUE)
+            self._tcp_clients[client] = _TcpClient(send)
+            try:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._tcp_writer, stream, receive)
+                    await self._tcp_reader(stream, client)
+                    tg.cancel_scope.cancel()
+            finally:
+                self._tcp_clients.pop(client, None)
+                send.close()
+                self.execute(self.core.client_closed(client, "tcp"))
+                await anyio.aclose_forcefully(stream)
+
+    async def _tcp_reader(self, stream: anyio.abc.SocketStream, client: Address) -> None:
+        buffer = bytearray()
+        while True:
+            try:
+                chunk = await stream.receive(65_536)
+            except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+                return
+            buffer += chunk
+            try:
+                frames = list(stun.iter_frames(buffer))
+            except InvalidStunMessage:
+                self.core.dropped["malformed"] += 1
+                return  # the framing is lost: close the connection
+            if len(buffer) > _TCP_MAX_BUFFER:
+                return
+            if frames:
+                now = self._clock()
+                for frame in frames:
+                    self.execute(self.core.handle(frame, client, "tcp", now))
+
+    @staticmethod
+    async def _tcp_writer(
+        stream: anyio.abc.SocketStream, outgoing: anyio.abc.ObjectReceiveStream[bytes]
+    ) -> None:
+        async with outgoing:
+            async for data in outgoing:
+                try:
+                    await stream.send(data)
+                except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                    return
+
+    def _to_tcp_client(self, client: Address, data: bytes) -> None:
+        connection = self._tcp_clients.get(client)
+        if connection is None:
+            return
+        try:
+            connection.outgoing.send_nowait(data)
+        except (anyio.WouldBlock, anyio.BrokenResourceError, anyio.ClosedResourceError):
+            self.core.dropped["tcp-backlog"] += 1  # like a full socket buffer: UDP semantics
+
+    # --- actions ------------------------------------------------------------------------------
+
+    def execute(self, actions: list[Action]) -> None:
+        """Carry out the core's actions on the data plane and the TCP connections."""
+        data_plane = self.data_plane
+        for action in actions:
+            try:
+                if isinstance(action, SendToClient):
+                    if action.transport == "tcp":
+                        self._to_tcp_client(action.client, action.data)
+                    else:
+                        data_plane.send_to_client(action.data, *action.client)
+                elif isinstance(action, CreateRelay):
+                    self._create_relay(action)
+                elif isinstance(action, ReleaseRelay):
+                    data_plane.release(*action.client)
+                elif isinstance(action, InstallPermission):
+                    data_plane.add_permission(
+                        *action.client, action.peer_ip, round(action.lifetime * 1000)
+                    )
+                elif isinstance(action, InstallChannel):
+                    data_plane.bind_channel(
+                        *action.client, action.channel, *action.peer, round(action.lifetime * 1000)
+                    )
+                else:
+                    data_plane.send_from_relay(*action.client, *action.peer, action.data)
+            except _DATA_PLANE_ERRORS as exc:
+                log.warning(
+                    "data plane refused an action",
+                    extra=fields(action=type(action).__name__, error=type(exc).__name__),
+                )
+
+    def _create_relay(self, action: CreateRelay) -> None:
+        try:
+            for _ in range(_EVEN_PORT_TRIES):
+                relayed = self.data_plane.allocate(
+                    *action.client,
+                    bytes_per_second=action.bytes_per_second,
+                    tcp=action.transport == "tcp",
+                )
+                if not action.even_port or relayed[1] % 2 == 0:
+                    break
+                self.data_plane.release(*action.client)  # odd: ports are random, try again
+            else:
+                raise RelayError("no even relayed port found")
+        except _DATA_PLANE_ERRORS as exc:
+            log.warning(
+                "could not create a relayed socket",
+                extra=fields(client=_show(action.client), error=str(exc)),
+            )
+            self.execute(self.core.relay_failed(action.client, self._clock()))
+            return
+        self.execute(self.core.relay_created(action.client, relayed, self._clock()))
