@@ -505,11 +505,17 @@ impl RoutingTable {
         }
         for index in BucketWalk::new(&self.local.distance(target), self.occupied) {
             let entries = &self.buckets[index].entries;
+            // `start < n`: the walk stops once `n` are found.
             let start = found.len();
             found.extend(entries.iter().map(|e| (e.key.distance(target), e)));
+            let needed = n - start;
+            if found.len() - start > needed {
+                // A big bucket (a large k): select the needed nearest, then sort only those.
+                found[start..].select_nth_unstable_by_key(needed, |a| a.0);
+                found.truncate(n);
+            }
             found[start..].sort_unstable_by_key(|a| a.0);
             if found.len() >= n {
-                found.truncate(n);
                 break;
             }
         }
