@@ -3,7 +3,7 @@
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
-use super::codec;
+use super::{codec, sys};
 use super::{Config, DataPlane, DropReason, GlobalStats, RelayError};
 
 const WAIT: Duration = Duration::from_secs(5);
@@ -499,4 +499,172 @@ fn sustained_burst_is_relayed_without_loss() {
     assert_eq!(stats.traffic.packets_to_peers, stats.client_datagrams);
     assert!(got as u64 <= stats.traffic.packets_to_peers);
     assert!(got > total / 2, "only {got} of {total} arrived");
+}
+
+/// Saturating load on loopback: one sender thread (sendmmsg), the forwarder, one receiver
+/// thread (recvmmsg), for 2 s; prints datagrams/s offered, forwarded and received. First the data
+/// plane (ChannelData in, bare payload out), then a forwarder that does nothing but recvmmsg →
+/// sendmmsg of the same bytes (the ceiling on this machine).
+/// `cargo test --release --manifest-path rust/Cargo.toml relay::tests::throughput -- --ignored --nocapture`
+#[test]
+#[ignore = "a measurement, not a check"]
+fn throughput() {
+    use super::sys::{Outgoing, RecvBatch, SendBatch};
+    use std::os::fd::AsRawFd;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    const PAYLOAD: usize = 200;
+    const SECONDS: f64 = 2.0;
+
+    /// Offer `message` to `target` from `sender` as fast as sendmmsg goes; count what `peer` gets.
+    fn drive(
+        sender: UdpSocket,
+        target: SocketAddr,
+        message: &[u8],
+        peer: UdpSocket,
+    ) -> (u64, u64, f64) {
+        let stop = Arc::new(AtomicBool::new(false));
+        let received = Arc::new(AtomicU64::new(0));
+        let receiver = {
+            let (stop, received) = (Arc::clone(&stop), Arc::clone(&received));
+            std::thread::spawn(move || {
+                peer.set_read_timeout(Some(Duration::from_millis(20)))
+                    .unwrap();
+                let mut batch = RecvBatch::new(64, 2048);
+                let mut probe = [0u8; 1];
+                while !stop.load(Ordering::Relaxed) {
+                    if peer.peek_from(&mut probe).is_ok() {
+                        received.fetch_add(batch.recv(&peer) as u64, Ordering::Relaxed);
+                    }
+                }
+            })
+        };
+        let mut send = SendBatch::new(64);
+        let out: Vec<Outgoing<'_>> = (0..32)
+            .map(|_| Outgoing {
+                head: &[],
+                body: message,
+                pad: 0,
+                to: target,
+            })
+            .collect();
+        let (start, mut sent, mut failed) = (Instant::now(), 0u64, 0u64);
+        while start.elapsed().as_secs_f64() < SECONDS {
+            send.send(sender.as_raw_fd(), &out, |_| failed += 1);
+            sent += out.len() as u64;
+        }
+        let elapsed = start.elapsed().as_secs_f64();
+        std::thread::sleep(Duration::from_millis(200));
+        stop.store(true, Ordering::Relaxed);
+        receiver.join().unwrap();
+        (sent - failed, received.load(Ordering::Relaxed), elapsed)
+    }
+
+    let report = |name: &str, (sent, received, elapsed): (u64, u64, f64), forwarded: u64| {
+        println!(
+            "{name}: offered {:.0}/s, forwarded {:.0}/s ({:.1} MB/s of payload), received {:.0}/s",
+            sent as f64 / elapsed,
+            forwarded as f64 / elapsed,
+            forwarded as f64 * PAYLOAD as f64 / elapsed / 1e6,
+            received as f64 / elapsed,
+        );
+    };
+    let message = codec::encode_channel_data(0x4000, &[1u8; PAYLOAD], false);
+
+    let plane = plane();
+    let (sender, peer) = (
+        UdpSocket::bind("127.0.0.1:0").unwrap(),
+        UdpSocket::bind("127.0.0.1:0").unwrap(),
+    );
+    let client_addr = sender.local_addr().unwrap();
+    plane.allocate(client_addr, 0, false).unwrap();
+    plane
+        .bind_channel(
+            client_addr,
+            0x4000,
+            peer.local_addr().unwrap(),
+            Duration::from_secs(60),
+        )
+        .unwrap();
+    let result = drive(sender, plane.local_addr(), &message, peer);
+    report("data plane", result, plane.stats().traffic.packets_to_peers);
+    plane.close();
+
+    let forwarder = UdpSocket::bind("127.0.0.1:0").unwrap();
+    forwarder.set_nonblocking(true).unwrap();
+    sys::set_buffer_sizes(&forwarder, 4 << 20);
+    let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let peer_addr = peer.local_addr().unwrap();
+    let target = forwarder.local_addr().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let forwarded = Arc::new(AtomicU64::new(0));
+    let worker = {
+        let (stop, forwarded) = (Arc::clone(&stop), Arc::clone(&forwarded));
+        std::thread::spawn(move || {
+            let poller = sys::Poller::new().unwrap();
+            poller.add(forwarder.as_raw_fd(), 0).unwrap();
+            let (mut events, mut tokens) = (Vec::with_capacity(4), Vec::new());
+            let mut recv = RecvBatch::new(64, 65_536);
+            let mut send = SendBatch::new(64);
+            let out = UdpSocket::bind("127.0.0.1:0").unwrap();
+            while !stop.load(Ordering::Relaxed) {
+                poller.wait(&mut events, &mut tokens, 50);
+                let n = recv.recv(&forwarder);
+                let msgs: Vec<Outgoing<'_>> = (0..n)
+                    .map(|i| Outgoing {
+                        head: &[],
+                        body: &recv.get(i).0[4..],
+                        pad: 0,
+                        to: peer_addr,
+                    })
+                    .collect();
+                send.send(out.as_raw_fd(), &msgs, |_| {});
+                forwarded.fetch_add(n as u64, Ordering::Relaxed);
+            }
+        })
+    };
+    let result = drive(
+        UdpSocket::bind("127.0.0.1:0").unwrap(),
+        target,
+        &message,
+        peer,
+    );
+    stop.store(true, Ordering::Relaxed);
+    worker.join().unwrap();
+    report("bare forwarder", result, forwarded.load(Ordering::Relaxed));
+}
+
+#[test]
+fn ipv6_end_to_end() {
+    let Ok(client) = UdpSocket::bind("[::1]:0") else {
+        return; // no IPv6 loopback here
+    };
+    client.set_read_timeout(Some(WAIT)).unwrap();
+    let peer = UdpSocket::bind("[::1]:0").unwrap();
+    peer.set_read_timeout(Some(WAIT)).unwrap();
+    let plane = DataPlane::start(Config::new("[::1]:0".parse().unwrap())).unwrap();
+    let server = plane.local_addr();
+    let (client_addr, peer_addr) = (client.local_addr().unwrap(), peer.local_addr().unwrap());
+    let relayed = plane.allocate(client_addr, 0, false).unwrap();
+    assert!(relayed.is_ipv6());
+    assert!(plane
+        .add_permission(client_addr, "127.0.0.1".parse().unwrap(), WAIT)
+        .is_err());
+    plane
+        .add_permission(client_addr, peer_addr.ip(), WAIT)
+        .unwrap();
+    client
+        .send_to(
+            &codec::encode_send_indication(&[8; 12], peer_addr, b"six"),
+            server,
+        )
+        .unwrap();
+    assert_eq!(recv(&peer), (b"six".to_vec(), relayed));
+    peer.send_to(b"back", relayed).unwrap();
+    let (message, _) = recv(&client);
+    assert_eq!(
+        codec::decode_data_indication(&message).unwrap(),
+        (peer_addr, &b"back"[..])
+    );
 }
