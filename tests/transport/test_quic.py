@@ -11,6 +11,7 @@ import anyio
 import pytest
 from aioquic._buffer import Buffer
 from aioquic.quic.packet import QuicProtocolVersion, pull_quic_header
+from aioquic.quic.recovery import QuicPacketPacer
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from teia.errors import (
@@ -20,7 +21,13 @@ from teia.errors import (
     PeerIdMismatch,
     StreamReset,
 )
-from teia.transport.quic import STREAM_WINDOW, QuicConnectionHandle, QuicEndpoint, QuicStream
+from teia.transport.quic import (
+    STREAM_WINDOW,
+    QuicConnectionHandle,
+    QuicEndpoint,
+    QuicStream,
+    _BurstPacer,
+)
 from teia.transport.tls import peer_id_of
 
 TIMEOUT = 10
@@ -343,3 +350,33 @@ async def test_unknown_versions_get_version_negotiation_without_amplification() 
     assert header.source_cid == dcid
     assert QuicProtocolVersion.VERSION_1 in header.supported_versions
     assert len(answer) < 100
+
+
+def _burst(pacer: QuicPacketPacer, now: float = 1.0) -> int:
+    """Packets the pacer lets go back to back from a full bucket."""
+    pacer.update_bucket(now=now)
+    sent = 0
+    while pacer.next_send_time(now=now) is None and sent < 100:
+        pacer.update_after_send(now=now)
+        sent += 1
+    return sent
+
+
+def test_pacer_keeps_full_bursts_at_loopback_rates() -> None:
+    # A window of 10 000 packets over a 1 ms round trip: aioquic floors the time per packet at
+    # 1 µs, and its own pacer then allows one or two packets per wake-up.
+    window, rtt = 10_000 * 1200, 0.001
+    plain, ours = QuicPacketPacer(max_datagram_size=1200), _BurstPacer(max_datagram_size=1200)
+    plain.update_rate(window, rtt)
+    ours.update_rate(window, rtt)
+    assert _burst(plain) <= 2
+    assert _burst(ours) == 16
+
+
+def test_pacer_is_aioquics_own_at_ordinary_rates() -> None:
+    for window, rtt in ((40 * 1200, 0.01), (4 * 1200, 0.05), (200 * 1200, 0.002)):
+        plain, ours = QuicPacketPacer(max_datagram_size=1200), _BurstPacer(max_datagram_size=1200)
+        plain.update_rate(window, rtt)
+        ours.update_rate(window, rtt)
+        assert ours.bucket_max == pytest.approx(plain.bucket_max)
+        assert _burst(ours) == _burst(plain)
