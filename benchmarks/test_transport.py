@@ -687,7 +687,7 @@ def _figures_table(request: pytest.FixtureRequest) -> Iterator[None]:
     yield
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
     capture = request.config.pluginmanager.get_plugin("capturemanager")
-    if not _FIGURES or reporter is None or capture is None:
+    if not (_FIGURES or _PAIRED) or reporter is None or capture is None:
         return
     with capture.global_and_fixture_disabled():  # teardown output is captured otherwise
         reporter.ensure_newline()
