@@ -3,7 +3,10 @@
 # Runs as root on the project's machines (CI included); elsewhere it only reports.
 set -euo pipefail
 
-packages=()  # grows with the services whose tests need a real foreign tool
+# grows with the services whose tests need a real foreign tool
+packages=(
+    coturn  # turnutils_uclient: a standard TURN client run against teia relay
+)
 
 missing=()
 for p in "${packages[@]}"; do
