@@ -7,6 +7,8 @@ import struct
 from dataclasses import dataclass, field
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from teia.relay import stun
 from teia.relay.auth import RelayAuthenticator, rest_password
@@ -626,3 +628,39 @@ def test_tcp_client_send_and_channel_data_need_permission_and_binding() -> None:
     assert core.handle(frame[:6], client.address, "tcp", T0) == []  # truncated
     assert core.client_closed(client.address, "tcp") == [ReleaseRelay(client.address, "tcp")]
     assert core.allocations == {}
+
+
+_attr_types = st.sampled_from([int(a) for a in Attr] + [0x0031, 0x8031])
+
+
+@given(
+    method=st.sampled_from([int(m) for m in Method] + [0x00A, 0xFFF]),
+    cls=st.sampled_from(MessageClass),
+    attributes=st.lists(st.tuples(_attr_types, st.binary(max_size=24)), max_size=8),
+    sign=st.booleans(),
+    raw=st.binary(max_size=64),
+)
+def test_core_never_raises_on_hostile_messages(
+    method: int,
+    cls: MessageClass,
+    attributes: list[tuple[int, bytes]],
+    sign: bool,
+    raw: bytes,
+) -> None:
+    core = make_core()
+    client = Client(core)
+    client.login(T0)
+    builder = MessageBuilder(method, cls, os.urandom(12))
+    for attr, value in attributes:
+        if attr not in (Attr.MESSAGE_INTEGRITY, Attr.MESSAGE_INTEGRITY_SHA256, Attr.FINGERPRINT):
+            builder.add(attr, value)
+    if sign:
+        builder.add_text(Attr.USERNAME, "alice").add_text(Attr.REALM, REALM)
+        builder.add_text(Attr.NONCE, client.nonce or "")
+    data = builder.finish(key=client.key() if sign else None)
+    for transport in ("udp", "tcp"):
+        for payload in (data, raw, b"\x40\x00" + raw, data[: len(raw) % (len(data) + 1)]):
+            actions = core.handle(payload, client.address, transport, T0)  # type: ignore[arg-type]
+            for action in actions:
+                if isinstance(action, SendToClient):
+                    stun.parse(action.data)  # every answer is well-formed
