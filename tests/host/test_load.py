@@ -13,8 +13,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import anyio
+import anyio.abc
 import pytest
 
+from teia.errors import TransportError
 from teia.host.connmgr import ConnectionLimits
 from teia.host.host import Host
 from teia.host.streams import NegotiatedStream
@@ -238,3 +240,40 @@ async def test_a_peer_that_stops_reading_only_stalls_its_own_stream() -> None:
                 await c.connect(b.addrs[0])
                 assert len(await c.ping(b.peer_id)) == 1
             await stream.aclose()
+
+
+async def drain(stream: anyio.abc.ByteReceiveStream) -> None:
+    """Read until the stream ends (or fails); the host closes a stream it cannot negotiate."""
+    for _ in range(1000):
+        await stream.receive()
+
+
+@pytest.mark.anyio
+async def test_malformed_negotiation_and_identify_answers_do_not_disturb_the_host() -> None:
+    from teia.errors import InvalidProtobuf
+    from teia.host.identify import IDENTIFY_PROTOCOL
+
+    async def lying_identify(stream: NegotiatedStream) -> None:
+        await stream.send(b"\x05\xff\xff\xff\xff\xff")  # a length prefix, then no valid protobuf
+        await stream.send_eof()
+
+    with anyio.fail_after(TIMEOUT):
+        async with (
+            server_and_client("/ip4/127.0.0.1/udp/0/quic-v1") as (a, b),
+            QuicEndpoint(Identity.generate().private_key) as abuser,
+        ):
+            connection = await abuser.connect(b.listen_addrs[0].to_udp_address())
+            # Garbage where multistream-select is expected, and an oversize multistream line.
+            for junk in (b"\xff\xff\xff\xff", b"\x13/multistream/1.0.0\n" + b"\x7f" + b"x" * 200):
+                stream = await connection.open_stream()
+                await stream.send(junk)
+                await stream.send_eof()
+                with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError, TransportError)):
+                    await drain(stream)
+            # A peer whose identify answer is malformed: a typed error for the asker only.
+            a.set_handler(IDENTIFY_PROTOCOL, lying_identify)
+            with pytest.raises(InvalidProtobuf):
+                await b.identify(a.peer_id)
+            assert len(await a.ping(b.peer_id, count=2)) == 2
+            assert len(await b.ping(a.peer_id, count=2)) == 2
+            await connection.aclose()
