@@ -49,7 +49,7 @@ import anyio.lowlevel
 import anyio.to_thread
 from anyio.streams.memory import MemoryObjectSendStream
 
-from teia.errors import InvalidStunMessage, RelayError
+from teia.errors import InvalidStunMessage, RelayCapacityError, RelayError
 from teia.relay import stun
 from teia.relay.auth import AuthOutcome, RelayAuthenticator
 from teia.relay.policy import RelayPolicy
@@ -946,7 +946,7 @@ class RelayServer:
                     break
                 self.data_plane.release(*action.client)  # odd: ports are random, try again
             else:
-                raise RelayError("no even relayed port found")
+                raise RelayCapacityError("no even relayed port found")
         except _DATA_PLANE_ERRORS as exc:
             log.warning(
                 "could not create a relayed socket",
