@@ -279,3 +279,62 @@ class RelayCapacityError(RelayError):
 
     The client gets 508 (Insufficient Capacity); widen the relay port range or add relays.
     """
+
+
+# --- store ----------------------------------------------------------------------------------
+
+
+class StoreError(TeiaError):
+    """Base class of errors from the store-and-forward nodes (issue 6)."""
+
+
+class InvalidStoreMessage(StoreError, ValueError):
+    """A ``/teia/store/1.0.0`` message that is truncated, oversize, malformed or over a limit.
+
+    A node answers it with a ``BAD_REQUEST`` (or ``TOO_LARGE``) status and keeps serving; a
+    client that receives one from a node treats the node as broken for that request.
+    """
+
+
+class StoreDatabaseError(StoreError):
+    """The store's SQLite file is unusable: corrupt, of an unknown schema version, or closed.
+
+    Move a corrupt file aside (replicas hold copies; anti-entropy refills the node); a newer
+    schema version needs a newer teia.
+    """
+
+
+class StoreRequestRefused(StoreError):
+    """A store node refused a request; ``status`` is the wire status code (see
+    `teia.store.messages.Status`) and the message is the node's explanation."""
+
+    status = 0
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        if status is not None:
+            self.status = status
+
+
+class StoreAuthError(StoreRequestRefused):
+    """An owner operation whose signature is forged, made with a key that does not hash to the
+    inbox, outside the ±60 s clock window, or a replay. Sign a fresh operation (and check the
+    clock) before retrying."""
+
+
+class StoreQuotaExceeded(StoreRequestRefused):
+    """A deposit over the inbox's quota (envelopes or bytes) or the node's disk quota.
+
+    Nothing was stored. The recipient must fetch and acknowledge first, or the operator raise
+    the quota.
+    """
+
+
+class StoreRateLimited(StoreRequestRefused):
+    """Too many requests from this peer; wait before sending more."""
+
+
+class StoreUnavailable(StoreError):
+    """Too few store nodes answered: a replicated write did not reach W acknowledgements, or no
+    node responsible for an inbox could be read. Retry later; the payload was not lost if the
+    caller still holds it."""
