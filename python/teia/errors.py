@@ -281,6 +281,25 @@ class RelayCapacityError(RelayError):
     """
 
 
+class RelayUnavailable(RelayError, TransportError):
+    """No relay allocation to send through: no relay is configured
+    (``Host(relays=[RelayClientConfig(…)])``), or every configured relay is unreachable or
+    refused the allocation (its ``last_error`` says why); or the allocation ended mid-dial.
+    """
+
+
+class RelayRefused(RelayError, TransportError):
+    """A relay answered a TURN request with an error; ``code`` is the STUN error code
+    (403: the relay's policy forbids that peer; 486/508: quotas or capacity)."""
+
+    code = 0
+
+    def __init__(self, message: str, code: int | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+
 # --- store ----------------------------------------------------------------------------------
 
 
