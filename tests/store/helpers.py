@@ -61,6 +61,7 @@ TEST_SETTINGS = StoreSettings(
     request_burst=1e6,
     purge_interval=0,
     anti_entropy_interval=0,
+    sync_timeout=3.0,
 )
 
 
@@ -140,7 +141,7 @@ async def client_host(
     clock: Callable[[], int] | None = None,
 ) -> AsyncIterator[tuple[Host, StoreClient]]:
     async with Host(Identity.generate(), listen=[LOOPBACK], dial_timeout=2.0) as host:
-        client = StoreClient(host, clock=clock) if clock else StoreClient(host)
+        client = StoreClient(host, timeout=3.0, clock=clock or wall_clock_ms)
         try:
             yield host, client
         finally:

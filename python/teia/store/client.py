@@ -150,9 +150,13 @@ class StoreClient:
         self._idle.clear()
 
     def forget(self, peer: PeerId) -> None:
-        """Drop pooled streams to ``peer`` (after it failed)."""
+        """Drop pooled streams and close connections to ``peer`` after it failed, so the next
+        call dials afresh (a node that died or restarted may leave a connection that looks
+        open until the QUIC idle timeout)."""
         for stream in self._idle.pop(peer, []):
             stream.reset()
+        for connection in self.host.connections.connections_to(peer):
+            connection.close("store request failed")
 
     async def _checked(self, peer: PeerId, request: Request) -> Response:
         response = await self.exchange(peer, request)

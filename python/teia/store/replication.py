@@ -69,12 +69,17 @@ class ReplicatedStoreClient:
         self.write_quorum = write_quorum
         self.retry_after = retry_after
         self._down_until: dict[PeerId, float] = {}
+        self._version = membership.version
 
     def nodes_for(self, inbox: bytes) -> list[StoreNodeInfo]:
         """The nodes responsible for ``inbox``, closest first."""
         return responsible_nodes(inbox, self.membership.store_nodes(), self.replication)
 
     def _usable(self, node: StoreNodeInfo) -> bool:
+        if self.membership.version != self._version:
+            # The membership changed (a node joined, left or came back): try everyone again.
+            self._version = self.membership.version
+            self._down_until.clear()
         return self._down_until.get(node.peer_id, 0.0) <= anyio.current_time()
 
     async def _on_node(
