@@ -33,6 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     relay_service.register(sub)
 
+    from teia.store import service as store_service
+
+    store_service.register(sub)
+
     from teia import demo
 
     demo.register(sub)

@@ -1,0 +1,196 @@
+"""``teia store``: the store-and-forward node as a service.
+
+Settings come from flags and ``--config FILE`` (TOML, the same names: ``listen = [...]``,
+``bootstrap = [...]``, ``data-dir``, ``max-ttl-days`` …). The node's identity lives in
+``DATA_DIR/store-identity.key`` (a libp2p private-key protobuf, created 0600 on first start),
+its database in ``DATA_DIR/store.db``.
+
+Membership: ``--bootstrap`` names the other store nodes (``…/quic-v1/p2p/<id>``); with this
+node they form the static membership that decides which R nodes hold each inbox. (A
+DHT-backed membership, store nodes advertising ``/teia/store/1.0.0`` in their peer records,
+plugs in through `teia.store.membership.StoreMembership`.)
+
+Metrics (metadata only): envelopes stored / replicated / delivered / deleted / expired /
+fetched, bytes stored, refusals by reason, requests by kind and status, batch sizes and
+commit times, and gauges of envelopes, bytes and inboxes held.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from teia.errors import ConfigError, InvalidKeyEncoding, InvalidMultiaddr
+from teia.host.host import Host
+from teia.identity import Identity, Multiaddr
+from teia.service import ServiceConfig, ServiceContext, add_arguments, load, run, setting
+from teia.store.membership import StaticMembership, StoreNodeInfo
+from teia.store.node import DAY_S, StoreNode, StoreSettings
+from teia.store.storage import InboxStore, StoreLimits
+
+__all__ = ["StoreConfig", "register", "serve"]
+
+_IDENTITY_FILE = "store-identity.key"
+_DATABASE_FILE = "store.db"
+
+
+def _listen(value: Any) -> str | None:
+    try:
+        addr = Multiaddr(value)
+    except InvalidMultiaddr as exc:
+        return str(exc)
+    if not addr.is_quic_v1 or addr.peer_id is not None:
+        return "must be /ip4|ip6/<address>/udp/<port>/quic-v1"
+    return None
+
+
+def _bootstrap(value: Any) -> str | None:
+    try:
+        StoreNodeInfo.from_multiaddr(value)
+    except (InvalidMultiaddr, ValueError) as exc:
+        return str(exc)
+    return None
+
+
+def _ttl_days(value: Any) -> str | None:
+    return None if 7 <= value <= 14 else "must be between 7 and 14 days (the operator window)"
+
+
+def _positive(value: Any) -> str | None:
+    return None if value > 0 else "must be positive"
+
+
+def _non_negative(value: Any) -> str | None:
+    return None if value >= 0 else "must not be negative"
+
+
+@dataclass
+class StoreConfig(ServiceConfig):
+    listen: list[str] = setting(
+        ["/ip4/0.0.0.0/udp/4003/quic-v1"], "QUIC listen address", metavar="MULTIADDR",
+        check=_listen,
+    )  # fmt: skip
+    bootstrap: list[str] = setting(
+        [], "another store node (…/quic-v1/p2p/<id>)", metavar="MULTIADDR", check=_bootstrap
+    )
+    data_dir: Path = setting(Path("/var/lib/teia/store"), "state directory", metavar="DIR")
+    default_ttl_days: int = setting(14, "TTL of envelopes that ask for none", check=_ttl_days)
+    min_ttl_days: int = setting(
+        7, "shortest TTL kept (shorter requests are raised)", check=_ttl_days
+    )
+    max_ttl_days: int = setting(14, "longest TTL kept (longer requests are cut)", check=_ttl_days)
+    max_inbox_envelopes: int = setting(10_000, "envelopes per inbox", check=_positive)
+    max_inbox_bytes: int = setting(64 * 1024 * 1024, "payload bytes per inbox", check=_positive)
+    max_disk_bytes: int = setting(
+        8 * 1024 * 1024 * 1024, "payload bytes on this node (disk quota)", check=_positive
+    )
+    deposit_rate: float = setting(200.0, "envelopes/s one peer may deposit", check=_positive)
+    deposit_burst: float = setting(2000.0, "deposit burst per peer", check=_positive)
+    request_rate: float = setting(100.0, "other requests/s per peer", check=_positive)
+    request_burst: float = setting(500.0, "request burst per peer", check=_positive)
+    replication: int = setting(3, "store nodes holding each inbox (R)", check=_positive)
+    batch_max: int = setting(1024, "envelopes committed per transaction at most", check=_positive)
+    purge_interval: float = setting(60.0, "seconds between purges of expired envelopes",
+                                    check=_positive)  # fmt: skip
+    anti_entropy_interval: float = setting(
+        300.0, "seconds between anti-entropy rounds (0: only on membership changes)",
+        check=_non_negative,
+    )  # fmt: skip
+
+
+def load_identity(data_dir: Path) -> Identity:
+    """The node's identity from ``data_dir``, created (0600, atomically) on first start."""
+    path = data_dir / _IDENTITY_FILE
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if path.exists():
+            return Identity.from_private_key_protobuf(path.read_bytes())
+        identity = Identity.generate()
+        partial = path.with_suffix(".tmp")
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(identity.to_private_key_protobuf())
+        os.replace(partial, path)
+        return identity
+    except OSError as exc:
+        raise ConfigError(
+            f"data-dir {data_dir}: cannot keep the node identity there: {exc.strerror or exc}"
+        ) from None
+    except InvalidKeyEncoding as exc:
+        raise ConfigError(f"{path} is not a usable identity ({exc}); move it aside") from None
+
+
+def settings_from(config: StoreConfig) -> tuple[StoreSettings, StoreLimits]:
+    """The node policy and the database limits that ``config`` describes."""
+    if not config.min_ttl_days <= config.default_ttl_days <= config.max_ttl_days:
+        raise ConfigError("min-ttl-days <= default-ttl-days <= max-ttl-days must hold")
+    settings = StoreSettings(
+        default_ttl_s=config.default_ttl_days * DAY_S,
+        min_ttl_s=config.min_ttl_days * DAY_S,
+        max_ttl_s=config.max_ttl_days * DAY_S,
+        batch_max=config.batch_max,
+        deposit_rate=config.deposit_rate,
+        deposit_burst=config.deposit_burst,
+        request_rate=config.request_rate,
+        request_burst=config.request_burst,
+        replication=config.replication,
+        purge_interval=config.purge_interval,
+        anti_entropy_interval=config.anti_entropy_interval or 1e9,
+    )
+    limits = StoreLimits(
+        max_inbox_envelopes=config.max_inbox_envelopes,
+        max_inbox_bytes=config.max_inbox_bytes,
+        max_total_bytes=config.max_disk_bytes,
+    )
+    return settings, limits
+
+
+async def serve(ctx: ServiceContext) -> None:
+    """The service body: serve until cancelled."""
+    config = ctx.config
+    assert isinstance(config, StoreConfig)
+    settings, limits = settings_from(config)
+    identity = load_identity(config.data_dir)
+    peers = [StoreNodeInfo.from_multiaddr(addr) for addr in config.bootstrap]
+    with InboxStore(config.data_dir / _DATABASE_FILE, limits=limits) as store:
+        async with Host(identity, listen=config.listen) as host:
+            me = StoreNodeInfo(identity.peer_id, tuple(host.listen_addrs))
+            membership = StaticMembership([me, *peers])
+            async with StoreNode(
+                host, store, membership=membership, settings=settings, registry=ctx.registry
+            ) as node:
+                ctx.ready(
+                    peer_id=str(identity.peer_id),
+                    listen=",".join(str(a) for a in host.addrs) or ",".join(config.listen),
+                    store_nodes=len(membership.store_nodes()),
+                    envelopes=store.envelope_count,
+                    inboxes=store.inbox_count,
+                )
+                if peers:
+                    # A node that (re)starts catches up with its replicas at once.
+                    await node.run_anti_entropy()
+                await anyio.sleep_forever()
+
+
+def _run(args: argparse.Namespace) -> int:
+    config = load(StoreConfig, args)
+    return run("store", config, serve)
+
+
+def register(sub: Any) -> None:
+    """Register ``teia store`` on the top-level subparsers."""
+    parser = sub.add_parser(
+        "store",
+        help="run a store-and-forward node (inboxes for offline peers)",
+        description="Hold end-to-end encrypted envelopes for offline peers in inboxes keyed by "
+        "the recipient's key hash, for 7 to 14 days or until the recipient acknowledges them "
+        "(signed); hold prekey bundles; replicate each inbox on the R closest store nodes "
+        "(--bootstrap names the others) and reconcile them by anti-entropy.",
+    )
+    add_arguments(parser, StoreConfig)
+    parser.set_defaults(handler=_run)
