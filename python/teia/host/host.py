@@ -15,6 +15,15 @@ peer ID; the other stops taking new streams and closes after a grace period.
 Handlers run in the host's task group, one task per stream; the stream is closed when the
 handler returns, and a failing handler is logged without touching the connection. Leaving the
 block cancels every handler and closes every connection.
+
+Peers through a relay: ``Host(identity, relays=[RelayClientConfig(address=…, …)])`` keeps a TURN
+allocation on each relay, on the listen socket of the same IP version (see
+`teia.transport.quic`); `relayed_addrs` are the allocations' addresses with ``/p2p/<our id>``
+(also part of `addrs`), kept fresh in the background and re-made when a relay restarts or an
+allocation is lost. `on_relayed_addrs_change` callbacks run (and `wait_relayed_addrs` wakes)
+whenever they change, so the peer layer can publish its record anew. Dialing an address on a
+configured relay's IP goes through our own allocation; each allocation holds permissions for
+every configured relay's IP, which is what lets peers on those relays reach us.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ import anyio
 import anyio.abc
 
 from teia.errors import (
+    ConfigError,
     ConnectionClosed,
     ConnectionLimitExceeded,
     InvalidMultiaddr,
@@ -54,6 +64,7 @@ from teia.host.peerstore import ANNOUNCED_TTL, CONNECTED_TTL, AddressBook
 from teia.host.ping import PING_PROTOCOL, ping, serve_ping
 from teia.host.streams import NegotiatedStream, accept_protocol, select_protocol
 from teia.identity import Identity, Multiaddr, PeerId
+from teia.relay.client import RelayClientConfig
 from teia.transport.quic import QuicConnectionHandle, QuicEndpoint, QuicStream
 
 __all__ = ["DEFAULT_LISTEN", "Host", "StreamHandler"]
@@ -97,6 +108,7 @@ class Host:
         keep_alive: float | None = 15.0,
         close_grace: float = 10.0,
         peerstore: AddressBook | None = None,
+        relays: Sequence[RelayClientConfig] = (),
     ) -> None:
         if not listen:
             raise ValueError("a host needs at least one listen address")
@@ -112,6 +124,19 @@ class Host:
             except ValueError:
                 raise InvalidMultiaddr(f"listen address {addr} must be an IP literal") from None
             self._listen.append((host, port))
+        versions = [ipaddress.ip_address(host).version for host, _ in self._listen]
+        self._relays: dict[int, list[RelayClientConfig]] = {}
+        for relay in relays:
+            version = ipaddress.ip_address(relay.server[0]).version
+            if version not in versions:
+                raise ConfigError(
+                    f"relay {relay.address} is IPv{version} but no listen address is: listen on "
+                    f"an IPv{version} address to use it"
+                )
+            self._relays.setdefault(versions.index(version), []).append(relay)
+        self._relay_permissions = {relay.server[0] for relay in relays}
+        self._relayed_callbacks: list[Callable[[list[Multiaddr]], None]] = []
+        self._relayed_changed = anyio.Event()
         self._connections: ConnectionManager[QuicConnectionHandle] = ConnectionManager(limits)
         self._negotiation_timeout = negotiation_timeout
         self._dial_timeout = dial_timeout
@@ -139,13 +164,16 @@ class Host:
         stack = contextlib.AsyncExitStack()
         await stack.__aenter__()
         try:
-            for host, port in self._listen:
+            for index, (host, port) in enumerate(self._listen):
                 endpoint = QuicEndpoint(
                     self._identity.private_key,
                     host=host,
                     port=port,
                     idle_timeout=self._idle_timeout,
                     keep_alive=self._keep_alive,
+                    relays=self._relays.get(index, ()),
+                    relay_permissions=self._relay_permissions,
+                    on_relayed_change=self._relayed_addrs_changed,
                 )
                 self._endpoints.append(await stack.enter_async_context(endpoint))
             # Entered last so it exits first: handlers stop before the endpoints close.
@@ -190,11 +218,48 @@ class Host:
 
         Wildcard binds (``0.0.0.0``, ``::``) are left out: they are not dialable as such.
         """
-        return [
+        direct = [
             Multiaddr.from_udp(host, port, peer_id=self.peer_id)
             for host, port in (endpoint.local_address for endpoint in self._endpoints)
             if not ipaddress.ip_address(host).is_unspecified
         ]
+        return direct + self.relayed_addrs
+
+    @property
+    def relayed_addrs(self) -> list[Multiaddr]:
+        """Where peers reach us through our relays: each allocation's relayed address with
+        ``/p2p/<our id>``. Empty without relays, and while no allocation is held."""
+        return [
+            Multiaddr.from_udp(host, port, peer_id=self.peer_id)
+            for endpoint in self._endpoints
+            for host, port in endpoint.relayed_addresses
+        ]
+
+    def on_relayed_addrs_change(self, callback: Callable[[list[Multiaddr]], None]) -> None:
+        """Call ``callback(relayed_addrs)`` whenever they change (an allocation made, lost or
+        re-made); it runs in the host's receive path, so it must not block."""
+        self._relayed_callbacks.append(callback)
+
+    async def wait_relayed_addrs(
+        self, predicate: Callable[[list[Multiaddr]], bool] = bool
+    ) -> list[Multiaddr]:
+        """Wait until ``predicate(relayed_addrs)`` holds (by default: there is one); bound the
+        wait with ``anyio.fail_after``."""
+        while True:
+            addrs = self.relayed_addrs
+            if predicate(addrs):
+                return addrs
+            await self._relayed_changed.wait()
+
+    def _relayed_addrs_changed(self) -> None:
+        changed, self._relayed_changed = self._relayed_changed, anyio.Event()
+        changed.set()
+        addrs = self.relayed_addrs
+        for callback in list(self._relayed_callbacks):
+            try:
+                callback(addrs)
+            except Exception:
+                _log.exception("a relayed-address callback failed")
 
     def observed_addrs(self, *, min_peers: int = 1) -> list[Multiaddr]:
         """Addresses peers saw us at (identify), most reported first.
@@ -226,7 +291,9 @@ class Host:
 
     # --- connections and streams ----------------------------------------------------------------
 
-    async def connect(self, target: Multiaddr | str | PeerId) -> QuicConnectionHandle:
+    async def connect(
+        self, target: Multiaddr | str | PeerId, *, via_relay: bool | None = None
+    ) -> QuicConnectionHandle:
         """Connect to a peer, reusing an open connection to it when there is one.
 
         ``target`` is a multiaddr (``/ip4|ip6|dns/…/udp/…/quic-v1[/p2p/<id>]``; with ``/p2p``
@@ -234,19 +301,23 @@ class Host:
         the addresses in `peerstore`. Each address gets ``dial_timeout`` seconds. Raises
         `NotConnected` when a peer has no known address, `ConnectionLimitExceeded` when the
         connection manager is full, and the last dial's error when every address failed.
+
+        ``via_relay``: None (the default) dials an address on a configured relay's IP through
+        our own allocation and others directly; True sends every dial through an allocation
+        (`RelayUnavailable` at once when no relay is configured); False never does.
         """
         if isinstance(target, PeerId):
-            return await self._connect_peer(target)
+            return await self._connect_peer(target, via_relay)
         addr = Multiaddr(target) if isinstance(target, str) else target
         if not addr.is_quic_v1:
             raise InvalidMultiaddr(f"{addr} is not a QUIC-v1 address (…/udp/<port>/quic-v1)")
         peer = addr.peer_id
         if peer is None:
-            return await self._dial(addr, None)
+            return await self._dial(addr, None, via_relay)
         existing = self._usable_connection(peer)
         if existing is not None:
             return existing
-        return await self._shared_dial(peer, [addr])
+        return await self._shared_dial(peer, [addr], via_relay)
 
     async def open_stream(self, peer: PeerId, protocols: str | Sequence[str]) -> NegotiatedStream:
         """Open a stream to a connected peer and agree on the first protocol it supports.
@@ -323,16 +394,20 @@ class Host:
 
     # --- internals: dialing ---------------------------------------------------------------------
 
-    async def _connect_peer(self, peer: PeerId) -> QuicConnectionHandle:
+    async def _connect_peer(
+        self, peer: PeerId, via_relay: bool | None = None
+    ) -> QuicConnectionHandle:
         existing = self._usable_connection(peer)
         if existing is not None:
             return existing
         addrs = self.peerstore.addrs(peer, now=anyio.current_time())
         if not addrs:
             raise NotConnected(f"no known address for {peer}")
-        return await self._shared_dial(peer, addrs)
+        return await self._shared_dial(peer, addrs, via_relay)
 
-    async def _shared_dial(self, peer: PeerId, addrs: list[Multiaddr]) -> QuicConnectionHandle:
+    async def _shared_dial(
+        self, peer: PeerId, addrs: list[Multiaddr], via_relay: bool | None = None
+    ) -> QuicConnectionHandle:
         """Dial ``peer`` unless a dial to it is already running; then share that one."""
         pending = self._dialing.get(peer)
         if pending is not None:
@@ -350,7 +425,7 @@ class Host:
             error: BaseException | None = None
             for addr in addrs:
                 try:
-                    pending.connection = await self._dial(addr.without_peer_id(), peer)
+                    pending.connection = await self._dial(addr.without_peer_id(), peer, via_relay)
                     return pending.connection
                 except (TransportError, OSError, TimeoutError) as exc:
                     _log.debug("dial to %s at %s failed: %s", peer, addr, exc)
@@ -365,12 +440,14 @@ class Host:
             del self._dialing[peer]
             pending.done.set()
 
-    async def _dial(self, addr: Multiaddr, peer: PeerId | None) -> QuicConnectionHandle:
+    async def _dial(
+        self, addr: Multiaddr, peer: PeerId | None, via_relay: bool | None = None
+    ) -> QuicConnectionHandle:
         host, port = addr.to_udp_address()
         address = await self._resolve(addr, host, port)
         endpoint = self._endpoint_for(address)
         with anyio.fail_after(self._dial_timeout):
-            connection = await endpoint.connect(address, expected_peer_id=peer)
+            connection = await endpoint.connect(address, expected_peer_id=peer, via_relay=via_relay)
         remote = connection.remote_peer.peer_id
         try:
             self._connections.add(remote, Direction.OUTBOUND, connection)

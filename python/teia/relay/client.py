@@ -79,12 +79,12 @@ def _parse_address(text: str) -> Address:
     if not sep or not port.isdigit() or not 0 < int(port) <= 65535:
         raise ConfigError(f"relay address {text!r} must be HOST:PORT (e.g. 203.0.113.7:3478)")
     try:
-        ipaddress.ip_address(host)
+        ip = ipaddress.ip_address(host)
     except ValueError:
         raise ConfigError(
             f"relay address {text!r} must name an IP address, not a host name"
         ) from None
-    return host, int(port)
+    return str(ip), int(port)
 
 
 @dataclass(frozen=True)
@@ -681,6 +681,8 @@ class TurnSession:
         self._on_change = on_change
         self._wall_clock = wall_clock
         self._client: TurnClient | None = None
+        self._ready = False
+        """The allocation is made and its first permissions answered: peers can reach us."""
         self._wakeup = anyio.Event()
         self._changed = anyio.Event()
         self._permission_waiters: dict[str, anyio.Event] = {}
@@ -694,7 +696,7 @@ class TurnSession:
     @property
     def relayed(self) -> Address | None:
         client = self._client
-        if client is None or client.state is not TurnState.ALLOCATED:
+        if client is None or not self._ready or client.state is not TurnState.ALLOCATED:
             return None
         return client.relayed
 
@@ -809,16 +811,25 @@ class TurnSession:
                 if isinstance(event, AllocationCreated):
                     made = True
                     self.last_error = None
-                    self._notify()
+                    if not self._permissions:
+                        self._ready = True
+                        self._notify()
                 elif isinstance(event, AllocationFailed | AllocationLost):
                     code = f" ({event.code})" if event.code else ""
                     self.last_error = event.reason + code
+                    self._ready = False
                     self._notify()
                     for waiter in self._permission_waiters.values():
                         waiter.set()
                     self._permission_waiters.clear()
                     return made
-                elif isinstance(event, PermissionsInstalled):
+                elif (
+                    isinstance(event, PermissionsInstalled | PermissionRefused) and not self._ready
+                ):
+                    # Reachable once the first permissions (for the relays) are answered.
+                    self._ready = True
+                    self._notify()
+                if isinstance(event, PermissionsInstalled):
                     for ip in event.ips:
                         done = self._permission_waiters.pop(ip, None)
                         if done is not None:

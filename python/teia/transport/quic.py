@@ -19,6 +19,14 @@ peer ID other than the one dialed aborts the handshake with a TLS alert.
 
 All clocks are ``anyio.current_time()``, except the wall clock that certificate validity is
 checked against.
+
+Peers through a relay: with ``relays`` the endpoint keeps a TURN allocation on each relay
+(`teia.relay.client.TurnSession`) over the same UDP socket. Every datagram from a relay's
+address is TURN: answers go to the session, and peer data comes out of its Send/Data
+indication or ChannelData and is fed to QUIC *as if from the peer's relayed address*. Datagrams
+to a peer reached through a relay are wrapped for it and sent to the relay. So a connection's
+`remote_address` is the peer's relayed address, and QUIC, with its encryption, stays end to
+end: the relay only ever holds opaque QUIC packets.
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ import logging
 import math
 import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Self
@@ -61,10 +69,12 @@ from teia.errors import (
     HandshakeFailed,
     InvalidCertificate,
     PeerIdMismatch,
+    RelayUnavailable,
     StreamReset,
     TransportError,
 )
 from teia.identity import PeerId
+from teia.relay.client import RelayClientConfig, TurnSession
 from teia.transport.tls import (
     ALPN,
     CertifiedKey,
@@ -652,6 +662,11 @@ class QuicEndpoint:
     Connections silent for ``idle_timeout`` seconds close; every ``keep_alive`` seconds (None:
     never) each connection sends a PING so that a quiet but wanted connection stays up (the
     same 15 s go-libp2p uses, below the usual 30 s idle timeout and NAT binding lifetimes).
+
+    With ``relays``, an allocation is kept on each (see the module docstring) with permissions
+    for ``relay_permissions`` (default: the relays' own IPs, the addresses relayed peers'
+    datagrams come from); ``on_relayed_change`` is called whenever `relayed_addresses`
+    changes. When an allocation is lost, the connections that went through it are closed.
     """
 
     def __init__(
@@ -666,6 +681,9 @@ class QuicEndpoint:
         max_handshaking: int = 128,
         handshake_timeout: float = 10.0,
         clock: Callable[[], dt.datetime] = _wall_clock,
+        relays: Sequence[RelayClientConfig] = (),
+        relay_permissions: Iterable[str] | None = None,
+        on_relayed_change: Callable[[], None] | None = None,
     ) -> None:
         self._host_key = host_key
         self._bind = (host, port)
@@ -686,6 +704,24 @@ class QuicEndpoint:
         self._accept_send, self._accept_receive = anyio.create_memory_object_stream[
             QuicConnectionHandle
         ](MAX_PENDING_CONNECTIONS)
+        version = ipaddress.ip_address(host).version
+        for relay in relays:
+            if ipaddress.ip_address(relay.server[0]).version != version:
+                raise TransportError(
+                    f"relay {relay.address} is not of the IP version of the socket ({host})"
+                )
+        self._relay_configs = list(relays)
+        self._relay_ips = frozenset(relay.server[0] for relay in relays)
+        self._relay_permissions = (
+            set(self._relay_ips) if relay_permissions is None else set(relay_permissions)
+        )
+        self._on_relayed_change = on_relayed_change
+        self._relay_sessions: dict[Address, TurnSession] = {}
+        """By relay server address: where TURN datagrams come from."""
+        self._relay_routes: dict[Address, TurnSession] = {}
+        """Peers (their relayed addresses) reached through an allocation, and which."""
+        self._relayed_seen: dict[TurnSession, Address | None] = {}
+        self._relay_changed_event = anyio.Event()
 
     @property
     def peer_id(self) -> PeerId:
@@ -698,6 +734,19 @@ class QuicEndpoint:
         if self._local_address is None:
             raise TransportError("endpoint is not open")
         return self._local_address
+
+    @property
+    def relayed_addresses(self) -> list[Address]:
+        """The relayed addresses of the allocations held now (empty without relays)."""
+        return [
+            relayed
+            for session in self._relay_sessions.values()
+            if (relayed := session.relayed) is not None
+        ]
+
+    @property
+    def relay_sessions(self) -> list[TurnSession]:
+        return list(self._relay_sessions.values())
 
     async def __aenter__(self) -> Self:
         self._certified = generate_certificate(self._host_key, now=self._clock())
@@ -720,6 +769,15 @@ class QuicEndpoint:
         self._task_group = anyio.create_task_group()
         await self._task_group.__aenter__()
         self._task_group.start_soon(self._receive_loop)
+        for relay in self._relay_configs:
+            session = TurnSession(
+                relay,
+                self._send_now,
+                permissions=self._relay_permissions,
+                on_change=self._relay_changed,
+            )
+            self._relay_sessions[session.server] = session
+            self._task_group.start_soon(session.run)
         return self
 
     async def __aexit__(
@@ -751,21 +809,34 @@ class QuicEndpoint:
         return suppress
 
     async def connect(
-        self, address: Address, *, expected_peer_id: PeerId | None = None
+        self,
+        address: Address,
+        *,
+        expected_peer_id: PeerId | None = None,
+        via_relay: bool | None = None,
     ) -> QuicConnectionHandle:
         """Dial ``address`` (an IP literal and port) and complete the libp2p handshake.
 
         With ``expected_peer_id`` (from ``/p2p/<id>``), a peer proving any
         other ID is refused with `PeerIdMismatch`. Bound the wait with ``anyio.fail_after``.
+
+        ``via_relay``: True dials through one of our allocations (waiting for one if none is
+        ready; `RelayUnavailable` without relays), False dials directly, None (the default)
+        goes through a relay when ``address`` is on one of the configured relays' IPs (a
+        relayed address). Dialing through an allocation first makes sure it has a permission
+        for the target's IP (`RelayRefused` if the relay will not give one).
         """
         host, port = address
         ipaddress.ip_address(host)  # IP literals only; resolution belongs to the host layer
+        session = await self._relay_for(address, via_relay)
         quic = _Libp2pQuicConnection(
             configuration=self._configuration(is_client=True),
             expected_peer_id=expected_peer_id,
             clock=self._clock,
         )
         connection = QuicConnectionHandle(self, quic, (host, port), is_initiator=True)
+        if session is not None:
+            self._relay_routes[(host, port)] = session
         quic.connect((host, port), now=anyio.current_time())
         self._start(connection, [quic.host_cid])
         try:
@@ -795,6 +866,57 @@ class QuicEndpoint:
             return None
         except (anyio.EndOfStream, anyio.ClosedResourceError):
             raise TransportError("endpoint closed") from None
+
+    # --- internals: relays -----------------------------------------------------------------
+
+    async def _relay_for(self, address: Address, via_relay: bool | None) -> TurnSession | None:
+        if via_relay is False or (via_relay is None and address[0] not in self._relay_ips):
+            return None
+        if not self._relay_sessions:
+            raise RelayUnavailable(
+                f"cannot dial {address[0]}:{address[1]} through a relay: no relay is configured "
+                "(give the host relays=[RelayClientConfig(address=…, username=…, password=…)])"
+            )
+        while True:
+            for session in self._relay_sessions.values():
+                if session.relayed is not None:
+                    await session.ensure_permission(address[0])
+                    return session
+            errors = [session.last_error for session in self._relay_sessions.values()]
+            if all(errors):
+                raise RelayUnavailable(
+                    f"cannot dial {address[0]}:{address[1]} through a relay: no allocation ("
+                    + "; ".join(
+                        f"{s.config.address}: {s.last_error}" for s in self._relay_sessions.values()
+                    )
+                    + ")"
+                )
+            await self._relay_changed_event.wait()
+
+    def _relay_changed(self, session: TurnSession) -> None:
+        relayed = session.relayed
+        before = self._relayed_seen.get(session)
+        self._relayed_seen[session] = relayed
+        event, self._relay_changed_event = self._relay_changed_event, anyio.Event()
+        event.set()
+        if before == relayed:
+            return
+        if before is not None:
+            # The peers knew us by the old relayed address: those connections cannot go on.
+            routed = {peer for peer, via in self._relay_routes.items() if via is session}
+            for connection in list(self._connections):
+                if connection.remote_address in routed:
+                    connection.close("relay allocation lost")
+        if self._on_relayed_change is not None:
+            self._on_relayed_change()
+
+    def _relay_datagram(self, session: TurnSession, data: bytes) -> None:
+        unwrapped = session.feed(data)
+        if unwrapped is None:
+            return
+        peer, payload = unwrapped
+        if self._quic_datagram_received(payload, peer):
+            self._relay_routes[peer] = session
 
     # --- internals ------------------------------------------------------------------------
 
@@ -841,6 +963,11 @@ class QuicEndpoint:
         self._connections.discard(connection)
         for cid in connection._local_cids:
             self._unregister(cid, connection)
+        peer = connection.remote_address
+        if peer in self._relay_routes and not any(
+            other.remote_address == peer for other in self._connections
+        ):
+            del self._relay_routes[peer]
 
     def _send_now(self, data: bytes, address: Address) -> None:
         """Best-effort send from synchronous code (a full kernel buffer drops the datagram)."""
@@ -854,7 +981,15 @@ class QuicEndpoint:
     async def _send_datagrams(self, datagrams: list[tuple[bytes, Address]]) -> None:
         assert self._socket is not None
         raw = self._raw_socket
+        routes = self._relay_routes
         for data, (host, port) in datagrams:
+            if routes:
+                session = routes.get((host, port))
+                if session is not None:
+                    wrapped = session.wrap((host, port), data)
+                    if wrapped is None:
+                        continue  # no allocation right now: as lost as any datagram
+                    data, (host, port) = wrapped, session.server
             try:
                 # Fast path: the socket is non-blocking, so try the kernel directly and only go
                 # through the event loop when its buffer is full. This halves the CPU per packet.
@@ -902,15 +1037,24 @@ class QuicEndpoint:
             self._datagram_received(data, (str(address[0]), int(address[1])))
 
     def _datagram_received(self, data: bytes, address: Address) -> None:
+        if self._relay_sessions:
+            session = self._relay_sessions.get(address)
+            if session is not None:
+                self._relay_datagram(session, data)
+                return
+        self._quic_datagram_received(data, address)
+
+    def _quic_datagram_received(self, data: bytes, address: Address) -> bool:
+        """Feed one QUIC datagram; whether a connection took it (or was made for it)."""
         try:
             header = pull_quic_header(Buffer(data=data), host_cid_length=_CONNECTION_ID_LENGTH)
         except ValueError:
-            return
+            return False
         connection = self._by_cid.get(header.destination_cid)
         if connection is not None:
             connection._quic.receive_datagram(data, address, now=anyio.current_time())
             connection._wake()
-            return
+            return True
         if (
             header.version is not None
             and header.version != QuicProtocolVersion.VERSION_1
@@ -927,16 +1071,16 @@ class QuicEndpoint:
                 ),
                 address,
             )
-            return
+            return False
         if (
             header.packet_type != QuicPacketType.INITIAL
             or header.version != QuicProtocolVersion.VERSION_1
             or len(data) < _MIN_INITIAL_DATAGRAM
         ):
-            return
+            return False
         handshaking = sum(not c._handshake_settled.is_set() for c in self._connections)
         if len(self._connections) >= self._max_connections or handshaking >= self._max_handshaking:
-            return  # a hard ceiling; the connection manager above enforces the real limits
+            return False  # a hard ceiling; the connection manager enforces the real limits
         quic = _Libp2pQuicConnection(
             configuration=self._configuration(is_client=False),
             expected_peer_id=None,
@@ -948,3 +1092,4 @@ class QuicEndpoint:
         self._start(connection, [header.destination_cid, quic.host_cid])
         quic.receive_datagram(data, address, now=anyio.current_time())
         connection._wake()
+        return True
