@@ -133,6 +133,7 @@ def relayed_bytes(server: RelayServer) -> tuple[int, int]:
     return stats["bytes_to_peers"], stats["bytes_to_clients"]
 
 
+@pytest.mark.parametrize("anyio_backend", ["trio", "asyncio"])
 @pytest.mark.anyio
 async def test_two_hosts_talk_through_the_relay_end_to_end(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -164,6 +165,7 @@ async def test_two_hosts_talk_through_the_relay_end_to_end(
                 # Each byte crossed the relay twice: A's allocation out to B's relayed address,
                 # then B's allocation in to B.
                 assert min(relayed_bytes(server)) > MEGABYTE
+                assert server.core.responses[("channel_bind", 200)] >= 2  # ChannelData both ways
                 assert sniffer.total() > 2 * MEGABYTE
                 assert not sniffer.saw(MARKER)  # QUIC encrypted it end to end
 
