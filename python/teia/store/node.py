@@ -89,7 +89,7 @@ class StoreSettings:
     """Page size when a fetch asks for 0."""
     batch_max: int = 1024
     """Envelopes committed per transaction at most."""
-    queue_size: int = 256
+    queue_size: int = 1024
     """Deposit requests waiting for the writer before depositors wait too."""
     deposit_rate: float = 200.0
     deposit_burst: float = 2000.0
@@ -435,12 +435,16 @@ class StoreNode:
             for e in envelopes
         ]
         results = await self._commit(stored)
+        count = size = 0
         for env, result in zip(stored, results, strict=True):
             if result == Status.OK:
-                self.metrics.stored.inc()
-                self.metrics.stored_bytes.inc(len(env.payload))
+                count += 1
+                size += len(env.payload)
             elif not result.stored:
                 self.metrics.refused.labels(result.name.lower()).inc()
+        if count:
+            self.metrics.stored.inc(count)
+            self.metrics.stored_bytes.inc(size)
         return results
 
     async def _commit(self, envelopes: list[StoredEnvelope]) -> list[Status]:
@@ -454,17 +458,36 @@ class StoreNode:
         return job.results
 
     async def _writer(self, receive: MemoryObjectReceiveStream[_DepositJob]) -> None:
+        # Two stages: this task gathers deposits into batches while `_committer` commits the
+        # previous batch in a worker thread (SQLite releases the GIL while it works).
+        send_batch, receive_batch = anyio.create_memory_object_stream[list[_DepositJob]](1)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._committer, receive_batch)
+            async with send_batch, receive:
+                async for first in receive:
+                    jobs = [first]
+                    count = len(first.envelopes)
+                    # Let the tasks that are ready to deposit run first (a checkpoint puts the
+                    # writer behind them), so a batch gathers every deposit on its way rather
+                    # than only the one that woke the writer.
+                    for _ in range(8):
+                        await anyio.lowlevel.checkpoint()
+                        gathered = 0
+                        while count < self.settings.batch_max:
+                            try:
+                                job = receive.receive_nowait()
+                            except anyio.WouldBlock:
+                                break
+                            jobs.append(job)
+                            count += len(job.envelopes)
+                            gathered += 1
+                        if not gathered or count >= self.settings.batch_max:
+                            break
+                    await send_batch.send(jobs)
+
+    async def _committer(self, receive: MemoryObjectReceiveStream[list[_DepositJob]]) -> None:
         async with receive:
-            async for first in receive:
-                jobs = [first]
-                count = len(first.envelopes)
-                while count < self.settings.batch_max:
-                    try:
-                        job = receive.receive_nowait()
-                    except anyio.WouldBlock:
-                        break
-                    jobs.append(job)
-                    count += len(job.envelopes)
+            async for jobs in receive:
                 batch = [env for job in jobs for env in job.envelopes]
                 started = anyio.current_time()
                 try:
