@@ -357,3 +357,38 @@ class StoreUnavailable(StoreError):
     """Too few store nodes answered: a replicated write did not reach W acknowledgements, or no
     node responsible for an inbox could be read. Retry later; the payload was not lost if the
     caller still holds it."""
+
+
+# --- peer -----------------------------------------------------------------------------------
+
+
+class PeerError(TeiaError):
+    """A problem in the peer: its profile, a contact, a conversation or a delivery."""
+
+
+class ProfileError(PeerError):
+    """A peer profile that is missing, unreadable, corrupt, or already exists.
+
+    Create one with ``teia init --profile DIR`` (or `teia.peer.Profile.create`).
+    """
+
+
+class InvalidChatMessage(PeerError, ValueError):
+    """A chat envelope, acknowledgement, plaintext or sealed payload that does not parse, is
+    oversize, or is not for us. Nothing was stored and no session changed."""
+
+
+class UnknownContact(PeerError, LookupError):
+    """A contact name that is not in the address book; add it with ``teia contacts add``."""
+
+
+class ContactIdentityChanged(PeerError):
+    """The contact's name now points at another identity key than the one seen before.
+
+    Compare safety numbers with the contact, then ``teia contacts verify NAME`` (or
+    `Peer.contacts.verify`) before sending to it by name again.
+    """
+
+
+class DeliveryError(PeerError):
+    """A message could not be handed over by any path right now; it stays in the outbox."""

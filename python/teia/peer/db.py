@@ -1,0 +1,849 @@
+"""The peer's SQLite database: history, contacts, sessions, prekeys and the outbox.
+
+One file (WAL, mode 0600, ``synchronous=NORMAL``: a commit survives the process dying, not a
+power cut; set ``durable=True`` for ``FULL``). Methods are synchronous and run on one
+connection; `teia.peer.peer.Peer` calls them from a worker thread, one at a time, so the event
+loop never waits on disk.
+
+Secrets and content at rest are sealed with `RowCipher` (ChaCha20-Poly1305 under a key derived
+from the identity seed; every row's natural key is its associated data, so a sealed value
+copied into another row does not open): session state, prekey private keys, message texts.
+Search works without plaintext in the file: each message's words are indexed as keyed hashes
+(HMAC-SHA256 under a second derived key, truncated to 16 bytes). SQLite's FTS5 was not used on
+purpose: its index holds the words in clear.
+
+Schema (``PRAGMA user_version`` = `SCHEMA_VERSION`)::
+
+    meta(key PK, value)
+    contacts(peer_id PK, name UNIQUE, identity_key, trust, previous_peer_id, addrs, added_ms)
+    sessions(peer_id, slot, state*, updated_ms)                         PK(peer_id, slot)
+    prekeys(kind, id, private*, public, handed_out, created_ms)        PK(kind, id)
+    messages(seq PK, message_id, peer_id, conversation, outgoing, sent_ms, received_ms,
+             body*, state, path, latency_ms)                  UNIQUE(peer_id, outgoing, message_id)
+    outbox(peer_id, message_id, kind, plaintext*, envelope, attempts, created_ms, last_error)
+                                                                       PK(peer_id, message_id)
+    base_keys(peer_id, base_key)          initiators' X3DH base keys already accepted (replays)
+    search_tokens(token, seq)
+    (* sealed)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import re
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, Literal
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from teia.crypto import OneTimePrekey, SignedPrekey
+from teia.errors import ProfileError
+from teia.peer.wire import Plaintext
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "Contact",
+    "MessageRow",
+    "OutboxItem",
+    "PeerDatabase",
+    "RowCipher",
+    "Trust",
+    "now_ms",
+]
+
+SCHEMA_VERSION: Final = 1
+_NONCE: Final = 12
+_WORD = re.compile(r"\w+", re.UNICODE)
+_MAX_TOKENS_PER_MESSAGE: Final = 512
+
+Trust = Literal["unverified", "verified", "unverified-changed"]
+MessageState = Literal["pending", "sent", "stored", "delivered", "received", "failed"]
+
+
+def now_ms() -> int:
+    """Wall-clock milliseconds since the Unix epoch."""
+    return time.time_ns() // 1_000_000
+
+
+class RowCipher:
+    """Seals values at rest under keys derived from the identity seed."""
+
+    def __init__(self, identity_seed: bytes) -> None:
+        def derive(info: bytes) -> bytes:
+            return HKDF(
+                algorithm=hashes.SHA256(), length=32, salt=b"teia peer profile", info=info
+            ).derive(identity_seed)
+
+        self._aead = ChaCha20Poly1305(derive(b"teia profile rows v1"))
+        self._search_key = derive(b"teia profile search v1")
+
+    def seal(self, associated: bytes, plaintext: bytes) -> bytes:
+        nonce = secrets.token_bytes(_NONCE)
+        return nonce + self._aead.encrypt(nonce, plaintext, associated)
+
+    def open(self, associated: bytes, sealed: bytes) -> bytes:
+        try:
+            return self._aead.decrypt(sealed[:_NONCE], sealed[_NONCE:], associated)
+        except (InvalidTag, ValueError):
+            raise ProfileError(
+                "a sealed row of the profile database does not open: the database belongs to "
+                "another identity or was modified"
+            ) from None
+
+    def token(self, word: str) -> bytes:
+        return hmac.new(self._search_key, word.encode(), hashlib.sha256).digest()[:16]
+
+    def tokens(self, text: str) -> set[bytes]:
+        words = {w.casefold() for w in _WORD.findall(text)}
+        return {self.token(w) for w in list(words)[:_MAX_TOKENS_PER_MESSAGE]}
+
+
+@dataclass(frozen=True, slots=True)
+class Contact:
+    """Someone in the address book. `peer_id` is the key: it embeds the identity key."""
+
+    peer_id: str
+    name: str | None
+    identity_key: bytes
+    trust: Trust
+    previous_peer_id: str | None
+    addrs: tuple[str, ...]
+    added_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class MessageRow:
+    """One message of the history (`text` opened from its sealed form)."""
+
+    seq: int
+    message_id: bytes
+    peer_id: str
+    conversation: str
+    outgoing: bool
+    sent_ms: int
+    received_ms: int | None
+    text: str
+    state: MessageState
+    path: str | None
+    latency_ms: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxItem:
+    """An envelope waiting for delivery; `envelope` is None until it is encrypted."""
+
+    peer_id: str
+    message_id: bytes
+    kind: int
+    plaintext: bytes | None
+    envelope: bytes | None
+    attempts: int
+    created_ms: int
+
+    def with_envelope(self, envelope: bytes) -> OutboxItem:
+        return OutboxItem(
+            self.peer_id,
+            self.message_id,
+            self.kind,
+            None,
+            envelope,
+            self.attempts,
+            self.created_ms,
+        )
+
+
+_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE contacts (
+    peer_id TEXT PRIMARY KEY,
+    name TEXT UNIQUE,
+    identity_key BLOB NOT NULL,
+    trust TEXT NOT NULL,
+    previous_peer_id TEXT,
+    addrs TEXT NOT NULL DEFAULT '[]',
+    added_ms INTEGER NOT NULL
+);
+CREATE TABLE sessions (
+    peer_id TEXT NOT NULL,
+    slot INTEGER NOT NULL,
+    state BLOB NOT NULL,
+    updated_ms INTEGER NOT NULL,
+    PRIMARY KEY (peer_id, slot)
+);
+CREATE TABLE prekeys (
+    kind TEXT NOT NULL,
+    id INTEGER NOT NULL,
+    private BLOB NOT NULL,
+    public BLOB NOT NULL,
+    handed_out INTEGER NOT NULL DEFAULT 0,
+    created_ms INTEGER NOT NULL,
+    PRIMARY KEY (kind, id)
+);
+CREATE TABLE messages (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    message_id BLOB NOT NULL,
+    peer_id TEXT NOT NULL,
+    conversation TEXT NOT NULL,
+    outgoing INTEGER NOT NULL,
+    sent_ms INTEGER NOT NULL,
+    received_ms INTEGER,
+    body BLOB NOT NULL,
+    state TEXT NOT NULL,
+    path TEXT,
+    latency_ms REAL,
+    UNIQUE (peer_id, outgoing, message_id)
+);
+CREATE INDEX messages_by_conversation ON messages (conversation, seq);
+CREATE TABLE outbox (
+    peer_id TEXT NOT NULL,
+    message_id BLOB NOT NULL,
+    kind INTEGER NOT NULL,
+    plaintext BLOB NOT NULL,
+    envelope BLOB,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    created_ms INTEGER NOT NULL,
+    last_error TEXT,
+    PRIMARY KEY (peer_id, message_id)
+);
+CREATE TABLE base_keys (peer_id TEXT NOT NULL, base_key BLOB NOT NULL,
+    PRIMARY KEY (peer_id, base_key));
+CREATE TABLE search_tokens (token BLOB NOT NULL, seq INTEGER NOT NULL);
+CREATE INDEX search_tokens_by_token ON search_tokens (token);
+"""
+
+# Only constant column lists and "?" placeholders are ever formatted into SQL text.
+_MESSAGE_COLUMNS = (
+    "seq, message_id, peer_id, conversation, outgoing, sent_ms, received_ms, body, state, "
+    "path, latency_ms"
+)
+
+
+def _session_ad(peer_id: str, slot: int) -> bytes:
+    return b"session\0" + peer_id.encode() + b"\0" + bytes([slot])
+
+
+def _prekey_ad(kind: str, prekey_id: int) -> bytes:
+    return b"prekey\0" + kind.encode() + b"\0" + prekey_id.to_bytes(4, "big")
+
+
+def _outbox_ad(peer_id: str, message_id: bytes) -> bytes:
+    return b"outbox\0" + peer_id.encode() + b"\0" + message_id
+
+
+def _message_ad(peer_id: str, outgoing: bool, message_id: bytes) -> bytes:
+    return b"message\0" + peer_id.encode() + (b"\0o\0" if outgoing else b"\0i\0") + message_id
+
+
+class PeerDatabase:
+    """The profile's database; see the module docstring. Not thread-safe by itself: one caller
+    at a time (the peer serialises calls through one worker thread)."""
+
+    def __init__(self, path: Path, cipher: RowCipher, *, durable: bool = False) -> None:
+        self.path = path
+        self._cipher = cipher
+        self._lock = threading.Lock()
+        if not path.exists():
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+        try:
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            if version == 0:
+                self._db.executescript(
+                    f"BEGIN; {_SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+                )
+            elif version != SCHEMA_VERSION:
+                raise ProfileError(
+                    f"profile database schema {version} is not {SCHEMA_VERSION}; upgrade teia"
+                )
+        except sqlite3.DatabaseError as exc:
+            raise ProfileError(f"cannot open the profile database {path}: {exc}") from None
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    # --- meta -------------------------------------------------------------------------------
+
+    def next_counter(self, key: str, count: int = 1) -> int:
+        """Reserve ``count`` consecutive integers under ``key``; returns the first."""
+        with self._transaction() as db:
+            row = db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+            first = int(row[0]) if row else 1
+            db.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, first + count)
+            )
+        return first
+
+    # --- prekeys ----------------------------------------------------------------------------
+
+    def add_signed_prekey(self, prekey: SignedPrekey) -> None:
+        sealed = self._cipher.seal(_prekey_ad("signed", prekey.id), prekey.to_bytes())
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO prekeys (kind, id, private, public, created_ms) "
+                "VALUES ('signed', ?, ?, ?, ?)",
+                (prekey.id, sealed, prekey.public_key, now_ms()),
+            )
+
+    def signed_prekey(self, prekey_id: int | None = None) -> SignedPrekey | None:
+        """The signed prekey with ``prekey_id``, or the newest one."""
+        if prekey_id is None:
+            query = "SELECT id, private FROM prekeys WHERE kind = 'signed' ORDER BY id DESC"
+            row = self._db.execute(query).fetchone()
+        else:
+            row = self._db.execute(
+                "SELECT id, private FROM prekeys WHERE kind = 'signed' AND id = ?", (prekey_id,)
+            ).fetchone()
+        if row is None:
+            return None
+        return SignedPrekey.from_bytes(self._cipher.open(_prekey_ad("signed", row[0]), row[1]))
+
+    def add_one_time_prekeys(self, prekeys: Sequence[OneTimePrekey]) -> None:
+        rows = [
+            (p.id, self._cipher.seal(_prekey_ad("one-time", p.id), p.to_bytes()), p.public_key)
+            for p in prekeys
+        ]
+        created = now_ms()
+        with self._transaction() as db:
+            db.executemany(
+                "INSERT INTO prekeys (kind, id, private, public, created_ms) "
+                "VALUES ('one-time', ?, ?, ?, ?)",
+                [(*row, created) for row in rows],
+            )
+
+    def one_time_prekey(self, prekey_id: int) -> OneTimePrekey | None:
+        row = self._db.execute(
+            "SELECT private FROM prekeys WHERE kind = 'one-time' AND id = ?", (prekey_id,)
+        ).fetchone()
+        if row is None:
+            return None
+        return OneTimePrekey.from_bytes(
+            self._cipher.open(_prekey_ad("one-time", prekey_id), row[0])
+        )
+
+    def fresh_one_time_prekeys(self) -> int:
+        """One-time prekeys not yet handed out."""
+        return int(
+            self._db.execute(
+                "SELECT count(*) FROM prekeys WHERE kind = 'one-time' AND handed_out = 0"
+            ).fetchone()[0]
+        )
+
+    def hand_out_one_time_prekeys(self, limit: int) -> list[tuple[int, bytes]]:
+        """Up to ``limit`` fresh one-time prekeys (id, public key), now marked handed out."""
+        with self._transaction() as db:
+            rows = db.execute(
+                "SELECT id, public FROM prekeys WHERE kind = 'one-time' AND handed_out = 0 "
+                "ORDER BY id LIMIT ?",
+                (limit,),
+            ).fetchall()
+            db.executemany(
+                "UPDATE prekeys SET handed_out = 1 WHERE kind = 'one-time' AND id = ?",
+                [(r[0],) for r in rows],
+            )
+        return [(int(r[0]), bytes(r[1])) for r in rows]
+
+    # --- contacts ---------------------------------------------------------------------------
+
+    def _contact(self, row: Any) -> Contact | None:
+        if row is None:
+            return None
+        peer_id, name, key, trust, previous, addrs, added = row
+        return Contact(
+            str(peer_id),
+            None if name is None else str(name),
+            bytes(key),
+            trust,
+            None if previous is None else str(previous),
+            tuple(json.loads(str(addrs))),
+            int(added),
+        )
+
+    _CONTACT = "SELECT peer_id, name, identity_key, trust, previous_peer_id, addrs, added_ms "
+
+    def contact(self, peer_id: str) -> Contact | None:
+        row = self._db.execute(self._CONTACT + "FROM contacts WHERE peer_id = ?", (peer_id,))
+        return self._contact(row.fetchone())
+
+    def contact_by_name(self, name: str) -> Contact | None:
+        row = self._db.execute(self._CONTACT + "FROM contacts WHERE name = ?", (name,))
+        return self._contact(row.fetchone())
+
+    def contacts(self) -> list[Contact]:
+        rows = self._db.execute(self._CONTACT + "FROM contacts ORDER BY name IS NULL, name")
+        return [c for c in (self._contact(r) for r in rows.fetchall()) if c is not None]
+
+    def upsert_contact(
+        self,
+        peer_id: str,
+        identity_key: bytes,
+        *,
+        name: str | None = None,
+        addrs: Iterable[str] = (),
+    ) -> tuple[Contact, Contact | None]:
+        """Add or update a contact; returns it and, when ``name`` moved here from another
+        identity, that earlier contact (whose name is cleared; the new one is then
+        ``unverified-changed``)."""
+        with self._transaction() as db:
+            previous = None
+            if name is not None:
+                previous = self.contact_by_name(name)
+                if previous is not None and previous.peer_id == peer_id:
+                    previous = None
+                if previous is not None:
+                    db.execute(
+                        "UPDATE contacts SET name = NULL WHERE peer_id = ?", (previous.peer_id,)
+                    )
+            existing = self.contact(peer_id)
+            new_addrs = list(dict.fromkeys([*(existing.addrs if existing else ()), *addrs]))
+            if existing is None:
+                db.execute(
+                    "INSERT INTO contacts (peer_id, name, identity_key, trust, previous_peer_id, "
+                    "addrs, added_ms) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        peer_id,
+                        name,
+                        identity_key,
+                        "unverified-changed" if previous else "unverified",
+                        previous.peer_id if previous else None,
+                        json.dumps(new_addrs),
+                        now_ms(),
+                    ),
+                )
+            else:
+                db.execute(
+                    "UPDATE contacts SET name = coalesce(?, name), addrs = ?, "
+                    "trust = CASE WHEN ? THEN 'unverified-changed' ELSE trust END, "
+                    "previous_peer_id = coalesce(?, previous_peer_id) WHERE peer_id = ?",
+                    (
+                        name,
+                        json.dumps(new_addrs),
+                        previous is not None,
+                        previous.peer_id if previous else None,
+                        peer_id,
+                    ),
+                )
+            contact = self.contact(peer_id)
+        assert contact is not None
+        return contact, previous
+
+    def set_trust(self, peer_id: str, trust: Trust) -> None:
+        with self._transaction() as db:
+            db.execute("UPDATE contacts SET trust = ? WHERE peer_id = ?", (trust, peer_id))
+
+    def remove_contact(self, peer_id: str) -> bool:
+        with self._transaction() as db:
+            return db.execute("DELETE FROM contacts WHERE peer_id = ?", (peer_id,)).rowcount > 0
+
+    # --- sessions ---------------------------------------------------------------------------
+
+    def sessions(self, peer_id: str) -> list[bytes]:
+        """The serialised sessions with a peer, current first (at most two)."""
+        rows = self._db.execute(
+            "SELECT slot, state FROM sessions WHERE peer_id = ? ORDER BY slot", (peer_id,)
+        ).fetchall()
+        return [self._cipher.open(_session_ad(peer_id, slot), state) for slot, state in rows]
+
+    def _save_sessions(self, db: sqlite3.Connection, peer_id: str, states: Sequence[bytes]) -> None:
+        stamp = now_ms()
+        db.executemany(
+            "INSERT OR REPLACE INTO sessions (peer_id, slot, state, updated_ms) VALUES (?,?,?,?)",
+            [
+                (peer_id, slot, self._cipher.seal(_session_ad(peer_id, slot), state), stamp)
+                for slot, state in enumerate(states)
+            ],
+        )
+        db.execute("DELETE FROM sessions WHERE peer_id = ? AND slot >= ?", (peer_id, len(states)))
+
+    def save_sessions(self, peer_id: str, states: Sequence[bytes]) -> None:
+        with self._transaction() as db:
+            self._save_sessions(db, peer_id, states)
+
+    # --- messages ---------------------------------------------------------------------------
+
+    def _insert_message(
+        self,
+        db: sqlite3.Connection,
+        *,
+        message_id: bytes,
+        peer_id: str,
+        conversation: str,
+        outgoing: bool,
+        sent_ms: int,
+        received_ms: int | None,
+        text: str,
+        state: MessageState,
+        path: str | None = None,
+        latency_ms: float | None = None,
+    ) -> int:
+        body = self._cipher.seal(_message_ad(peer_id, outgoing, message_id), text.encode())
+        cursor = db.execute(
+            "INSERT INTO messages (message_id, peer_id, conversation, outgoing, sent_ms, "
+            "received_ms, body, state, path, latency_ms) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            (
+                message_id,
+                peer_id,
+                conversation,
+                int(outgoing),
+                sent_ms,
+                received_ms,
+                body,
+                state,
+                path,
+                latency_ms,
+            ),
+        )
+        seq = cursor.lastrowid
+        assert seq is not None
+        db.executemany(
+            "INSERT INTO search_tokens (token, seq) VALUES (?, ?)",
+            [(token, seq) for token in self._cipher.tokens(text)],
+        )
+        return seq
+
+    def queue_outgoing(
+        self,
+        *,
+        peer_id: str,
+        conversation: str,
+        message_id: bytes,
+        sent_ms: int,
+        text: str | None,
+        kind: int,
+        plaintext: bytes,
+    ) -> int | None:
+        """In one transaction: the history row (for a text) and the outbox entry (the
+        plaintext sealed, to be encrypted for the wire by the delivery task). Returns the
+        history sequence number."""
+        sealed = self._cipher.seal(_outbox_ad(peer_id, message_id), plaintext)
+        with self._transaction() as db:
+            seq = None
+            if text is not None:
+                seq = self._insert_message(
+                    db,
+                    message_id=message_id,
+                    peer_id=peer_id,
+                    conversation=conversation,
+                    outgoing=True,
+                    sent_ms=sent_ms,
+                    received_ms=None,
+                    text=text,
+                    state="pending",
+                )
+            db.execute(
+                "INSERT INTO outbox (peer_id, message_id, kind, plaintext, created_ms) "
+                "VALUES (?,?,?,?,?)",
+                (peer_id, message_id, kind, sealed, sent_ms),
+            )
+        return seq
+
+    def set_envelopes(
+        self, peer_id: str, envelopes: Sequence[tuple[bytes, bytes]], sessions: Sequence[bytes]
+    ) -> None:
+        """In one transaction: the sessions after encrypting, and each encrypted envelope in
+        place of its sealed plaintext (which is dropped: nothing is encrypted twice)."""
+        with self._transaction() as db:
+            self._save_sessions(db, peer_id, sessions)
+            db.executemany(
+                "UPDATE outbox SET envelope = ?, plaintext = x'' "
+                "WHERE peer_id = ? AND message_id = ?",
+                [(envelope, peer_id, message_id) for message_id, envelope in envelopes],
+            )
+
+    def reset_envelopes(self, peer_id: str, message_ids: Sequence[bytes]) -> None:
+        """Envelopes the recipient refused: encrypt their texts again (from history)."""
+        with self._transaction() as db:
+            for message_id in message_ids:
+                row = self.message(peer_id, message_id, outgoing=True)
+                if row is None:
+                    db.execute(
+                        "DELETE FROM outbox WHERE peer_id = ? AND message_id = ?",
+                        (peer_id, message_id),
+                    )
+                    continue
+                sealed = self._cipher.seal(
+                    _outbox_ad(peer_id, message_id), Plaintext(row.text).encode()
+                )
+                db.execute(
+                    "UPDATE outbox SET envelope = NULL, plaintext = ? "
+                    "WHERE peer_id = ? AND message_id = ?",
+                    (sealed, peer_id, message_id),
+                )
+
+    def has_incoming(self, peer_id: str, message_id: bytes) -> bool:
+        return (
+            self._db.execute(
+                "SELECT 1 FROM messages WHERE peer_id = ? AND outgoing = 0 AND message_id = ?",
+                (peer_id, message_id),
+            ).fetchone()
+            is not None
+        )
+
+    def record_incoming(
+        self,
+        *,
+        peer_id: str,
+        identity_key: bytes,
+        conversation: str,
+        message_id: bytes,
+        sent_ms: int,
+        text: str | None,
+        receipts: Sequence[bytes],
+        sessions: Sequence[bytes],
+        used_one_time_prekey: int | None,
+        base_key: bytes | None,
+        path: str,
+    ) -> int | None:
+        """In one transaction: the message into history (texts; receipts are marks on our
+        own messages, each listed message ID that was ours becomes ``delivered``), the
+        sessions after decrypting, the one-time prekey it consumed deleted, and the sender in
+        the contacts. Returns the new history sequence number, or None for a duplicate."""
+        with self._transaction() as db:
+            if self.has_incoming(peer_id, message_id):
+                return None
+            if self.contact(peer_id) is None:
+                db.execute(
+                    "INSERT INTO contacts (peer_id, identity_key, trust, added_ms) "
+                    "VALUES (?, ?, 'unverified', ?)",
+                    (peer_id, identity_key, now_ms()),
+                )
+            self._save_sessions(db, peer_id, sessions)
+            if base_key is not None:
+                db.execute(
+                    "INSERT OR IGNORE INTO base_keys (peer_id, base_key) VALUES (?, ?)",
+                    (peer_id, base_key),
+                )
+            if used_one_time_prekey is not None:
+                db.execute(
+                    "DELETE FROM prekeys WHERE kind = 'one-time' AND id = ?",
+                    (used_one_time_prekey,),
+                )
+            # Receipts and texts both leave a row (receipts with no text), so a replayed
+            # receipt is recognised as a duplicate like a replayed text.
+            seq = self._insert_message(
+                db,
+                message_id=message_id,
+                peer_id=peer_id,
+                conversation=conversation if text is not None else "",
+                outgoing=False,
+                sent_ms=sent_ms,
+                received_ms=now_ms(),
+                text=text or "",
+                state="received",
+                path=path,
+            )
+            if receipts:
+                self._mark_delivered(db, peer_id, receipts, None, None)
+        return seq
+
+    def _mark_delivered(
+        self,
+        db: sqlite3.Connection,
+        peer_id: str,
+        message_ids: Sequence[bytes],
+        path: str | None,
+        latency_ms: float | None,
+    ) -> int:
+        changed = 0
+        for message_id in message_ids:
+            changed += db.execute(
+                "UPDATE messages SET state = 'delivered', path = coalesce(?, path), "
+                "latency_ms = coalesce(?, latency_ms) "
+                "WHERE peer_id = ? AND outgoing = 1 AND message_id = ? AND state != 'delivered'",
+                (path, latency_ms, peer_id, message_id),
+            ).rowcount
+            db.execute(
+                "DELETE FROM outbox WHERE peer_id = ? AND message_id = ?", (peer_id, message_id)
+            )
+        return changed
+
+    def mark_delivered(
+        self,
+        peer_id: str,
+        deliveries: Sequence[tuple[bytes, str | None, float | None]],
+    ) -> None:
+        """(message ID, path, latency ms) per delivered message: history updated, outbox
+        entry removed."""
+        with self._transaction() as db:
+            for message_id, path, latency in deliveries:
+                self._mark_delivered(db, peer_id, [message_id], path, latency)
+
+    def seen_base_key(self, peer_id: str, base_key: bytes) -> bool:
+        return (
+            self._db.execute(
+                "SELECT 1 FROM base_keys WHERE peer_id = ? AND base_key = ?", (peer_id, base_key)
+            ).fetchone()
+            is not None
+        )
+
+    def mark_stored(
+        self, peer_id: str, message_ids: Sequence[bytes], latencies_ms: Sequence[float]
+    ) -> None:
+        """Deposited on the store: out of the outbox, ``stored`` until a receipt comes."""
+        with self._transaction() as db:
+            for message_id, latency_ms in zip(message_ids, latencies_ms, strict=True):
+                db.execute(
+                    "UPDATE messages SET state = 'stored', path = 'stored', latency_ms = ? "
+                    "WHERE peer_id = ? AND outgoing = 1 AND message_id = ? AND state = 'pending'",
+                    (latency_ms, peer_id, message_id),
+                )
+                db.execute(
+                    "DELETE FROM outbox WHERE peer_id = ? AND message_id = ?",
+                    (peer_id, message_id),
+                )
+
+    def note_attempt(self, peer_id: str, message_ids: Sequence[bytes], error: str) -> None:
+        with self._transaction() as db:
+            db.executemany(
+                "UPDATE outbox SET attempts = attempts + 1, last_error = ? "
+                "WHERE peer_id = ? AND message_id = ?",
+                [(error, peer_id, m) for m in message_ids],
+            )
+
+    def outbox(self, peer_id: str | None = None, *, limit: int = 1_000_000) -> list[OutboxItem]:
+        """Pending envelopes in the order they were queued."""
+        query = (
+            "SELECT peer_id, message_id, kind, plaintext, envelope, attempts, created_ms "
+            "FROM outbox "
+            + ("WHERE peer_id = ? " if peer_id is not None else "")
+            + "ORDER BY rowid LIMIT ?"
+        )
+        params: tuple[object, ...] = (peer_id, limit) if peer_id is not None else (limit,)
+        out = []
+        for peer, mid, kind, plaintext, envelope, attempts, created in self._db.execute(
+            query, params
+        ).fetchall():
+            message_id = bytes(mid)
+            opened = None
+            if envelope is None:
+                opened = self._cipher.open(_outbox_ad(str(peer), message_id), bytes(plaintext))
+            out.append(
+                OutboxItem(
+                    str(peer),
+                    message_id,
+                    int(kind),
+                    opened,
+                    None if envelope is None else bytes(envelope),
+                    int(attempts),
+                    int(created),
+                )
+            )
+        return out
+
+    def outbox_peers(self) -> list[str]:
+        return [str(r[0]) for r in self._db.execute("SELECT DISTINCT peer_id FROM outbox")]
+
+    def _row(self, row: Any) -> MessageRow:
+        seq, mid, peer, conv, outgoing, sent, received, body, state, path, latency = row
+        message_id, peer_id = bytes(mid), str(peer)
+        text = self._cipher.open(
+            _message_ad(peer_id, bool(outgoing), message_id),
+            bytes(body),
+        ).decode()
+        return MessageRow(
+            int(seq),
+            message_id,
+            peer_id,
+            str(conv),
+            bool(outgoing),
+            int(sent),
+            None if received is None else int(received),
+            text,
+            state,
+            None if path is None else str(path),
+            None if latency is None else float(latency),
+        )
+
+    def message(self, peer_id: str, message_id: bytes, *, outgoing: bool) -> MessageRow | None:
+        row = self._db.execute(
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages "  # noqa: S608
+            "WHERE peer_id = ? AND outgoing = ? AND message_id = ?",
+            (peer_id, int(outgoing), message_id),
+        ).fetchone()
+        return None if row is None else self._row(row)
+
+    def outgoing_message(self, message_id: bytes) -> MessageRow | None:
+        row = self._db.execute(
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE outgoing = 1 AND message_id = ?",  # noqa: S608
+            (message_id,),
+        ).fetchone()
+        return None if row is None else self._row(row)
+
+    def history(
+        self, conversation: str, *, limit: int = 100, before_seq: int | None = None
+    ) -> list[MessageRow]:
+        """The last ``limit`` messages of a conversation (before ``before_seq``), oldest first."""
+        rows = self._db.execute(
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE conversation = ? AND seq < ? "  # noqa: S608
+            "ORDER BY seq DESC LIMIT ?",
+            (conversation, before_seq if before_seq is not None else 2**62, limit),
+        ).fetchall()
+        return [self._row(r) for r in reversed(rows)]
+
+    def messages_after(self, seq: int, *, limit: int = 1000) -> list[MessageRow]:
+        """Incoming texts with a sequence number above ``seq``, oldest first."""
+        rows = self._db.execute(
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE seq > ? AND outgoing = 0 "  # noqa: S608
+            "AND conversation != '' ORDER BY seq LIMIT ?",
+            (seq, limit),
+        ).fetchall()
+        return [self._row(r) for r in rows]
+
+    def conversations(self) -> list[tuple[str, int, int]]:
+        """(conversation, message count, last sequence number), most recent first."""
+        rows = self._db.execute(
+            "SELECT conversation, count(*), max(seq) FROM messages WHERE conversation != '' "
+            "GROUP BY conversation ORDER BY max(seq) DESC"
+        ).fetchall()
+        return [(str(r[0]), int(r[1]), int(r[2])) for r in rows]
+
+    def search(
+        self, query: str, *, conversation: str | None = None, limit: int = 100
+    ) -> list[MessageRow]:
+        """Messages containing every word of ``query`` (whole words, case-insensitive),
+        newest first."""
+        tokens = sorted(self._cipher.tokens(query))
+        if not tokens:
+            return []
+        placeholders = ",".join("?" * len(tokens))
+        sql = (
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE seq IN ("  # noqa: S608
+            f"SELECT seq FROM search_tokens WHERE token IN ({placeholders}) "
+            "GROUP BY seq HAVING count(DISTINCT token) = ?)"
+            + (" AND conversation = ?" if conversation is not None else "")
+            + " ORDER BY seq DESC LIMIT ?"
+        )
+        params: list[object] = [*tokens, len(tokens)]
+        if conversation is not None:
+            params.append(conversation)
+        params.append(limit)
+        return [self._row(r) for r in self._db.execute(sql, params).fetchall()]
+
+    def last_seq(self) -> int:
+        return int(self._db.execute("SELECT coalesce(max(seq), 0) FROM messages").fetchone()[0])

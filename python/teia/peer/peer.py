@@ -1,0 +1,1050 @@
+"""`Peer`: a profile brought online — sending, receiving, receipts, history, contacts.
+
+``async with Peer.open(profile_dir, passphrase=…) as peer:`` starts a QUIC host on the
+profile's listen addresses, serves ``/teia/chat/1.0.0`` and ``/teia/prekeys/1.0.0``, joins the
+DHT and publishes its record (when bootstrap nodes are configured), uploads a prekey bundle to
+the store nodes (when configured) and fetches what they hold for it, then resumes delivering
+whatever the outbox still holds.
+
+Sending (`Peer.send`) only writes: the text into history (sealed) and into the outbox, in one
+transaction; it returns at once with the message ID. A delivery task per recipient empties the
+outbox in order: it encrypts what is not yet encrypted (X3DH on first contact, with a bundle
+from the recipient itself or from the store nodes; then the Double Ratchet), the sessions and
+envelopes committed together before anything leaves, then picks a path — an existing
+connection; a direct dial to addresses from the contacts, the host's address book or the DHT;
+an address on a relay; else a deposit on the store nodes — and retries every
+``retry_interval`` seconds until the envelope is delivered (acknowledged by the recipient once
+it is in its history) or stored. The path and latency of each delivery are recorded.
+
+Receiving (``/teia/chat/1.0.0`` from connections, and the store inboxes when coming online):
+the envelope's sender must be the connection's peer (for stored envelopes, the sealed
+envelope's claimed sender, which the session then authenticates); a message ID already in
+history is acknowledged again and not decrypted; a prekey message whose identity key is not
+the sender's is refused; decryption is transactional (the crypto core leaves a session
+untouched on any error) and its result — history row, session state, the consumed one-time
+prekey — is committed in one transaction before the acknowledgement goes out (or, for stored
+envelopes, before the store is told to delete them).
+
+Nothing here logs message content, keys or tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import anyio
+import anyio.abc
+from anyio.streams.memory import MemoryObjectSendStream
+
+from teia.crypto import (
+    OneTimePrekey,
+    PrekeyBundle,
+    Session,
+    SignedPrekey,
+    is_prekey_message,
+    parse_prekey_message,
+)
+from teia.errors import (
+    ContactIdentityChanged,
+    CryptoError,
+    DeliveryError,
+    InvalidChatMessage,
+    InvalidPeerId,
+    ProfileError,
+    StoreError,
+    TeiaError,
+    TransportError,
+    UnknownContact,
+)
+from teia.host.host import Host
+from teia.host.streams import NegotiatedStream
+from teia.identity import Multiaddr, PeerId
+from teia.peer.db import Contact, MessageRow, OutboxItem, now_ms
+from teia.peer.profile import PeerConfig, Profile, default_profile_dir
+from teia.peer.safety import safety_number
+from teia.peer.wire import (
+    CHAT_PROTOCOL,
+    MAX_ENVELOPE_SIZE,
+    PREKEY_PROTOCOL,
+    AckStatus,
+    ChatAck,
+    ChatEnvelope,
+    Kind,
+    Plaintext,
+    open_sealed,
+    seal_to,
+)
+
+__all__ = [
+    "Delivered",
+    "IdentityChanged",
+    "Message",
+    "Peer",
+    "PeerEvent",
+    "SessionStarted",
+]
+
+_log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+Path_ = Literal["direct", "relayed", "stored"]
+_BATCH = 256
+_STREAM_ERRORS = (
+    TransportError,
+    OSError,
+    TimeoutError,
+    anyio.EndOfStream,
+    anyio.IncompleteRead,
+    anyio.BrokenResourceError,
+    anyio.ClosedResourceError,
+)
+# Offset of the initiator's base key EK_A in a serialised session (docs/crypto.md).
+_SESSION_BASE_KEY = slice(66, 98)
+
+
+# --- what the application sees ------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A message received, as `Peer.messages` yields it."""
+
+    seq: int
+    """Position in this peer's history (increasing)."""
+    message_id: str
+    """Hex of the 16-byte message ID."""
+    sender: PeerId
+    conversation: str
+    text: str
+    sent_ms: int
+    """The sender's clock."""
+    received_ms: int
+    path: str
+    """How it arrived: ``direct``, ``relayed`` or ``stored``."""
+
+    @classmethod
+    def from_row(cls, row: MessageRow) -> Message:
+        return cls(
+            row.seq,
+            row.message_id.hex(),
+            PeerId.from_string(row.peer_id),
+            row.conversation,
+            row.text,
+            row.sent_ms,
+            row.received_ms or 0,
+            row.path or "direct",
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Delivered:
+    """A message of ours reached the recipient's history (or a store, ``path == "stored"``)."""
+
+    message_id: str
+    peer: PeerId
+    path: str
+    latency_ms: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityChanged:
+    """A contact name now points at another identity: verify before trusting it."""
+
+    name: str
+    old_peer: PeerId
+    new_peer: PeerId
+
+
+@dataclass(frozen=True, slots=True)
+class SessionStarted:
+    """A peer started a new session with us (``reset``: replacing an existing one)."""
+
+    peer: PeerId
+    reset: bool
+
+
+PeerEvent = Delivered | IdentityChanged | SessionStarted
+
+
+@dataclass(frozen=True, slots=True)
+class _Incoming:
+    peer: PeerId
+    envelope: ChatEnvelope
+    path: Path_
+
+
+# --- the peer -------------------------------------------------------------------------------
+
+
+class Peer:
+    """A chat peer on a profile; see the module docstring. Build it with `Peer.open`."""
+
+    def __init__(self, profile: Profile, host: Host) -> None:
+        self.profile = profile
+        self.host = host
+        self.identity = profile.identity
+        self.config: PeerConfig = profile.config
+        self._limiter = anyio.CapacityLimiter(1)
+        self._sessions: dict[PeerId, list[Session]] = {}
+        self._locks: dict[PeerId, anyio.Lock] = {}
+        self._wake: dict[PeerId, anyio.Event] = {}
+        self._workers: set[PeerId] = set()
+        self._queued_at: dict[bytes, float] = {}
+        self._delivered_waiters: dict[bytes, anyio.Event] = {}
+        self._new_message = anyio.Event()
+        self._subscribers: list[MemoryObjectSendStream[PeerEvent]] = []
+        self._task_group: anyio.abc.TaskGroup | None = None
+        self._relay_ips = {relay.server[0] for relay in self.config.relay_configs()}
+        self._opened_seq = 0
+        self._dht: Any = None
+        self._store: Any = None
+        self.stats: dict[str, int] = {"refused": 0, "duplicates": 0, "received": 0}
+        """Counts (metadata only) for metrics and tests."""
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    @classmethod
+    @asynccontextmanager
+    async def open(
+        cls,
+        profile: Profile | Path | str | None = None,
+        *,
+        passphrase: str | bytes | None = None,
+        listen: Sequence[str] | None = None,
+        dial_timeout: float = 5.0,
+    ) -> AsyncIterator[Peer]:
+        """Open a profile directory (or use an opened `Profile`) and bring the peer online.
+
+        ``passphrase`` opens the keystore (needed unless a `Profile` is given); ``listen``
+        overrides the profile's listen addresses. Usable from trio and asyncio programs.
+        """
+        if not isinstance(profile, Profile):
+            if passphrase is None:
+                raise ProfileError("a passphrase is needed to open the profile's keystore")
+            directory = Path(profile) if profile is not None else default_profile_dir()
+            opened = await anyio.to_thread.run_sync(Profile.open, directory, passphrase)
+            owned = True
+        else:
+            opened, owned = profile, False
+        try:
+            config = opened.config
+            async with Host(
+                opened.identity,
+                listen=list(listen or config.listen),
+                relays=config.relay_configs(),
+                dial_timeout=dial_timeout,
+            ) as host:
+                peer = cls(opened, host)
+                async with anyio.create_task_group() as tg:
+                    peer._task_group = tg
+                    try:
+                        await peer._start()
+                        yield peer
+                    finally:
+                        tg.cancel_scope.cancel()
+                        peer._task_group = None
+                        for subscriber in peer._subscribers:
+                            subscriber.close()
+                        if peer._store is not None:
+                            with anyio.CancelScope(shield=True):
+                                await peer._store.client.aclose()
+                        if peer._dht is not None:
+                            with anyio.CancelScope(shield=True):
+                                await peer._dht.__aexit__(None, None, None)
+        finally:
+            if owned:
+                opened.close()
+
+    async def _db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return await anyio.to_thread.run_sync(partial(fn, *args, **kwargs), limiter=self._limiter)
+
+    async def _start(self) -> None:
+        db = self.profile.db
+        self._opened_seq = await self._db(db.last_seq)
+        await self._ensure_prekeys()
+        self.host.set_handler(CHAT_PROTOCOL, self._serve_chat)
+        self.host.set_handler(PREKEY_PROTOCOL, self._serve_prekeys)
+        if self.config.store_nodes:
+            self._setup_store()
+        if self.config.bootstrap:
+            await self._setup_dht()
+        assert self._task_group is not None
+        if self._store is not None:
+            await self._publish_bundle()
+            await self.fetch_stored()
+        for peer_id in await self._db(db.outbox_peers):
+            with contextlib.suppress(InvalidPeerId):
+                self._kick(PeerId.from_string(peer_id))
+
+    # --- who and where --------------------------------------------------------------------
+
+    @property
+    def peer_id(self) -> PeerId:
+        return self.identity.peer_id
+
+    @property
+    def addrs(self) -> list[Multiaddr]:
+        """Where others can reach this peer (``…/p2p/<id>``), relayed addresses included."""
+        return self.host.addrs
+
+    # --- contacts -------------------------------------------------------------------------
+
+    async def add_contact(
+        self, peer: PeerId | str, name: str | None = None, addrs: Sequence[str] = ()
+    ) -> Contact:
+        """Add (or update) a contact. Binding ``name`` to a different identity than before
+        marks the new contact ``unverified-changed`` and emits `IdentityChanged`."""
+        peer_id = peer if isinstance(peer, PeerId) else PeerId.from_string(peer)
+        key = peer_id.public_key
+        if key is None:
+            raise InvalidPeerId(f"{peer_id} does not embed its public key (not Ed25519)")
+        for addr in addrs:
+            Multiaddr(addr)  # validate
+        contact, previous = await self._db(
+            self.profile.db.upsert_contact, str(peer_id), key, name=name, addrs=addrs
+        )
+        if addrs:
+            self.host.peerstore.add(
+                peer_id, [Multiaddr(a) for a in addrs], ttl=float("inf"), now=anyio.current_time()
+            )
+        if previous is not None and name is not None:
+            self._emit(IdentityChanged(name, PeerId.from_string(previous.peer_id), peer_id))
+        return contact
+
+    async def contacts(self) -> list[Contact]:
+        return await self._db(self.profile.db.contacts)
+
+    async def contact(self, who: PeerId | str) -> Contact:
+        """A contact by name or peer ID; `UnknownContact` if absent."""
+        db = self.profile.db
+        found = await self._db(db.contact_by_name, str(who)) if isinstance(who, str) else None
+        if found is None:
+            with contextlib.suppress(InvalidPeerId):
+                peer_id = who if isinstance(who, PeerId) else PeerId.from_string(who)
+                found = await self._db(db.contact, str(peer_id))
+        if found is None:
+            raise UnknownContact(f"no contact {who}")
+        return found
+
+    async def verify_contact(self, who: PeerId | str) -> Contact:
+        """Mark a contact verified (after comparing safety numbers)."""
+        contact = await self.contact(who)
+        await self._db(self.profile.db.set_trust, contact.peer_id, "verified")
+        return await self.contact(contact.peer_id)
+
+    def safety_number(self, peer: PeerId | str) -> str:
+        """The 60-digit safety number between us and ``peer``."""
+        peer_id = peer if isinstance(peer, PeerId) else PeerId.from_string(peer)
+        key = peer_id.public_key
+        if key is None:
+            raise InvalidPeerId(f"{peer_id} does not embed its public key")
+        return safety_number(
+            self.identity.public_key, self.peer_id.to_bytes(), key, peer_id.to_bytes()
+        )
+
+    async def resolve(self, who: PeerId | str) -> PeerId:
+        """A peer ID from a contact name or a peer ID; refuses a name whose identity changed
+        and was not verified since (`ContactIdentityChanged`)."""
+        if isinstance(who, PeerId):
+            return who
+        contact = await self._db(self.profile.db.contact_by_name, who)
+        if contact is not None:
+            if contact.trust == "unverified-changed":
+                raise ContactIdentityChanged(
+                    f"contact {who} changed identity; compare safety numbers, then verify it"
+                )
+            return PeerId.from_string(contact.peer_id)
+        try:
+            return PeerId.from_string(who)
+        except InvalidPeerId:
+            raise UnknownContact(f"{who} is neither a contact name nor a peer ID") from None
+
+    # --- history --------------------------------------------------------------------------
+
+    async def history(
+        self, who: PeerId | str, *, limit: int = 100, before_seq: int | None = None
+    ) -> list[MessageRow]:
+        """The conversation with ``who``, oldest first."""
+        peer_id = await self.resolve(who)
+        return await self._db(
+            self.profile.db.history, str(peer_id), limit=limit, before_seq=before_seq
+        )
+
+    async def search(self, query: str, *, limit: int = 100) -> list[MessageRow]:
+        """Messages containing every word of ``query``, newest first."""
+        return await self._db(self.profile.db.search, query, limit=limit)
+
+    # --- sending --------------------------------------------------------------------------
+
+    async def send(self, to: PeerId | str, text: str) -> str:
+        """Queue ``text`` for ``to`` (peer ID or contact name); returns the message ID (hex).
+
+        It is in history and the outbox when this returns; delivery runs in the background
+        (`wait_delivered`, `events`).
+        """
+        peer_id = await self.resolve(to)
+        if peer_id == self.peer_id:
+            raise DeliveryError("cannot send to ourselves")
+        if peer_id.public_key is None:
+            raise InvalidPeerId(f"{peer_id} does not embed its public key")
+        Plaintext(text).encode()  # size check before anything is written
+        message_id = secrets.token_bytes(16)
+        self._queued_at[message_id] = time.perf_counter()
+        await self._db(
+            self.profile.db.queue_outgoing,
+            peer_id=str(peer_id),
+            conversation=str(peer_id),
+            message_id=message_id,
+            sent_ms=now_ms(),
+            text=text,
+            kind=int(Kind.TEXT),
+            plaintext=Plaintext(text).encode(),
+        )
+        self._kick(peer_id)
+        return message_id.hex()
+
+    async def wait_delivered(self, message_id: str) -> MessageRow:
+        """Wait until our message reaches ``delivered`` or ``stored``; bound it with
+        ``anyio.fail_after``."""
+        raw = bytes.fromhex(message_id)
+        while True:
+            waiter = self._delivered_waiters.setdefault(raw, anyio.Event())
+            row = await self._db(self.profile.db.outgoing_message, raw)
+            if row is None:
+                raise DeliveryError(f"no outgoing message {message_id}")
+            if row.state in ("delivered", "stored"):
+                self._delivered_waiters.pop(raw, None)
+                return row
+            await waiter.wait()
+
+    def _kick(self, peer: PeerId) -> None:
+        self._wake.setdefault(peer, anyio.Event()).set()
+        if peer not in self._workers and self._task_group is not None:
+            self._workers.add(peer)
+            self._task_group.start_soon(self._deliver_loop, peer)
+
+    async def _deliver_loop(self, peer: PeerId) -> None:
+        db = self.profile.db
+        try:
+            while True:
+                self._wake[peer] = anyio.Event()
+                items = await self._db(db.outbox, str(peer), limit=_BATCH)
+                if not items:
+                    return
+                try:
+                    await self._deliver(peer, items)
+                    continue
+                except (DeliveryError, TeiaError, *_STREAM_ERRORS) as exc:
+                    _log.info("delivery to %s deferred: %s", peer, type(exc).__name__)
+                    await self._db(
+                        db.note_attempt,
+                        str(peer),
+                        [i.message_id for i in items],
+                        type(exc).__name__,
+                    )
+                with anyio.move_on_after(self.config.retry_interval):
+                    await self._wake[peer].wait()
+        finally:
+            self._workers.discard(peer)
+
+    async def _deliver(self, peer: PeerId, items: list[OutboxItem]) -> None:
+        if any(item.envelope is None for item in items):
+            items = await self._encrypt(peer, items)
+        try:
+            path = await self._connect(peer)
+        except DeliveryError:
+            if self._store is None:
+                raise
+            await self._deposit(peer, items)
+            return
+        await self._send_on_stream(peer, items, path)
+
+    async def _encrypt(self, peer: PeerId, items: list[OutboxItem]) -> list[OutboxItem]:
+        """Encrypt every item without an envelope, committing sessions and envelopes first."""
+        async with self._lock(peer):
+            sessions = await self._load_sessions(peer)
+            if not sessions:
+                sessions = [await self._initiate(peer)]
+                self._sessions[peer] = sessions
+            session = sessions[0]
+            done: list[OutboxItem] = []
+            envelopes: list[tuple[bytes, bytes]] = []
+            for item in items:
+                if item.envelope is not None:
+                    done.append(item)
+                    continue
+                assert item.plaintext is not None
+                body = session.encrypt(item.plaintext)
+                envelope = ChatEnvelope(
+                    item.message_id,
+                    self.peer_id.to_bytes(),
+                    "",
+                    item.created_ms,
+                    Kind(item.kind),
+                    body,
+                ).encode()
+                envelopes.append((item.message_id, envelope))
+                done.append(item.with_envelope(envelope))
+            try:
+                await self._db(
+                    self.profile.db.set_envelopes,
+                    str(peer),
+                    envelopes,
+                    [s.to_bytes() for s in sessions],
+                )
+            except BaseException:
+                self._sessions.pop(peer, None)  # reload the committed state next time
+                raise
+            return done
+
+    async def _initiate(self, peer: PeerId) -> Session:
+        """X3DH with a bundle from the peer itself, else from the store nodes."""
+        bundle: PrekeyBundle | None = None
+        with contextlib.suppress(DeliveryError, *_STREAM_ERRORS, CryptoError, InvalidChatMessage):
+            await self._connect(peer)
+            stream = await self.host.open_stream(peer, PREKEY_PROTOCOL)
+            try:
+                with anyio.fail_after(10):
+                    await stream.send_message(b"")
+                    raw = await stream.receive_message(4096)
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await stream.aclose()
+            bundle = PrekeyBundle.from_bytes(raw) if raw else None
+        if bundle is None and self._store is not None:
+            bundle = await self._bundle_from_store(peer)
+        if bundle is None:
+            raise DeliveryError(f"no prekey bundle for {peer} yet (not reachable, no store)")
+        if bundle.identity_key != peer.public_key:
+            raise DeliveryError(f"the prekey bundle offered for {peer} is not that peer's")
+        return Session.initiate(self.identity.private_seed, bundle)
+
+    async def _send_on_stream(self, peer: PeerId, items: list[OutboxItem], path: Path_) -> None:
+        stream = await self.host.open_stream(peer, CHAT_PROTOCOL)
+        deliveries: list[tuple[bytes, str | None, float | None]] = []
+        refused: list[bytes] = []
+        try:
+            with anyio.fail_after(30):
+                frames = b"".join(_frame(item.envelope or b"") for item in items)
+                await stream.send(frames)
+                for item in items:
+                    ack = ChatAck.decode(await stream.receive_message(64))
+                    if ack.message_id != item.message_id:
+                        raise InvalidChatMessage("acknowledgement out of order")
+                    if ack.status is AckStatus.DELIVERED:
+                        deliveries.append((item.message_id, path, self._latency(item)))
+                    else:
+                        refused.append(item.message_id)
+                await stream.send_eof()
+        finally:
+            with anyio.CancelScope(shield=True):
+                if deliveries:
+                    await self._db(self.profile.db.mark_delivered, str(peer), deliveries)
+                    self._after_delivery(peer, deliveries)
+                await stream.aclose()
+        if refused:
+            # The recipient could not read them (it lost its session, say): drop the envelopes
+            # so the texts are encrypted again, in a new session, on the next attempt.
+            await self._db(self.profile.db.reset_envelopes, str(peer), refused)
+            async with self._lock(peer):
+                self._sessions[peer] = []
+                await self._db(self.profile.db.save_sessions, str(peer), [])
+            raise DeliveryError(f"{len(refused)} envelope(s) refused by {peer}")
+
+    def _latency(self, item: OutboxItem) -> float:
+        started = self._queued_at.pop(item.message_id, None)
+        if started is not None:
+            return (time.perf_counter() - started) * 1000
+        return float(max(0, now_ms() - item.created_ms))
+
+    def _after_delivery(
+        self, peer: PeerId, deliveries: Sequence[tuple[bytes, str | None, float | None]]
+    ) -> None:
+        for message_id, path, latency in deliveries:
+            waiter = self._delivered_waiters.pop(message_id, None)
+            if waiter is not None:
+                waiter.set()
+            if self._subscribers:
+                self._emit(Delivered(message_id.hex(), peer, path or "direct", latency))
+
+    # --- paths ----------------------------------------------------------------------------
+
+    def _is_relayed(self, address: tuple[str, int] | None) -> bool:
+        return address is not None and address[0] in self._relay_ips
+
+    def _path_of(self, peer: PeerId) -> Path_:
+        for connection in self.host.connections.connections_to(peer):
+            if not connection.is_closed:
+                return "relayed" if self._is_relayed(connection.remote_address) else "direct"
+        return "direct"
+
+    async def _connect(self, peer: PeerId) -> Path_:
+        """Make sure there is a connection to ``peer``: an existing one, a direct dial, then
+        a relayed one; `DeliveryError` when no path works."""
+        if self.host.is_connected(peer):
+            return self._path_of(peer)
+        candidates: list[Multiaddr] = []
+        contact = await self._db(self.profile.db.contact, str(peer))
+        if contact is not None:
+            candidates += [Multiaddr(a) for a in contact.addrs]
+        candidates += self.host.peerstore.addrs(peer, now=anyio.current_time())
+        if not candidates and self._dht is not None:
+            with contextlib.suppress(TeiaError, TimeoutError):
+                with anyio.fail_after(15):
+                    candidates += await self._dht.find_peer(peer)
+        unique = list(dict.fromkeys(a.without_peer_id() for a in candidates))
+        direct = [a for a in unique if not self._is_relayed(_udp(a))]
+        relayed = [a for a in unique if self._is_relayed(_udp(a))]
+        for addrs, path in ((direct, "direct"), (relayed, "relayed")):
+            for addr in addrs:
+                try:
+                    await self.host.connect(addr.with_peer_id(peer))
+                    return path  # type: ignore[return-value]
+                except (*_STREAM_ERRORS, TeiaError) as exc:
+                    _log.debug("dial to %s failed: %s", peer, type(exc).__name__)
+        raise DeliveryError(f"no path to {peer} right now")
+
+    # --- receiving ------------------------------------------------------------------------
+
+    async def _serve_chat(self, stream: NegotiatedStream) -> None:
+        peer = stream.remote_peer_id
+        if peer is None:
+            return
+        path: Path_ = "relayed" if self._is_relayed(stream.remote_address) else "direct"
+        send, receive = anyio.create_memory_object_stream[bytes | None](_BATCH)
+
+        async def read_frames() -> None:
+            try:
+                while True:
+                    await send.send(await stream.receive_message(MAX_ENVELOPE_SIZE))
+            except anyio.EndOfStream:
+                pass
+            finally:
+                with contextlib.suppress(anyio.BrokenResourceError):
+                    send.send_nowait(None)
+                send.close()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(read_frames)
+            done = False
+            while not done:
+                batch: list[bytes] = []
+                first = await receive.receive()
+                if first is None:
+                    break
+                batch.append(first)
+                while len(batch) < _BATCH:
+                    try:
+                        frame = receive.receive_nowait()
+                    except anyio.WouldBlock:
+                        break
+                    if frame is None:
+                        done = True
+                        break
+                    batch.append(frame)
+                acks = await self._receive_batch(peer, batch, path)
+                await stream.send(b"".join(_frame(ack.encode()) for ack in acks))
+            tg.cancel_scope.cancel()
+
+    async def _receive_batch(self, peer: PeerId, frames: list[bytes], path: Path_) -> list[ChatAck]:
+        acks: list[ChatAck] = []
+        for frame in frames:
+            try:
+                envelope = ChatEnvelope.decode(frame)
+            except InvalidChatMessage:
+                self.stats["refused"] += 1
+                acks.append(ChatAck(b"", AckStatus.REFUSED))
+                continue
+            ok = await self._receive(_Incoming(peer, envelope, path))
+            acks.append(
+                ChatAck(envelope.message_id, AckStatus.DELIVERED if ok else AckStatus.REFUSED)
+            )
+        return acks
+
+    async def _receive(self, incoming: _Incoming) -> bool:
+        """Decrypt, persist, and say whether the envelope is now in history."""
+        peer, envelope = incoming.peer, incoming.envelope
+        db = self.profile.db
+        if envelope.sender != peer.to_bytes():
+            self.stats["refused"] += 1
+            return False
+        if await self._db(db.has_incoming, str(peer), envelope.message_id):
+            self.stats["duplicates"] += 1
+            return True
+        if not self.config.accept_unknown and await self._db(db.contact, str(peer)) is None:
+            self.stats["refused"] += 1
+            return False
+        async with self._lock(peer):
+            try:
+                decrypted = await self._decrypt(peer, envelope.body)
+            except (CryptoError, InvalidChatMessage, ProfileError):
+                self.stats["refused"] += 1
+                return False
+            if decrypted is None:
+                self.stats["refused"] += 1
+                return False
+            plaintext_bytes, sessions, used_opk, started, base_key = decrypted
+            try:
+                plaintext = Plaintext.decode(plaintext_bytes)
+            except InvalidChatMessage:
+                self.stats["refused"] += 1
+                self._sessions.pop(peer, None)  # forget the uncommitted advance
+                return False
+            is_text = envelope.kind is Kind.TEXT
+            try:
+                seq = await self._db(
+                    db.record_incoming,
+                    peer_id=str(peer),
+                    identity_key=peer.public_key or b"",
+                    conversation=str(peer),
+                    message_id=envelope.message_id,
+                    sent_ms=envelope.timestamp_ms,
+                    text=plaintext.text if is_text else None,
+                    receipts=plaintext.receipts if not is_text else (),
+                    sessions=[s.to_bytes() for s in sessions],
+                    used_one_time_prekey=used_opk,
+                    base_key=base_key,
+                    path=incoming.path,
+                )
+            except BaseException:
+                self._sessions.pop(peer, None)
+                raise
+            self._sessions[peer] = sessions
+        if started is not None:
+            self._emit(SessionStarted(peer, reset=started))
+            if used_opk is not None:
+                self._top_up_soon()
+        if seq is not None:
+            self.stats["received"] += 1
+            if is_text:
+                new, self._new_message = self._new_message, anyio.Event()
+                new.set()
+            elif plaintext.receipts:
+                deliveries = [(r, None, None) for r in plaintext.receipts]
+                self._after_delivery(peer, deliveries)
+        return True
+
+    async def _decrypt(
+        self, peer: PeerId, body: bytes
+    ) -> tuple[bytes, list[Session], int | None, bool | None, bytes | None] | None:
+        """(plaintext, sessions after, one-time prekey consumed, new session: reset?, its base
+        key), or None when it does not decrypt.
+
+        Sessions are tried on copies, so a failure anywhere leaves the cached ones as they
+        were; the caller commits the returned list.
+        """
+        sessions = [Session.from_bytes(s.to_bytes()) for s in await self._load_sessions(peer)]
+        prekey = is_prekey_message(body)
+        base_key: bytes | None = None
+        if prekey:
+            info = parse_prekey_message(body)
+            if info.identity_key != peer.public_key:
+                return None  # a prekey message in someone else's name
+            base_key = info.base_key
+        for index, session in enumerate(sessions):
+            try:
+                plaintext = session.decrypt(body)
+            except CryptoError:
+                continue
+            if index:
+                # The peer answers in our older session: it becomes the current one again.
+                sessions.insert(0, sessions.pop(index))
+            return plaintext, sessions, None, None, None
+        if not prekey:
+            return None
+        assert base_key is not None
+        if any(s.to_bytes()[_SESSION_BASE_KEY] == base_key for s in sessions):
+            return None  # a replay of a session we already hold
+        if await self._db(self.profile.db.seen_base_key, str(peer), base_key):
+            return None  # a replay of an older session
+        db = self.profile.db
+        spk = await self._db(db.signed_prekey, info.signed_prekey_id)
+        opk_id = info.one_time_prekey_id
+        opk = await self._db(db.one_time_prekey, opk_id) if opk_id is not None else None
+        if spk is None or (opk_id is not None and opk is None):
+            return None
+        session, plaintext = Session.accept(self.identity.private_seed, spk, opk, body)
+        return plaintext, [session, *sessions[:1]], opk_id, bool(sessions), base_key
+
+    async def _load_sessions(self, peer: PeerId) -> list[Session]:
+        cached = self._sessions.get(peer)
+        if cached is None:
+            states = await self._db(self.profile.db.sessions, str(peer))
+            cached = self._sessions[peer] = [Session.from_bytes(s) for s in states]
+        return cached
+
+    def _lock(self, peer: PeerId) -> anyio.Lock:
+        lock = self._locks.get(peer)
+        if lock is None:
+            lock = self._locks[peer] = anyio.Lock()
+        return lock
+
+    async def messages(self, *, since_seq: int | None = None) -> AsyncIterator[Message]:
+        """Messages received, in history order, forever (break out of the loop to stop).
+
+        Starts after ``since_seq``, by default at what history held when the peer opened, so
+        nothing that arrives while the program starts is missed.
+        """
+        cursor = self._opened_seq if since_seq is None else since_seq
+        while True:
+            waiter = self._new_message
+            rows = await self._db(self.profile.db.messages_after, cursor)
+            for row in rows:
+                cursor = row.seq
+                yield Message.from_row(row)
+            if not rows:
+                await waiter.wait()
+
+    @asynccontextmanager
+    async def events(
+        self, buffer: int = 1024
+    ) -> AsyncIterator[anyio.abc.ObjectReceiveStream[PeerEvent]]:
+        """``async with peer.events() as events: async for event in events:`` — deliveries,
+        identity changes, new sessions (dropped when the consumer falls ``buffer`` behind)."""
+        send, receive = anyio.create_memory_object_stream[PeerEvent](buffer)
+        self._subscribers.append(send)
+        try:
+            yield receive
+        finally:
+            self._subscribers.remove(send)
+            send.close()
+
+    def _emit(self, event: PeerEvent) -> None:
+        for subscriber in list(self._subscribers):
+            with contextlib.suppress(anyio.WouldBlock, anyio.BrokenResourceError):
+                subscriber.send_nowait(event)
+
+    # --- prekeys --------------------------------------------------------------------------
+
+    async def _ensure_prekeys(self) -> None:
+        db = self.profile.db
+        if await self._db(db.signed_prekey) is None:
+            prekey_id = await self._db(db.next_counter, "signed_prekey_id")
+            spk = SignedPrekey.generate(self.identity.private_seed, prekey_id)
+            await self._db(db.add_signed_prekey, spk)
+        await self._top_up()
+
+    async def _top_up(self) -> None:
+        db = self.profile.db
+        want = self.config.one_time_prekeys
+        fresh = await self._db(db.fresh_one_time_prekeys)
+        if fresh * 2 > want:
+            return
+        count = want - fresh
+        first = await self._db(db.next_counter, "one_time_prekey_id", count)
+        keys = [OneTimePrekey.generate(first + i) for i in range(count)]
+        await self._db(db.add_one_time_prekeys, keys)
+        if self._store is not None:
+            await self._publish_bundle()
+
+    def _top_up_soon(self) -> None:
+        if self._task_group is not None:
+            self._task_group.start_soon(self._top_up_logged)
+
+    async def _top_up_logged(self) -> None:
+        try:
+            await self._top_up()
+        except (TeiaError, *_STREAM_ERRORS) as exc:
+            _log.info("prekey top-up failed: %s", type(exc).__name__)
+
+    async def _bundle(self, with_one_time: bool) -> PrekeyBundle:
+        db = self.profile.db
+        spk = await self._db(db.signed_prekey)
+        assert spk is not None
+        opk: tuple[int, bytes] | None = None
+        if with_one_time:
+            handed = await self._db(db.hand_out_one_time_prekeys, 1)
+            opk = handed[0] if handed else None
+        return PrekeyBundle(
+            self.identity.public_key,
+            spk.id,
+            spk.public_key,
+            spk.signature,
+            opk[0] if opk else None,
+            opk[1] if opk else None,
+        )
+
+    async def _serve_prekeys(self, stream: NegotiatedStream) -> None:
+        with anyio.fail_after(10):
+            await stream.receive_message(16)
+            bundle = await self._bundle(with_one_time=True)
+            await stream.send_message(bundle.to_bytes())
+        self._top_up_soon()
+
+    # --- DHT and store --------------------------------------------------------------------
+
+    async def _setup_dht(self) -> None:
+        from teia.dht.core import Mode
+        from teia.dht.node import DhtNode
+
+        dht = DhtNode(self.host, mode=Mode.CLIENT)
+        await dht.__aenter__()
+        self._dht = dht
+        assert self._task_group is not None
+        self._task_group.start_soon(self._join_dht)
+
+        def republish(_: list[Multiaddr]) -> None:
+            if self._task_group is not None:
+                self._task_group.start_soon(self._publish_record)
+
+        self.host.on_relayed_addrs_change(republish)
+
+    async def _join_dht(self) -> None:
+        try:
+            with anyio.fail_after(30):
+                await self._dht.bootstrap([Multiaddr(a) for a in self.config.bootstrap])
+            await self._publish_record()
+        except (TeiaError, *_STREAM_ERRORS) as exc:
+            _log.warning("joining the DHT failed: %s", type(exc).__name__)
+
+    async def _publish_record(self) -> None:
+        with contextlib.suppress(TeiaError, *_STREAM_ERRORS):
+            with anyio.fail_after(30):
+                await self._dht.publish_record(protocols=[CHAT_PROTOCOL, PREKEY_PROTOCOL])
+
+    def _setup_store(self) -> None:
+        from teia.store import ReplicatedStoreClient, StaticMembership, StoreClient
+        from teia.store.membership import StoreNodeInfo
+
+        nodes = [StoreNodeInfo.from_multiaddr(a) for a in self.config.store_nodes]
+        replication = min(3, len(nodes))
+        self._store = ReplicatedStoreClient(
+            StoreClient(self.host),
+            StaticMembership(nodes),
+            replication=replication,
+            write_quorum=min(2, replication),
+        )
+
+    async def _publish_bundle(self) -> None:
+        """Upload the bundle and a share of fresh one-time prekeys to the store nodes."""
+        bundle = await self._bundle(with_one_time=False)
+        keys = await self._db(self.profile.db.hand_out_one_time_prekeys, 50)
+        blobs = [prekey_id.to_bytes(4, "big") + public for prekey_id, public in keys]
+        try:
+            with anyio.fail_after(30):
+                await self._store.put_bundle(self.identity, bundle.to_bytes(), blobs)
+        except (StoreError, *_STREAM_ERRORS) as exc:
+            _log.info("bundle upload failed: %s", type(exc).__name__)
+
+    async def _bundle_from_store(self, peer: PeerId) -> PrekeyBundle | None:
+        from teia.store import inbox_for
+
+        assert peer.public_key is not None
+        try:
+            with anyio.fail_after(30):
+                answer = await self._store.get_bundle(inbox_for(peer.public_key))
+        except (StoreError, *_STREAM_ERRORS):
+            return None
+        if answer is None:
+            return None
+        try:
+            base = PrekeyBundle.from_bytes(answer.bundle)
+            if len(answer.one_time_prekey) == 36:
+                return PrekeyBundle(
+                    base.identity_key,
+                    base.signed_prekey_id,
+                    base.signed_prekey,
+                    base.signed_prekey_signature,
+                    int.from_bytes(answer.one_time_prekey[:4], "big"),
+                    answer.one_time_prekey[4:],
+                )
+            return base
+        except CryptoError:
+            return None
+
+    async def _deposit(self, peer: PeerId, items: list[OutboxItem]) -> None:
+        from teia.store import Envelope, inbox_for
+
+        assert peer.public_key is not None
+        inbox = inbox_for(peer.public_key)
+        envelopes = [
+            Envelope(
+                inbox, item.message_id, seal_to(peer.public_key, item.envelope or b""), now_ms()
+            )
+            for item in items
+        ]
+        with anyio.fail_after(30):
+            await self._store.deposit(envelopes)
+        latency = [self._latency(item) for item in items]
+        await self._db(
+            self.profile.db.mark_stored, str(peer), [i.message_id for i in items], latency
+        )
+        self._after_delivery(
+            peer, [(i.message_id, "stored", lat) for i, lat in zip(items, latency, strict=True)]
+        )
+
+    async def fetch_stored(self) -> int:
+        """Fetch our store inboxes: decrypt, persist, then acknowledge. Returns how many new
+        messages were taken. (Runs when the peer opens; call it again to poll.)"""
+        if self._store is None:
+            return 0
+        try:
+            with anyio.fail_after(60):
+                envelopes = await self._store.fetch_all(self.identity)
+        except (StoreError, *_STREAM_ERRORS) as exc:
+            _log.info("store fetch failed: %s", type(exc).__name__)
+            return 0
+        taken: list[bytes] = []
+        receipts: dict[PeerId, list[bytes]] = {}
+        new = 0
+        for stored in envelopes:
+            try:
+                envelope = ChatEnvelope.decode(
+                    open_sealed(self.identity.private_seed, stored.payload)
+                )
+                sender = PeerId.from_bytes(envelope.sender)
+            except (InvalidChatMessage, InvalidPeerId):
+                taken.append(stored.message_id)  # garbage for us: never readable, drop it
+                self.stats["refused"] += 1
+                continue
+            before = self.stats["received"]
+            ok = await self._receive(_Incoming(sender, envelope, "stored"))
+            new += self.stats["received"] - before
+            taken.append(stored.message_id)
+            if ok and envelope.kind is Kind.TEXT:
+                receipts.setdefault(sender, []).append(envelope.message_id)
+        if taken:
+            with contextlib.suppress(StoreError, *_STREAM_ERRORS):
+                with anyio.fail_after(30):
+                    await self._store.ack(self.identity, taken)
+        for sender, ids in receipts.items():
+            await self._queue_receipt(sender, ids)
+        return new
+
+    async def _queue_receipt(self, peer: PeerId, message_ids: list[bytes]) -> None:
+        await self._db(
+            self.profile.db.queue_outgoing,
+            peer_id=str(peer),
+            conversation=str(peer),
+            message_id=secrets.token_bytes(16),
+            sent_ms=now_ms(),
+            text=None,
+            kind=int(Kind.RECEIPT),
+            plaintext=Plaintext(receipts=tuple(message_ids)).encode(),
+        )
+        self._kick(peer)
+
+
+def _frame(data: bytes) -> bytes:
+    from teia.host.protobuf import encode_uvarint
+
+    return encode_uvarint(len(data)) + data
+
+
+def _udp(addr: Multiaddr) -> tuple[str, int] | None:
+    try:
+        host, port = addr.to_udp_address()
+        ipaddress.ip_address(host)
+    except (ValueError, TeiaError):
+        return None
+    return host, port

@@ -1,0 +1,251 @@
+"""Wire formats of the peer: chat envelopes, acknowledgements, plaintexts, prekey requests and
+sealed envelopes for the store.
+
+``/teia/chat/1.0.0`` — the opener sends varint-framed `ChatEnvelope` messages, the other side
+answers each with a `ChatAck` in the same order (one stream carries many messages)::
+
+    ChatEnvelope { 1: message_id (16 bytes)  2: sender (peer ID bytes)
+                   3: conversation (string)  4: timestamp_ms (uint64)
+                   5: kind (1 text, 2 receipt)  6: body (session message) }
+    ChatAck      { 1: message_id  2: status (0 delivered, 1 refused) }
+
+The body is a `teia.crypto` session message (prekey or normal); its plaintext is a `Plaintext`
+``{ 1: text (string)  2: receipts (repeated bytes, message IDs) }``. Inline acks say "in the
+recipient's history"; receipts (kind 2) carry the same news later, e.g. for messages that went
+through a store.
+
+``/teia/prekeys/1.0.0`` — the opener sends an empty frame; the answer is one `PrekeyBundle`
+(``teia.crypto`` bytes) with a one-time prekey when one is left, or an empty frame.
+
+Store payloads are sealed to the recipient's identity key, so a store node learns neither the
+sender nor the conversation (`seal_to` / `open_sealed`)::
+
+    0x01 ‖ ephemeral X25519 public key (32) ‖ ChaCha20-Poly1305(envelope)   (nonce all zero:
+    each key is used once; key = HKDF-SHA256(DH(e, IK_B), salt = e_pub ‖ IK_B, "teia sealed v1"))
+
+Every decoder is strict and bounded and raises `InvalidChatMessage`.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Final
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from teia import _native
+from teia.errors import InvalidChatMessage, InvalidProtobuf, TeiaError
+from teia.host.protobuf import encode_bytes_field, encode_uvarint, iter_fields
+
+__all__ = [
+    "CHAT_PROTOCOL",
+    "MAX_ENVELOPE_SIZE",
+    "MAX_TEXT_BYTES",
+    "PREKEY_PROTOCOL",
+    "AckStatus",
+    "ChatAck",
+    "ChatEnvelope",
+    "Kind",
+    "Plaintext",
+    "open_sealed",
+    "seal_to",
+]
+
+CHAT_PROTOCOL: Final = "/teia/chat/1.0.0"
+PREKEY_PROTOCOL: Final = "/teia/prekeys/1.0.0"
+MESSAGE_ID_SIZE: Final = 16
+MAX_TEXT_BYTES: Final = 64 * 1024
+"""Largest text a message may carry (UTF-8 bytes)."""
+MAX_ENVELOPE_SIZE: Final = 256 * 1024
+_MAX_CONVERSATION: Final = 256
+_MAX_RECEIPTS: Final = 1024
+_SEALED_VERSION: Final = 1
+
+
+class Kind(enum.IntEnum):
+    TEXT = 1
+    RECEIPT = 2
+
+
+class AckStatus(enum.IntEnum):
+    DELIVERED = 0
+    REFUSED = 1
+
+
+def _varint_field(number: int, value: int) -> bytes:
+    return encode_uvarint(number << 3) + encode_uvarint(value)
+
+
+def _fields(data: bytes, what: str) -> list[tuple[int, int, int | bytes]]:
+    try:
+        return list(iter_fields(data))
+    except InvalidProtobuf as exc:
+        raise InvalidChatMessage(f"malformed {what}: {exc}") from None
+
+
+def _bytes(value: int | bytes, what: str) -> bytes:
+    if not isinstance(value, bytes):
+        raise InvalidChatMessage(f"{what} has the wrong wire type")
+    return value
+
+
+def _int(value: int | bytes, what: str) -> int:
+    if not isinstance(value, int):
+        raise InvalidChatMessage(f"{what} has the wrong wire type")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class ChatEnvelope:
+    """One chat message on the wire; `body` is a session message (ciphertext)."""
+
+    message_id: bytes
+    sender: bytes
+    conversation: str
+    timestamp_ms: int
+    kind: Kind
+    body: bytes
+
+    def encode(self) -> bytes:
+        return b"".join(
+            (
+                encode_bytes_field(1, self.message_id),
+                encode_bytes_field(2, self.sender),
+                encode_bytes_field(3, self.conversation.encode()),
+                _varint_field(4, self.timestamp_ms),
+                _varint_field(5, int(self.kind)),
+                encode_bytes_field(6, self.body),
+            )
+        )
+
+    @classmethod
+    def decode(cls, data: bytes) -> ChatEnvelope:
+        if len(data) > MAX_ENVELOPE_SIZE:
+            raise InvalidChatMessage(f"envelope of {len(data)} bytes is over the limit")
+        values: dict[int, int | bytes] = {}
+        for number, _, value in _fields(data, "envelope"):
+            if number in values:
+                raise InvalidChatMessage(f"envelope field {number} repeated")
+            values[number] = value
+        try:
+            message_id = _bytes(values[1], "message_id")
+            sender = _bytes(values[2], "sender")
+            body = _bytes(values[6], "body")
+            kind_value = _int(values[5], "kind")
+            timestamp = _int(values.get(4, 0), "timestamp")
+            conversation_raw = _bytes(values.get(3, b""), "conversation")
+        except KeyError as exc:
+            raise InvalidChatMessage(f"envelope lacks field {exc.args[0]}") from None
+        if len(message_id) != MESSAGE_ID_SIZE:
+            raise InvalidChatMessage("message_id must be 16 bytes")
+        if not 1 <= len(sender) <= 128:
+            raise InvalidChatMessage("sender is not a peer ID")
+        if len(conversation_raw) > _MAX_CONVERSATION:
+            raise InvalidChatMessage("conversation name too long")
+        try:
+            kind = Kind(kind_value)
+            conversation = conversation_raw.decode()
+        except (ValueError, UnicodeDecodeError):
+            raise InvalidChatMessage("unknown kind or non-UTF-8 conversation") from None
+        return cls(message_id, sender, conversation, timestamp, kind, body)
+
+
+@dataclass(frozen=True, slots=True)
+class ChatAck:
+    """The answer to one envelope on the same stream."""
+
+    message_id: bytes
+    status: AckStatus
+
+    def encode(self) -> bytes:
+        return encode_bytes_field(1, self.message_id) + _varint_field(2, int(self.status))
+
+    @classmethod
+    def decode(cls, data: bytes) -> ChatAck:
+        message_id, status = b"", 0
+        for number, _, value in _fields(data, "ack"):
+            if number == 1:
+                message_id = _bytes(value, "message_id")
+            elif number == 2:
+                status = _int(value, "status")
+        try:
+            return cls(message_id, AckStatus(status))
+        except ValueError:
+            raise InvalidChatMessage(f"unknown ack status {status}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class Plaintext:
+    """What a session message carries: a text, or receipts for earlier message IDs."""
+
+    text: str = ""
+    receipts: tuple[bytes, ...] = ()
+
+    def encode(self) -> bytes:
+        data = self.text.encode()
+        if len(data) > MAX_TEXT_BYTES:
+            raise InvalidChatMessage(f"text of {len(data)} bytes is over {MAX_TEXT_BYTES}")
+        out = [encode_bytes_field(1, data)] if data else []
+        out.extend(encode_bytes_field(2, r) for r in self.receipts)
+        return b"".join(out)
+
+    @classmethod
+    def decode(cls, data: bytes) -> Plaintext:
+        text = b""
+        receipts: list[bytes] = []
+        for number, _, value in _fields(data, "plaintext"):
+            if number == 1:
+                text = _bytes(value, "text")
+            elif number == 2:
+                receipt = _bytes(value, "receipt")
+                if len(receipt) != MESSAGE_ID_SIZE or len(receipts) >= _MAX_RECEIPTS:
+                    raise InvalidChatMessage("bad receipt list")
+                receipts.append(receipt)
+        if len(text) > MAX_TEXT_BYTES:
+            raise InvalidChatMessage("text over the limit")
+        try:
+            return cls(text.decode(), tuple(receipts))
+        except UnicodeDecodeError:
+            raise InvalidChatMessage("text is not UTF-8") from None
+
+
+def _sealing_key(shared: bytes, ephemeral: bytes, recipient: bytes) -> bytes:
+    return HKDF(
+        algorithm=hashes.SHA256(), length=32, salt=ephemeral + recipient, info=b"teia sealed v1"
+    ).derive(shared)
+
+
+def seal_to(recipient_identity_key: bytes, envelope: bytes) -> bytes:
+    """Seal ``envelope`` so only the holder of the Ed25519 identity key can open it."""
+    try:
+        recipient = _native.ed25519_public_to_x25519(recipient_identity_key)
+    except TeiaError as exc:
+        raise InvalidChatMessage(f"unusable recipient key: {exc}") from None
+    ephemeral = X25519PrivateKey.generate()
+    ephemeral_public = ephemeral.public_key().public_bytes_raw()
+    shared = ephemeral.exchange(X25519PublicKey.from_public_bytes(recipient))
+    key = _sealing_key(shared, ephemeral_public, recipient)
+    sealed = ChaCha20Poly1305(key).encrypt(b"\0" * 12, envelope, bytes([_SEALED_VERSION]))
+    return bytes([_SEALED_VERSION]) + ephemeral_public + sealed
+
+
+def open_sealed(identity_seed: bytes, sealed: bytes) -> bytes:
+    """Open what `seal_to` made for our identity; `InvalidChatMessage` if it is not for us."""
+    if len(sealed) < 1 + 32 + 16 or sealed[0] != _SEALED_VERSION:
+        raise InvalidChatMessage("not a sealed envelope")
+    if len(sealed) > MAX_ENVELOPE_SIZE + 64:
+        raise InvalidChatMessage("sealed envelope over the limit")
+    private = X25519PrivateKey.from_private_bytes(_native.ed25519_seed_to_x25519(identity_seed))
+    recipient = private.public_key().public_bytes_raw()
+    ephemeral = sealed[1:33]
+    try:
+        shared = private.exchange(X25519PublicKey.from_public_bytes(ephemeral))
+        key = _sealing_key(shared, ephemeral, recipient)
+        return ChaCha20Poly1305(key).decrypt(b"\0" * 12, sealed[33:], sealed[:1])
+    except (InvalidTag, ValueError):
+        raise InvalidChatMessage("sealed envelope does not open with our key") from None

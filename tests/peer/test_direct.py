@@ -1,0 +1,80 @@
+"""Two peers in one process over loopback: first contact (X3DH), both ways, receipts, order."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anyio
+import pytest
+
+from teia.peer import Delivered, Peer
+
+from .conftest import TIMEOUT, introduce, make_profile, online
+
+
+async def receive(peer: Peer, count: int, since: int | None = None) -> list[str]:
+    texts: list[str] = []
+    async for message in peer.messages(since_seq=since):
+        texts.append(message.text)
+        if len(texts) == count:
+            break
+    return texts
+
+
+@pytest.mark.anyio
+async def test_first_contact_both_ways_with_receipts(tmp_path: Path) -> None:
+    a_dir, b_dir = make_profile(tmp_path / "a"), make_profile(tmp_path / "b")
+    with anyio.fail_after(TIMEOUT):
+        async with online(a_dir) as alice, online(b_dir) as bob:
+            await introduce(alice, bob, "bob")
+            async with alice.events() as events:
+                sent = await alice.send("bob", "hello bob")
+                row = await alice.wait_delivered(sent)
+                assert row.state == "delivered"
+                assert row.path == "direct"
+                assert row.latency_ms is not None
+                assert row.latency_ms >= 0
+                event = await events.receive()
+                assert isinstance(event, Delivered)
+                assert event.message_id == sent
+            assert await receive(bob, 1) == ["hello bob"]
+            # Bob answers by peer ID, over the connection Alice opened.
+            reply = await bob.send(alice.peer_id, "hi alice")
+            await bob.wait_delivered(reply)
+            assert await receive(alice, 1) == ["hi alice"]
+            history = await alice.history("bob")
+            assert [(m.outgoing, m.text, m.state) for m in history] == [
+                (True, "hello bob", "delivered"),
+                (False, "hi alice", "received"),
+            ]
+            contact = await bob.contact(str(alice.peer_id))
+            assert contact.trust == "unverified"  # added on first message, not trusted
+
+
+@pytest.mark.anyio
+async def test_many_messages_arrive_once_and_in_order(tmp_path: Path) -> None:
+    a_dir, b_dir = make_profile(tmp_path / "a"), make_profile(tmp_path / "b")
+    with anyio.fail_after(TIMEOUT):
+        async with online(a_dir) as alice, online(b_dir) as bob:
+            await introduce(alice, bob)
+            ids = [await alice.send(bob.peer_id, f"message {i}") for i in range(300)]
+            for message_id in ids:
+                await alice.wait_delivered(message_id)
+            texts = await receive(bob, 300)
+            assert texts == [f"message {i}" for i in range(300)]
+            history = await bob.history(alice.peer_id, limit=1000)
+            assert [m.text for m in history] == texts
+            assert bob.stats["duplicates"] == 0
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.anyio
+async def test_asyncio_smoke(tmp_path: Path) -> None:
+    a_dir, b_dir = make_profile(tmp_path / "a"), make_profile(tmp_path / "b")
+    with anyio.fail_after(TIMEOUT):
+        async with online(a_dir) as alice, online(b_dir) as bob:
+            await introduce(alice, bob)
+            await alice.wait_delivered(await alice.send(bob.peer_id, "over asyncio"))
+            assert await receive(bob, 1) == ["over asyncio"]
+            await bob.wait_delivered(await bob.send(alice.peer_id, "and back"))
+            assert await receive(alice, 1) == ["and back"]

@@ -1,0 +1,152 @@
+"""The profile on disk: keystore, config, the database sealed at rest, contacts, search."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from teia.errors import ConfigError, InvalidChatMessage, ProfileError, WrongPassphrase
+from teia.identity import Identity
+from teia.peer import PeerConfig, Profile, format_safety_number, safety_number
+from teia.peer.wire import (
+    AckStatus,
+    ChatAck,
+    ChatEnvelope,
+    Kind,
+    Plaintext,
+    open_sealed,
+    seal_to,
+)
+
+from .conftest import FAST_KDF, PASSPHRASE, make_profile
+
+
+def test_create_open_and_refuse(tmp_path: Path) -> None:
+    directory = make_profile(tmp_path / "p", listen=["/ip4/127.0.0.1/udp/4001/quic-v1"])
+    assert directory.stat().st_mode & 0o077 == 0
+    with Profile.open(directory, PASSPHRASE) as profile:
+        assert profile.config.listen == ["/ip4/127.0.0.1/udp/4001/quic-v1"]
+        assert profile.config.retry_interval == 0.2
+    for name in ("identity.key", "config.toml", "peer.db"):
+        assert (directory / name).stat().st_mode & 0o077 == 0, name
+    with pytest.raises(WrongPassphrase):
+        Profile.open(directory, "not it")
+    with pytest.raises(ProfileError, match="already holds"):
+        Profile.create(directory, PASSPHRASE, kdf=FAST_KDF)
+    with pytest.raises(ProfileError, match="teia init"):
+        Profile.open(tmp_path / "nothing", PASSPHRASE)
+    (directory / "config.toml").write_text("colour = 'blue'\n")
+    with pytest.raises(ConfigError, match="colour"):
+        Profile.open(directory, PASSPHRASE)
+
+
+def test_a_keystore_alone_becomes_a_profile(tmp_path: Path) -> None:
+    from teia.identity import keystore
+
+    identity = Identity.generate()
+    keystore.save_identity(identity, tmp_path / "identity.key", PASSPHRASE, kdf=FAST_KDF)
+    with Profile.open(tmp_path, PASSPHRASE) as profile:
+        assert profile.identity == identity
+        assert profile.config == PeerConfig()
+    assert (tmp_path / "config.toml").exists()
+
+
+def test_sealed_rows_and_search(tmp_path: Path) -> None:
+    directory = make_profile(tmp_path / "p")
+    other = Identity.generate()
+    with Profile.open(directory, PASSPHRASE) as profile:
+        db = profile.db
+        for i, text in enumerate(["Lunch at noon?", "noon works", "Zebra crossing"]):
+            db.queue_outgoing(
+                peer_id=str(other.peer_id),
+                conversation=str(other.peer_id),
+                message_id=bytes([i]) * 16,
+                sent_ms=i,
+                text=text,
+                kind=int(Kind.TEXT),
+                plaintext=Plaintext(text).encode(),
+            )
+        assert [m.text for m in db.search("NOON")] == ["noon works", "Lunch at noon?"]
+        assert [m.text for m in db.search("lunch noon")] == ["Lunch at noon?"]
+        assert db.search("noo") == []
+        assert db.search("  ") == []
+        assert [m.text for m in db.history(str(other.peer_id))] == [
+            "Lunch at noon?",
+            "noon works",
+            "Zebra crossing",
+        ]
+        assert len(db.outbox()) == 3
+    raw = b"".join(p.read_bytes() for p in directory.iterdir() if p.is_file())
+    assert b"Zebra" not in raw
+    assert b"zebra" not in raw
+    assert b"noon" not in raw
+    # A sealed value moved to another row does not open there.
+    connection = sqlite3.connect(directory / "peer.db")
+    connection.execute("UPDATE messages SET body = (SELECT body FROM messages WHERE seq = 1)")
+    connection.commit()
+    connection.close()
+    with Profile.open(directory, PASSPHRASE) as profile, pytest.raises(ProfileError):
+        profile.db.history(str(other.peer_id))
+
+
+def test_contacts_rebinding_a_name_marks_the_change(tmp_path: Path) -> None:
+    first, second = Identity.generate(), Identity.generate()
+    with Profile.open(make_profile(tmp_path / "p"), PASSPHRASE) as profile:
+        db = profile.db
+        contact, previous = db.upsert_contact(
+            str(first.peer_id), first.public_key, name="bob", addrs=["/ip4/1.2.3.4/udp/1/quic-v1"]
+        )
+        assert previous is None
+        assert contact.trust == "unverified"
+        db.set_trust(contact.peer_id, "verified")
+        contact, previous = db.upsert_contact(str(first.peer_id), first.public_key, name="bob")
+        assert previous is None
+        assert contact.trust == "verified"
+        assert contact.addrs == ("/ip4/1.2.3.4/udp/1/quic-v1",)
+        contact, previous = db.upsert_contact(str(second.peer_id), second.public_key, name="bob")
+        assert previous is not None
+        assert previous.peer_id == str(first.peer_id)
+        assert contact.trust == "unverified-changed"
+        assert contact.previous_peer_id == str(first.peer_id)
+        old = db.contact(str(first.peer_id))
+        assert old is not None
+        assert old.name is None
+
+
+def test_safety_numbers() -> None:
+    a, b, c = Identity.generate(), Identity.generate(), Identity.generate()
+
+    def number(x: Identity, y: Identity) -> str:
+        return safety_number(x.public_key, x.peer_id.to_bytes(), y.public_key, y.peer_id.to_bytes())
+
+    assert number(a, b) == number(b, a)
+    assert len(number(a, b)) == 60
+    assert number(a, b).isdigit()
+    assert number(a, c) != number(a, b)
+    shown = format_safety_number(number(a, b))
+    assert len(shown.splitlines()) == 3
+    assert all(len(g) == 5 for g in shown.split())
+
+
+def test_wire_codecs_round_trip_and_refuse() -> None:
+    envelope = ChatEnvelope(os.urandom(16), b"\x00\x24" + os.urandom(36), "", 7, Kind.TEXT, b"x")
+    assert ChatEnvelope.decode(envelope.encode()) == envelope
+    ack = ChatAck(envelope.message_id, AckStatus.REFUSED)
+    assert ChatAck.decode(ack.encode()) == ack
+    text = Plaintext("olá", (os.urandom(16),))
+    assert Plaintext.decode(text.encode()) == text
+    for bad in (b"", b"\xff", envelope.encode()[:-1], envelope.encode() + envelope.encode()):
+        with pytest.raises(InvalidChatMessage):
+            ChatEnvelope.decode(bad)
+    with pytest.raises(InvalidChatMessage):
+        Plaintext("x" * 70_000).encode()
+    me, them = Identity.generate(), Identity.generate()
+    sealed = seal_to(me.public_key, b"inner")
+    assert open_sealed(me.private_seed, sealed) == b"inner"
+    with pytest.raises(InvalidChatMessage):
+        open_sealed(them.private_seed, sealed)
+    with pytest.raises(InvalidChatMessage):
+        open_sealed(me.private_seed, sealed[:-1] + bytes([sealed[-1] ^ 1]))
