@@ -37,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     store_service.register(sub)
 
+    from teia.peer import cli as peer_cli
+
+    peer_cli.register(sub)
+
     from teia import demo
 
     demo.register(sub)

@@ -373,6 +373,14 @@ class ProfileError(PeerError):
     """
 
 
+class ProfileInUse(ProfileError):
+    """Another process has this profile online (``teia peer run``, a bot, ``teia chat``).
+
+    One process at a time keeps a profile's sessions; others may read history and queue
+    messages into the outbox, which the online process delivers.
+    """
+
+
 class InvalidChatMessage(PeerError, ValueError):
     """A chat envelope, acknowledgement, plaintext or sealed payload that does not parse, is
     oversize, or is not for us. Nothing was stored and no session changed."""

@@ -563,6 +563,20 @@ class PeerDatabase:
             )
         return seq
 
+    def queue_text(self, peer_id: str, text: str, message_id: bytes | None = None) -> bytes:
+        """Queue a text for ``peer_id`` (history + outbox); returns its message ID."""
+        message_id = message_id or secrets.token_bytes(16)
+        self.queue_outgoing(
+            peer_id=peer_id,
+            conversation=peer_id,
+            message_id=message_id,
+            sent_ms=now_ms(),
+            text=text,
+            kind=1,
+            plaintext=Plaintext(text).encode(),
+        )
+        return message_id
+
     def set_envelopes(
         self, peer_id: str, envelopes: Sequence[tuple[bytes, bytes]], sessions: Sequence[bytes]
     ) -> None:
@@ -814,6 +828,16 @@ class PeerDatabase:
             (seq, limit),
         ).fetchall()
         return [self._row(r) for r in rows]
+
+    def recent(self, *, limit: int = 50, incoming_only: bool = False) -> list[MessageRow]:
+        """The latest texts across every conversation, oldest first."""
+        rows = self._db.execute(
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE conversation != '' "  # noqa: S608
+            + ("AND outgoing = 0 " if incoming_only else "")
+            + "ORDER BY seq DESC LIMIT ?",
+            (limit,),
+        ).fetchall()
+        return [self._row(r) for r in reversed(rows)]
 
     def conversations(self) -> list[tuple[str, int, int]]:
         """(conversation, message count, last sequence number), most recent first."""

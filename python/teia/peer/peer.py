@@ -69,7 +69,7 @@ from teia.errors import (
 from teia.host.host import Host
 from teia.host.streams import NegotiatedStream
 from teia.identity import Multiaddr, PeerId
-from teia.peer.db import Contact, MessageRow, OutboxItem, now_ms
+from teia.peer.db import Contact, MessageRow, OutboxItem, PeerDatabase, now_ms
 from teia.peer.profile import PeerConfig, Profile, default_profile_dir
 from teia.peer.safety import safety_number
 from teia.peer.wire import (
@@ -238,32 +238,42 @@ class Peer:
             opened, owned = profile, False
         try:
             config = opened.config
-            async with Host(
-                opened.identity,
-                listen=list(listen or config.listen),
-                relays=config.relay_configs(),
-                dial_timeout=dial_timeout,
-            ) as host:
-                peer = cls(opened, host)
-                async with anyio.create_task_group() as tg:
-                    peer._task_group = tg
-                    try:
-                        await peer._start()
-                        yield peer
-                    finally:
-                        tg.cancel_scope.cancel()
-                        peer._task_group = None
-                        for subscriber in peer._subscribers:
-                            subscriber.close()
-                        if peer._store is not None:
-                            with anyio.CancelScope(shield=True):
-                                await peer._store.client.aclose()
-                        if peer._dht is not None:
-                            with anyio.CancelScope(shield=True):
-                                await peer._dht.__aexit__(None, None, None)
+            with opened.online():
+                async with cls._online(opened, listen or config.listen, dial_timeout) as peer:
+                    yield peer
         finally:
             if owned:
                 opened.close()
+
+    @classmethod
+    @asynccontextmanager
+    async def _online(
+        cls, opened: Profile, listen: Sequence[str], dial_timeout: float
+    ) -> AsyncIterator[Peer]:
+        config = opened.config
+        async with Host(
+            opened.identity,
+            listen=list(listen),
+            relays=config.relay_configs(),
+            dial_timeout=dial_timeout,
+        ) as host:
+            peer = cls(opened, host)
+            async with anyio.create_task_group() as tg:
+                peer._task_group = tg
+                try:
+                    await peer._start()
+                    yield peer
+                finally:
+                    tg.cancel_scope.cancel()
+                    peer._task_group = None
+                    for subscriber in peer._subscribers:
+                        subscriber.close()
+                    if peer._store is not None:
+                        with anyio.CancelScope(shield=True):
+                            await peer._store.client.aclose()
+                    if peer._dht is not None:
+                        with anyio.CancelScope(shield=True):
+                            await peer._dht.__aexit__(None, None, None)
 
     async def _db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return await anyio.to_thread.run_sync(partial(fn, *args, **kwargs), limiter=self._limiter)
@@ -282,9 +292,21 @@ class Peer:
         if self._store is not None:
             await self._publish_bundle()
             await self.fetch_stored()
-        for peer_id in await self._db(db.outbox_peers):
+        await self._scan_outbox()
+        self._task_group.start_soon(self._watch_outbox)
+
+    async def _scan_outbox(self) -> None:
+        for peer_id in await self._db(self.profile.db.outbox_peers):
             with contextlib.suppress(InvalidPeerId):
-                self._kick(PeerId.from_string(peer_id))
+                peer = PeerId.from_string(peer_id)
+                if peer not in self._workers:
+                    self._kick(peer)
+
+    async def _watch_outbox(self) -> None:
+        """Pick up what other processes queued (``teia send`` while this peer runs)."""
+        while True:
+            await anyio.sleep(self.config.retry_interval)
+            await self._scan_outbox()
 
     # --- who and where --------------------------------------------------------------------
 
@@ -296,6 +318,11 @@ class Peer:
     def addrs(self) -> list[Multiaddr]:
         """Where others can reach this peer (``…/p2p/<id>``), relayed addresses included."""
         return self.host.addrs
+
+    @property
+    def pending_recipients(self) -> int:
+        """Recipients with envelopes still in the outbox (a delivery task running)."""
+        return len(self._workers)
 
     # --- contacts -------------------------------------------------------------------------
 
@@ -357,17 +384,7 @@ class Peer:
         and was not verified since (`ContactIdentityChanged`)."""
         if isinstance(who, PeerId):
             return who
-        contact = await self._db(self.profile.db.contact_by_name, who)
-        if contact is not None:
-            if contact.trust == "unverified-changed":
-                raise ContactIdentityChanged(
-                    f"contact {who} changed identity; compare safety numbers, then verify it"
-                )
-            return PeerId.from_string(contact.peer_id)
-        try:
-            return PeerId.from_string(who)
-        except InvalidPeerId:
-            raise UnknownContact(f"{who} is neither a contact name nor a peer ID") from None
+        return await self._db(resolve_recipient, self.profile.db, who)
 
     # --- history --------------------------------------------------------------------------
 
@@ -400,16 +417,7 @@ class Peer:
         Plaintext(text).encode()  # size check before anything is written
         message_id = secrets.token_bytes(16)
         self._queued_at[message_id] = time.perf_counter()
-        await self._db(
-            self.profile.db.queue_outgoing,
-            peer_id=str(peer_id),
-            conversation=str(peer_id),
-            message_id=message_id,
-            sent_ms=now_ms(),
-            text=text,
-            kind=int(Kind.TEXT),
-            plaintext=Plaintext(text).encode(),
-        )
+        await self._db(self.profile.db.queue_text, str(peer_id), text, message_id)
         self._kick(peer_id)
         return message_id.hex()
 
@@ -1033,6 +1041,22 @@ class Peer:
             plaintext=Plaintext(receipts=tuple(message_ids)).encode(),
         )
         self._kick(peer)
+
+
+def resolve_recipient(db: PeerDatabase, who: str) -> PeerId:
+    """A contact name or a peer ID (text) to a peer ID; `ContactIdentityChanged` for a name
+    whose identity changed since it was last verified, `UnknownContact` otherwise."""
+    contact = db.contact_by_name(who)
+    if contact is not None:
+        if contact.trust == "unverified-changed":
+            raise ContactIdentityChanged(
+                f"contact {who} changed identity; compare safety numbers, then verify it"
+            )
+        return PeerId.from_string(contact.peer_id)
+    try:
+        return PeerId.from_string(who)
+    except InvalidPeerId:
+        raise UnknownContact(f"{who} is neither a contact name nor a peer ID") from None
 
 
 def _frame(data: bytes) -> bytes:

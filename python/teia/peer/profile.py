@@ -17,13 +17,16 @@ when a directory has only a keystore.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import tomllib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from teia.errors import ConfigError, ProfileError
+from teia.errors import ConfigError, ProfileError, ProfileInUse
 from teia.identity import Identity, keystore
 from teia.identity.keystore import KdfParams
 from teia.peer.db import PeerDatabase, RowCipher
@@ -154,6 +157,24 @@ class Profile:
             config = PeerConfig()
             _write_private(config_path, config.to_toml())
         return cls(path, identity, config)
+
+    @contextmanager
+    def online(self) -> Iterator[None]:
+        """Hold the profile's online lock (``DIR/online.lock``): one process at a time runs a
+        peer on it, since sessions live in that process's memory. `ProfileInUse` if taken."""
+        fd = os.open(self.directory / "online.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ProfileInUse(
+                f"profile {self.directory} is online in another process; stop it, or let it "
+                "deliver (messages queued here go to its outbox)"
+            ) from None
+        try:
+            yield
+        finally:
+            os.close(fd)
 
     def save_config(self) -> None:
         _write_private(self.directory / CONFIG_NAME, self.config.to_toml())

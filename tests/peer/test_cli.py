@@ -1,0 +1,130 @@
+"""The CLI across separate processes: ``teia init``, ``contacts``, ``send`` (online, and queued
+beside a running daemon), ``inbox``, and ``teia peer run`` with SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import anyio
+import pytest
+from anyio.streams.text import TextReceiveStream
+
+from .conftest import PASSPHRASE, free_udp_port, make_profile
+
+ENV = {**os.environ, "TEIA_PASSPHRASE": PASSPHRASE}
+
+
+def teia(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [sys.executable, "-m", "teia", *args],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+async def wait_ready(stream: TextReceiveStream, seen: list[str]) -> str:
+    buffer = ""
+    while True:
+        chunk = await stream.receive()
+        seen.append(chunk)
+        buffer += chunk
+        for line in buffer.splitlines():
+            if '"event": "ready"' in line:
+                return line
+
+
+@pytest.mark.anyio
+async def test_cli_end_to_end_across_processes(tmp_path: Path) -> None:
+    a_dir = tmp_path / "alice"
+    a_port, b_port = free_udp_port(), free_udp_port()
+    # Alice's profile starts from `teia init` (a keystore alone), Bob's from the SDK.
+    teia("init", "--keystore", str(a_dir / "identity.key"))
+    alice_id = teia("id", "--keystore", str(a_dir / "identity.key")).stdout.strip()
+    b_dir = make_profile(tmp_path / "bob", listen=[f"/ip4/127.0.0.1/udp/{b_port}/quic-v1"])
+    bob_id = teia("id", "--keystore", str(b_dir / "identity.key")).stdout.strip()
+    # An empty listing opens the profile (and writes its config.toml); then pin Alice's port.
+    assert teia("contacts", "list", "--profile", str(a_dir)).stdout == ""
+    config = (a_dir / "config.toml").read_text()
+    (a_dir / "config.toml").write_text(
+        config.replace("/udp/0/quic-v1", f"/udp/{a_port}/quic-v1").replace(
+            "retry_interval = 5.0", "retry_interval = 0.2"
+        )
+    )
+    b_addr = f"/ip4/127.0.0.1/udp/{b_port}/quic-v1"
+    a_addr = f"/ip4/127.0.0.1/udp/{a_port}/quic-v1"
+    teia("contacts", "add", "bob", bob_id, "--addr", b_addr, "--profile", str(a_dir))
+    teia("contacts", "add", "alice", alice_id, "--addr", a_addr, "--profile", str(b_dir))
+    listed = [json.loads(line) for line in teia(
+        "contacts", "list", "--json", "--profile", str(a_dir)
+    ).stdout.splitlines()]  # fmt: skip
+    assert [(c["name"], c["peer_id"], c["trust"]) for c in listed] == [
+        ("bob", bob_id, "unverified")
+    ]
+    shown = json.loads(teia("contacts", "show", "bob", "--json", "--profile", str(a_dir)).stdout)
+    theirs = json.loads(teia("contacts", "show", "alice", "--json", "--profile", str(b_dir)).stdout)
+    assert shown["safety_number"] == theirs["safety_number"]
+
+    with anyio.fail_after(90):
+        daemon = await anyio.open_process(
+            [sys.executable, "-m", "teia", "peer", "run", "--profile", str(b_dir),
+             "--log-format", "json"],
+            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        seen: list[str] = []
+        try:
+            assert daemon.stderr is not None
+            ready = json.loads(await wait_ready(TextReceiveStream(daemon.stderr), seen))
+            assert ready["peer_id"] == bob_id
+            sent = await anyio.to_thread.run_sync(
+                lambda: teia("send", "bob", "hello from the CLI", "--json", "--profile", str(a_dir))
+            )
+            report = json.loads(sent.stdout)
+            assert report["state"] == "delivered"
+            assert report["path"] == "direct"
+            # Bob's history is readable beside his running daemon.
+            inbox = await anyio.to_thread.run_sync(
+                lambda: teia("inbox", "--json", "--profile", str(b_dir))
+            )
+            rows = [json.loads(line) for line in inbox.stdout.splitlines()]
+            assert [(r["text"], r["peer_id"], r["direction"]) for r in rows] == [
+                ("hello from the CLI", alice_id, "in")
+            ]
+            # Bob answers while his daemon has the profile: the message is queued for it.
+            queued = await anyio.to_thread.run_sync(
+                lambda: teia(
+                    "send", "alice", "queued by the CLI", "--json", "--profile", str(b_dir)
+                )
+            )
+            assert json.loads(queued.stdout)["state"] == "pending"
+            # Alice comes online a while; Bob's daemon delivers to her.
+            received = await anyio.to_thread.run_sync(
+                lambda: teia(
+                    "inbox", "--wait", "3", "--json", "--profile", str(a_dir), "--contact", "bob"
+                )
+            )
+            texts = [json.loads(line)["text"] for line in received.stdout.splitlines()]
+            assert texts == ["hello from the CLI", "queued by the CLI"]
+            found = await anyio.to_thread.run_sync(
+                lambda: teia("inbox", "--search", "queued", "--profile", str(a_dir))
+            )
+            assert "queued by the CLI" in found.stdout
+        finally:
+            daemon.send_signal(signal.SIGTERM)
+            code = await daemon.wait()
+        assert code == 0, "".join(seen)
+        # Nothing readable on disk: the texts are sealed in both profiles.
+        for directory in (a_dir, b_dir):
+            for path in directory.iterdir():
+                if path.is_file():
+                    assert b"from the CLI" not in path.read_bytes(), path
