@@ -255,6 +255,7 @@ class PeerDatabase:
         self.path = path
         self._cipher = cipher
         self._lock = threading.Lock()
+        self._last_timestamp = 0
         if not path.exists():
             os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
         try:
@@ -276,6 +277,12 @@ class PeerDatabase:
 
     def close(self) -> None:
         self._db.close()
+
+    def next_timestamp(self) -> int:
+        """Wall-clock milliseconds, strictly increasing within this process: stored envelopes
+        are ordered by their timestamps, so two messages never share one."""
+        self._last_timestamp = max(now_ms(), self._last_timestamp + 1)
+        return self._last_timestamp
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -570,7 +577,7 @@ class PeerDatabase:
             peer_id=peer_id,
             conversation=peer_id,
             message_id=message_id,
-            sent_ms=now_ms(),
+            sent_ms=self.next_timestamp(),
             text=text,
             kind=1,
             plaintext=Plaintext(text).encode(),

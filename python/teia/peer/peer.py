@@ -31,7 +31,6 @@ Nothing here logs message content, keys or tokens.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import logging
 import secrets
 import time
@@ -207,6 +206,7 @@ class Peer:
         self._relay_ips = {relay.server[0] for relay in self.config.relay_configs()}
         self._opened_seq = 0
         self._dht: Any = None
+        self._published = anyio.Event()
         self._store: Any = None
         self.stats: dict[str, int] = {"refused": 0, "duplicates": 0, "received": 0}
         """Counts (metadata only) for metrics and tests."""
@@ -251,13 +251,21 @@ class Peer:
         cls, opened: Profile, listen: Sequence[str], dial_timeout: float
     ) -> AsyncIterator[Peer]:
         config = opened.config
-        async with Host(
-            opened.identity,
-            listen=list(listen),
-            relays=config.relay_configs(),
-            dial_timeout=dial_timeout,
-        ) as host:
+        async with (
+            Host(
+                opened.identity,
+                listen=list(listen),
+                relays=config.relay_configs(),
+                dial_timeout=dial_timeout,
+            ) as host,
+            contextlib.AsyncExitStack() as stack,
+        ):
             peer = cls(opened, host)
+            if config.bootstrap:
+                from teia.dht.core import Mode
+                from teia.dht.node import DhtNode
+
+                peer._dht = await stack.enter_async_context(DhtNode(host, mode=Mode.CLIENT))
             async with anyio.create_task_group() as tg:
                 peer._task_group = tg
                 try:
@@ -271,9 +279,6 @@ class Peer:
                     if peer._store is not None:
                         with anyio.CancelScope(shield=True):
                             await peer._store.client.aclose()
-                    if peer._dht is not None:
-                        with anyio.CancelScope(shield=True):
-                            await peer._dht.__aexit__(None, None, None)
 
     async def _db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return await anyio.to_thread.run_sync(partial(fn, *args, **kwargs), limiter=self._limiter)
@@ -292,6 +297,7 @@ class Peer:
         if self._store is not None:
             await self._publish_bundle()
             await self.fetch_stored()
+            self._task_group.start_soon(self._poll_store)
         await self._scan_outbox()
         self._task_group.start_soon(self._watch_outbox)
 
@@ -587,18 +593,15 @@ class Peer:
 
     # --- paths ----------------------------------------------------------------------------
 
-    def _is_relayed(self, address: tuple[str, int] | None) -> bool:
-        return address is not None and address[0] in self._relay_ips
-
     def _path_of(self, peer: PeerId) -> Path_:
         for connection in self.host.connections.connections_to(peer):
             if not connection.is_closed:
-                return "relayed" if self._is_relayed(connection.remote_address) else "direct"
+                return _connection_path(connection)
         return "direct"
 
     async def _connect(self, peer: PeerId) -> Path_:
         """Make sure there is a connection to ``peer``: an existing one, a direct dial, then
-        a relayed one; `DeliveryError` when no path works."""
+        a dial through our relay allocation; `DeliveryError` when no path works."""
         if self.host.is_connected(peer):
             return self._path_of(peer)
         candidates: list[Multiaddr] = []
@@ -611,13 +614,16 @@ class Peer:
                 with anyio.fail_after(15):
                     candidates += await self._dht.find_peer(peer)
         unique = list(dict.fromkeys(a.without_peer_id() for a in candidates))
-        direct = [a for a in unique if not self._is_relayed(_udp(a))]
-        relayed = [a for a in unique if self._is_relayed(_udp(a))]
-        for addrs, path in ((direct, "direct"), (relayed, "relayed")):
-            for addr in addrs:
+        attempts: list[tuple[bool, Path_]] = []
+        if self.config.direct:
+            attempts.append((False, "direct"))
+        if self._relay_ips:
+            attempts.append((True, "relayed"))
+        for via_relay, path in attempts:
+            for addr in unique:
                 try:
-                    await self.host.connect(addr.with_peer_id(peer))
-                    return path  # type: ignore[return-value]
+                    await self.host.connect(addr.with_peer_id(peer), via_relay=via_relay)
+                    return path
                 except (*_STREAM_ERRORS, TeiaError) as exc:
                     _log.debug("dial to %s failed: %s", peer, type(exc).__name__)
         raise DeliveryError(f"no path to {peer} right now")
@@ -628,7 +634,7 @@ class Peer:
         peer = stream.remote_peer_id
         if peer is None:
             return
-        path: Path_ = "relayed" if self._is_relayed(stream.remote_address) else "direct"
+        path = self._path_of(peer)
         send, receive = anyio.create_memory_object_stream[bytes | None](_BATCH)
 
         async def read_frames() -> None:
@@ -892,12 +898,6 @@ class Peer:
     # --- DHT and store --------------------------------------------------------------------
 
     async def _setup_dht(self) -> None:
-        from teia.dht.core import Mode
-        from teia.dht.node import DhtNode
-
-        dht = DhtNode(self.host, mode=Mode.CLIENT)
-        await dht.__aenter__()
-        self._dht = dht
         assert self._task_group is not None
         self._task_group.start_soon(self._join_dht)
 
@@ -919,6 +919,12 @@ class Peer:
         with contextlib.suppress(TeiaError, *_STREAM_ERRORS):
             with anyio.fail_after(30):
                 await self._dht.publish_record(protocols=[CHAT_PROTOCOL, PREKEY_PROTOCOL])
+                self._published.set()
+
+    async def wait_published(self) -> None:
+        """Wait until this peer's record is in the DHT (bound it with ``anyio.fail_after``;
+        it never happens without bootstrap nodes)."""
+        await self._published.wait()
 
     def _setup_store(self) -> None:
         from teia.store import ReplicatedStoreClient, StaticMembership, StoreClient
@@ -977,7 +983,10 @@ class Peer:
         inbox = inbox_for(peer.public_key)
         envelopes = [
             Envelope(
-                inbox, item.message_id, seal_to(peer.public_key, item.envelope or b""), now_ms()
+                inbox,
+                item.message_id,
+                seal_to(peer.public_key, item.envelope or b""),
+                item.created_ms,
             )
             for item in items
         ]
@@ -1029,13 +1038,18 @@ class Peer:
             await self._queue_receipt(sender, ids)
         return new
 
+    async def _poll_store(self) -> None:
+        while True:
+            await anyio.sleep(self.config.store_poll_interval)
+            await self.fetch_stored()
+
     async def _queue_receipt(self, peer: PeerId, message_ids: list[bytes]) -> None:
         await self._db(
             self.profile.db.queue_outgoing,
             peer_id=str(peer),
             conversation=str(peer),
             message_id=secrets.token_bytes(16),
-            sent_ms=now_ms(),
+            sent_ms=self.profile.db.next_timestamp(),
             text=None,
             kind=int(Kind.RECEIPT),
             plaintext=Plaintext(receipts=tuple(message_ids)).encode(),
@@ -1065,10 +1079,8 @@ def _frame(data: bytes) -> bytes:
     return encode_uvarint(len(data)) + data
 
 
-def _udp(addr: Multiaddr) -> tuple[str, int] | None:
-    try:
-        host, port = addr.to_udp_address()
-        ipaddress.ip_address(host)
-    except (ValueError, TeiaError):
-        return None
-    return host, port
+def _connection_path(connection: Any) -> Path_:
+    """Whether a connection runs through one of our relay allocations (either direction)."""
+    # The endpoint routes a peer address through a TURN session exactly when it is relayed.
+    routes = getattr(connection._endpoint, "_relay_routes", {})
+    return "relayed" if connection.remote_address in routes else "direct"

@@ -57,6 +57,11 @@ class PeerConfig:
     """Store nodes (``…/quic-v1/p2p/<id>``) for prekey bundles and messages to offline peers."""
     relays: list[dict[str, Any]] = field(default_factory=list)
     """Relays to allocate on: tables of `teia.relay.client.RelayClientConfig` fields."""
+    direct: bool = True
+    """Try direct dials; false sends everything through the relays (networks that block UDP
+    between peers, and the demo's forced relay path)."""
+    store_poll_interval: float = 30.0
+    """Seconds between fetches of our store inboxes while online (also fetched on start)."""
     one_time_prekeys: int = 100
     """How many one-time prekeys to keep ready."""
     accept_unknown: bool = True
@@ -74,8 +79,15 @@ class PeerConfig:
             raise ConfigError(f"{origin}: unknown setting(s) {', '.join(unknown)}")
         config = cls(**data)
         config.relay_configs()  # validate now, not at first use
-        if config.one_time_prekeys < 1 or config.retry_interval <= 0:
-            raise ConfigError(f"{origin}: one_time_prekeys and retry_interval must be positive")
+        if (
+            config.one_time_prekeys < 1
+            or config.retry_interval <= 0
+            or config.store_poll_interval <= 0
+        ):
+            raise ConfigError(
+                f"{origin}: one_time_prekeys, retry_interval and store_poll_interval must be "
+                "positive"
+            )
         return config
 
     def relay_configs(self) -> list[RelayClientConfig]:
