@@ -25,19 +25,29 @@ pytestmark = pytest.mark.anyio
 # Shorter than production so a stopped node costs little, long enough for a loaded CI machine
 # running 53 QUIC hosts in one process.
 CONFIG = DhtConfig(request_timeout_ms=8_000)
-TIMING = DhtTiming(request_timeout_s=8.0, lookup_timeout_s=60.0)
+TIMING = DhtTiming(request_timeout_s=8.0, lookup_timeout_s=60.0, max_refreshes=3)
 SERVERS = 3
 PEERS = 50
 CLIENTS = 10  # of the peers, in client mode (reachable only through their records)
 
 
+# A dead node is found out by request timeouts; with a dozen nodes a short one suffices.
+SMALL_CONFIG = DhtConfig(request_timeout_ms=2_000)
+SMALL_TIMING = DhtTiming(request_timeout_s=2.0, lookup_timeout_s=30.0)
+
+
 @contextlib.asynccontextmanager
 async def running_node(
-    identity: Identity | None = None, *, mode: Mode = Mode.SERVER, store: DhtStore | None = None
+    identity: Identity | None = None,
+    *,
+    mode: Mode = Mode.SERVER,
+    store: DhtStore | None = None,
+    small: bool = False,
 ) -> AsyncIterator[DhtNode]:
+    config, timing = (SMALL_CONFIG, SMALL_TIMING) if small else (CONFIG, TIMING)
     async with (
         Host(identity or Identity.generate(), idle_timeout=120.0) as host,
-        DhtNode(host, mode=mode, config=CONFIG, timing=TIMING, store=store) as node,
+        DhtNode(host, mode=mode, config=config, timing=timing, store=store) as node,
     ):
         yield node
 
@@ -46,8 +56,10 @@ def dial_addr(node: DhtNode) -> Multiaddr:
     return node.host.addrs[0]
 
 
-async def start_servers(stack: contextlib.AsyncExitStack, count: int) -> list[DhtNode]:
-    servers = [await stack.enter_async_context(running_node()) for _ in range(count)]
+async def start_servers(
+    stack: contextlib.AsyncExitStack, count: int, *, small: bool = False
+) -> list[DhtNode]:
+    servers = [await stack.enter_async_context(running_node(small=small)) for _ in range(count)]
     for server in servers:
         others = [dial_addr(s) for s in servers if s is not server]
         await server.bootstrap(others)
@@ -103,37 +115,51 @@ async def run_until(
     stop: anyio.Event, *, task_status: anyio.abc.TaskStatus[DhtNode] = anyio.TASK_STATUS_IGNORED
 ) -> None:
     """A node in its own task, so that it can stop while nodes started later run on."""
-    async with running_node() as node:
+    async with running_node(small=True) as node:
         task_status.started(node)
         await stop.wait()
 
 
 async def test_joining_and_lookups_work_with_one_bootstrap_node_stopped() -> None:
-    with anyio.fail_after(90):
+    with anyio.fail_after(120):
         async with anyio.create_task_group() as tg, contextlib.AsyncExitStack() as stack:
-            servers = await start_servers(stack, 2)
+            servers = await start_servers(stack, 2, small=True)
             stop = anyio.Event()
             doomed: DhtNode = await tg.start(run_until, stop)
             await doomed.bootstrap([dial_addr(s) for s in servers])
             bootstrap = [dial_addr(doomed)] + [dial_addr(s) for s in servers]
-            early = [await stack.enter_async_context(running_node()) for _ in range(8)]
-            for peer in early:
-                await join(peer, bootstrap)
+            early = [await stack.enter_async_context(running_node(small=True)) for _ in range(8)]
+            async with anyio.create_task_group() as joins:
+                for peer in early:
+                    joins.start_soon(join, peer, bootstrap)
             stop.set()
             # The first bootstrap node is gone; newcomers still list it first.
             late = [
-                await stack.enter_async_context(running_node(mode=mode))
+                await stack.enter_async_context(running_node(mode=mode, small=True))
                 for mode in (Mode.SERVER, Mode.CLIENT, Mode.SERVER, Mode.CLIENT)
             ]
-            for peer in late:
+
+            async def join_late(peer: DhtNode) -> None:
                 assert await peer.bootstrap(bootstrap) == 2
                 assert await peer.publish_record() >= 1
+
+            async with anyio.create_task_group() as joins:
+                for peer in late:
+                    joins.start_soon(join_late, peer)
             everyone = early + late
-            for a in everyone:
-                for b in everyone:
-                    if a is not b:
-                        addrs = await a.find_peer(b.host.peer_id)
-                        assert b.host.listen_addrs[0] in addrs
+            missing: list[tuple[int, int]] = []
+
+            async def find(i: int, j: int) -> None:
+                addrs = await everyone[i].find_peer(everyone[j].host.peer_id)
+                if everyone[j].host.listen_addrs[0] not in addrs:
+                    missing.append((i, j))
+
+            async with anyio.create_task_group() as finds:
+                for i in range(len(everyone)):
+                    for j in range(len(everyone)):
+                        if i != j:
+                            finds.start_soon(find, i, j)
+            assert missing == []
             assert await late[0].find_peer(doomed.host.peer_id) in (
                 [],
                 [doomed.host.listen_addrs[0]],

@@ -602,6 +602,7 @@ class LookupDriver:
         *,
         kind: MessageType = MessageType.FIND_NODE,
         seeds: Sequence[RawPeer] | None = None,
+        quorum: int = 1,
     ) -> None:
         if kind not in (MessageType.FIND_NODE, MessageType.GET_VALUE):
             raise ValueError(f"lookups are FIND_NODE or GET_VALUE, not {kind.name}")
@@ -632,13 +633,24 @@ class LookupDriver:
         self.pings: list[PingRequest] = []
         """Ping actions produced by adding responders to the table (the I/O layer runs them)."""
         self._finished: LookupResult | None = None
+        self.quorum = quorum
+        """GET_VALUE: stop once this many peers answered with a valid record (0: never stop
+        early). Records are signed and sequence-numbered, so one valid answer is usable; the
+        newest among those seen is kept."""
+        self._records_seen = 0
 
     @property
     def is_done(self) -> bool:
-        return bool(self._lookup.is_done)
+        return bool(self._lookup.is_done) or self._quorum_reached
+
+    @property
+    def _quorum_reached(self) -> bool:
+        return self.quorum > 0 and self._records_seen >= self.quorum
 
     def next_action(self, now_ms: int) -> SendRequest | Wait | None:
         """What to do next; ``None`` when the lookup is over (call `finish`)."""
+        if self._quorum_reached:
+            return None
         while True:
             action, value = self._lookup.poll(now_ms)
             if action == "done":
@@ -702,6 +714,7 @@ class LookupDriver:
         except InvalidRecord:
             self.invalid_records += 1
             return
+        self._records_seen += 1
         if self.record is None or signed.seq > self.record.seq:
             self.record = signed
 
