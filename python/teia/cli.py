@@ -29,6 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     host_cli.register(sub)
 
+    from teia.dht import service as discovery_service
+
+    discovery_service.register(sub)
+
     from teia.relay import service as relay_service
 
     relay_service.register(sub)

@@ -18,17 +18,17 @@ commit times, and gauges of envelopes, bytes and inboxes held.
 from __future__ import annotations
 
 import argparse
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import anyio
 
-from teia.errors import ConfigError, InvalidKeyEncoding, InvalidMultiaddr
+from teia.errors import ConfigError, InvalidMultiaddr
 from teia.host.host import Host
 from teia.identity import Identity, Multiaddr
 from teia.service import ServiceConfig, ServiceContext, add_arguments, load, run, setting
+from teia.service.identity import node_identity
 from teia.store.membership import StaticMembership, StoreNodeInfo
 from teia.store.node import DAY_S, StoreNode, StoreSettings
 from teia.store.storage import InboxStore, StoreLimits
@@ -105,24 +105,7 @@ class StoreConfig(ServiceConfig):
 
 def load_identity(data_dir: Path) -> Identity:
     """The node's identity from ``data_dir``, created (0600, atomically) on first start."""
-    path = data_dir / _IDENTITY_FILE
-    try:
-        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        if path.exists():
-            return Identity.from_private_key_protobuf(path.read_bytes())
-        identity = Identity.generate()
-        partial = path.with_suffix(".tmp")
-        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(identity.to_private_key_protobuf())
-        os.replace(partial, path)
-        return identity
-    except OSError as exc:
-        raise ConfigError(
-            f"data-dir {data_dir}: cannot keep the node identity there: {exc.strerror or exc}"
-        ) from None
-    except InvalidKeyEncoding as exc:
-        raise ConfigError(f"{path} is not a usable identity ({exc}); move it aside") from None
+    return node_identity(data_dir, _IDENTITY_FILE)
 
 
 def settings_from(config: StoreConfig) -> tuple[StoreSettings, StoreLimits]:
