@@ -392,5 +392,18 @@ def test_answers_of_the_wrong_kind_count_as_failures() -> None:
     )
 
 
+def test_an_answer_without_a_key_is_used() -> None:
+    # py-libp2p answers FIND_NODE without repeating the key.
+    net = Network(30)
+    origin = net.cores[net.ids[0].peer_id]
+    key = identity(999).peer_id.to_bytes()
+    lookup = origin.lookup(key, net.now)
+    action = lookup.next_action(net.now)
+    assert isinstance(action, SendRequest)
+    answer = net.cores[action.peer_id].handle_request(origin.local, action.request, net.now)
+    keyless = Message(MessageType.FIND_NODE, closer_peers=answer.closer_peers)
+    assert lookup.on_response(action.peer_id, keyless, net.now)
+
+
 def test_client_mode_is_recorded() -> None:
     assert DhtCore(identity(0).peer_id, mode=Mode.CLIENT).mode is Mode.CLIENT

@@ -673,10 +673,12 @@ class LookupDriver:
     ) -> bool:
         """``peer`` answered; returns whether the answer was used.
 
-        An answer of another type or for another key counts as a failure.
+        An answer of another type or for another key counts as a failure; one without a key
+        is taken (py-libp2p leaves it out of FIND_NODE answers, and a stream carries one
+        request, so the answer can only be to it).
         """
         peer_id = peer.to_bytes()
-        if response.type is not self.kind or response.key != self.key:
+        if response.type is not self.kind or response.key not in (b"", self.key):
             self._lookup.on_failure(peer_id)
             return False
         depth = self._round.get(peer_id, 1) + 1
