@@ -22,7 +22,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import anyio
 from prometheus_client import Histogram
@@ -35,9 +35,10 @@ from teia.dht.storage import DhtStore
 from teia.errors import DhtError, InvalidMultiaddr, InvalidPeerId, TeiaError
 from teia.host.host import Host
 from teia.identity import Identity, Multiaddr, PeerId
-from teia.service import ServiceConfig, ServiceContext, add_arguments, load, run, setting
+from teia.service import ServiceConfig, ServiceContext, add_arguments, setting
 from teia.service.identity import node_identity
 from teia.service.logs import fields
+from teia.service.runner import main
 
 __all__ = ["DiscoveryConfig", "register", "serve"]
 
@@ -96,6 +97,8 @@ class DiscoveryConfig(ServiceConfig):
     request_timeout: float = setting(10.0, "seconds one DHT request may take", check=_positive)
     record_ttl: int = setting(7200, "seconds this node's own record lives", check=_positive)
     max_records: int = setting(100_000, "signed records held at most", check=_positive)
+
+    identity_file: ClassVar[str | None] = _IDENTITY_FILE
 
 
 class _DhtCollector(Collector):
@@ -213,8 +216,7 @@ async def serve(ctx: ServiceContext) -> None:
 
 
 def _run_discovery(args: argparse.Namespace) -> int:
-    config = load(DiscoveryConfig, args)
-    return run("discovery", config, serve)
+    return main("discovery", DiscoveryConfig, args, serve)
 
 
 # --- teia lookup ------------------------------------------------------------------------------

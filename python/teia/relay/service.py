@@ -35,7 +35,8 @@ from teia.relay.server import (
     TurnServerCore,
     TurnSettings,
 )
-from teia.service import ServiceConfig, ServiceContext, add_arguments, load, run, setting
+from teia.service import ServiceConfig, ServiceContext, add_arguments, setting
+from teia.service.runner import main
 
 __all__ = ["RelayConfig", "build_server", "register", "serve"]
 
@@ -140,6 +141,23 @@ class RelayConfig(ServiceConfig):
     )
     tcp: bool = setting(True, "also serve TURN over TCP on the listen port")
 
+    def validate(self) -> None:
+        self.rest_secret()
+        if not self.user and not self.auth_secret and self.auth_secret_file is None:
+            raise ConfigError("no credentials: give --user NAME:PASSWORD and/or --auth-secret")
+        if (self.relay_port_min == 0) != (self.relay_port_max == 0) or (
+            self.relay_port_min > self.relay_port_max
+        ):
+            raise ConfigError(
+                "relay-port-min and relay-port-max: give both, min <= max, or neither"
+            )
+
+    def rest_secret(self) -> bytes | None:
+        """The REST secret, from auth-secret-file if given (read now), else auth-secret."""
+        if self.auth_secret_file is not None:
+            return _read_secret_file(self.auth_secret_file)
+        return self.auth_secret.encode() if self.auth_secret else None
+
     def __repr__(self) -> str:
         shown = {
             f.name: ("<hidden>" if f.name in _SECRET_FIELDS and getattr(self, f.name) else None)
@@ -190,16 +208,9 @@ def build_server(config: RelayConfig) -> RelayServer:
     from teia._native import RelayDataPlane
 
     host, port = split_host_port(config.listen)
-    rest_secret = config.auth_secret.encode() if config.auth_secret else None
-    if config.auth_secret_file is not None:
-        rest_secret = _read_secret_file(config.auth_secret_file)
+    config.validate()
+    rest_secret = config.rest_secret()
     users = dict(entry.split(":", 1) for entry in config.user)
-    if not users and rest_secret is None:
-        raise ConfigError("no credentials: give --user NAME:PASSWORD and/or --auth-secret")
-    if (config.relay_port_min == 0) != (config.relay_port_max == 0) or (
-        config.relay_port_min > config.relay_port_max
-    ):
-        raise ConfigError("relay-port-min and relay-port-max: give both, min <= max, or neither")
     authenticator = RelayAuthenticator(
         config.realm,
         nonce_secret=_nonce_secret(config.data_dir),
@@ -296,8 +307,7 @@ async def serve(ctx: ServiceContext) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    config = load(RelayConfig, args)
-    return run("relay", config, serve)
+    return main("relay", RelayConfig, args, serve)
 
 
 def register(sub: Any) -> None:

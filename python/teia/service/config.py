@@ -22,7 +22,7 @@ import types
 import typing
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from teia.errors import ConfigError
 
@@ -100,6 +100,14 @@ class ServiceConfig:
         10.0, "seconds allowed for a graceful stop after SIGTERM", check=_positive
     )
 
+    identity_file: ClassVar[str | None] = None
+    """The node identity's file name in ``data_dir``, for services that have one: they get
+    ``--print-peer-id``."""
+
+    def validate(self) -> None:
+        """Checks across settings (each setting alone is checked by its ``check``); services
+        override this and raise `ConfigError`. `load` calls it, so ``--check-config`` does."""
+
 
 def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
@@ -125,10 +133,23 @@ def _base(annotation: Any) -> Any:
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type[ServiceConfig]) -> None:
-    """Add ``--config FILE`` and one flag per setting of ``cls`` to ``parser``."""
+    """Add ``--config FILE``, ``--check-config`` (``--print-peer-id`` where ``cls`` has an
+    identity file) and one flag per setting of ``cls`` to ``parser``."""
     parser.add_argument(
         "--config", type=Path, metavar="FILE", help="TOML file with these settings (flags win)"
     )
+    parser.add_argument(
+        "--check-config",
+        action="store_true",
+        help="load and check the settings, then exit: 0 if they are usable, 1 with the reason",
+    )
+    if cls.identity_file is not None:
+        parser.add_argument(
+            "--print-peer-id",
+            action="store_true",
+            help="print this node's peer ID (creating its identity in DATA_DIR on first use), "
+            "then exit",
+        )
     hints = _field_types(cls)
     for field in dataclasses.fields(cls):
         if not field.metadata.get("flag", True):
@@ -256,4 +277,5 @@ def load(
             if problem:
                 where = origin.get(name, "default")
                 raise ConfigError(f"{name.replace('_', '-')} ({where}): {item!r} {problem}")
+    config.validate()
     return config

@@ -6,15 +6,20 @@ into a graceful stop: the body's cancel scope is cancelled, the body has
 ``config.shutdown_timeout`` seconds to finish its ``finally`` blocks, and the process exits 0.
 The body calls ``ctx.ready(**fields)`` once it serves; that logs a ``ready`` event (tests and
 supervisors wait for it).
+
+``main(name, cls, args, body)`` is what a service's command calls: it loads the config from the
+parsed flags, answers ``--check-config`` and ``--print-peer-id`` without serving, else runs.
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -22,11 +27,12 @@ import anyio.abc
 from prometheus_client import CollectorRegistry, Gauge
 
 from teia import __version__
-from teia.service.config import ServiceConfig
+from teia.service.config import ServiceConfig, load
+from teia.service.identity import node_identity
 from teia.service.logs import configure, fields
 from teia.service.metrics import MetricsServer, new_registry
 
-__all__ = ["ServiceContext", "run"]
+__all__ = ["ServiceContext", "main", "run"]
 
 
 @dataclass
@@ -125,3 +131,22 @@ def run(
         return 130
     log.info("stopped", extra=fields(service=name))
     return 0
+
+
+def main(
+    name: str,
+    cls: type[ServiceConfig],
+    args: argparse.Namespace,
+    body: Callable[[ServiceContext], Awaitable[None]],
+) -> int:
+    """Load ``cls`` from ``args``; then check it only (``--check-config``), print the node's
+    peer ID (``--print-peer-id``), or run the service. A bad config raises `ConfigError`."""
+    config = load(cls, args)
+    if getattr(args, "check_config", False):
+        print(f"teia {name}: configuration OK")
+        return 0
+    if getattr(args, "print_peer_id", False) and cls.identity_file is not None:
+        data_dir: Path = getattr(config, "data_dir")  # noqa: B009 - services with identities have one
+        print(node_identity(data_dir, cls.identity_file).peer_id)
+        return 0
+    return run(name, config, body)

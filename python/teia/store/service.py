@@ -20,15 +20,16 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import anyio
 
 from teia.errors import ConfigError, InvalidMultiaddr
 from teia.host.host import Host
 from teia.identity import Identity, Multiaddr
-from teia.service import ServiceConfig, ServiceContext, add_arguments, load, run, setting
+from teia.service import ServiceConfig, ServiceContext, add_arguments, setting
 from teia.service.identity import node_identity
+from teia.service.runner import main
 from teia.store.membership import StaticMembership, StoreNodeInfo
 from teia.store.node import DAY_S, StoreNode, StoreSettings
 from teia.store.storage import InboxStore, StoreLimits
@@ -102,6 +103,11 @@ class StoreConfig(ServiceConfig):
         check=_non_negative,
     )  # fmt: skip
 
+    identity_file: ClassVar[str | None] = _IDENTITY_FILE
+
+    def validate(self) -> None:
+        settings_from(self)
+
 
 def load_identity(data_dir: Path) -> Identity:
     """The node's identity from ``data_dir``, created (0600, atomically) on first start."""
@@ -161,8 +167,7 @@ async def serve(ctx: ServiceContext) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    config = load(StoreConfig, args)
-    return run("store", config, serve)
+    return main("store", StoreConfig, args, serve)
 
 
 def register(sub: Any) -> None:
