@@ -6,6 +6,7 @@ set -euo pipefail
 # grows with the services whose tests need a real foreign tool
 packages=(
     coturn  # turnutils_uclient: a standard TURN client run against teia relay
+    postgresql  # initdb/pg_ctl: the homeserver tests start a throwaway cluster
 )
 
 missing=()

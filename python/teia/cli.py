@@ -41,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     store_service.register(sub)
 
+    from teia.homeserver import service as homeserver_service
+
+    homeserver_service.register(sub)
+
     from teia.peer import cli as peer_cli
 
     peer_cli.register(sub)

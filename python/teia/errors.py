@@ -400,3 +400,31 @@ class ContactIdentityChanged(PeerError):
 
 class DeliveryError(PeerError):
     """A message could not be handed over by any path right now; it stays in the outbox."""
+
+
+# --- homeserver -----------------------------------------------------------------------------
+
+
+class HomeserverError(TeiaError):
+    """Base class of errors from homeserver-lite (issue 10)."""
+
+
+class MatrixError(HomeserverError):
+    """A request refused in Matrix form: ``errcode`` (``M_FORBIDDEN``, ``M_BAD_JSON`` …), the
+    HTTP ``status`` and a message for the client. Never carries tokens or message content."""
+
+    def __init__(self, status: int, errcode: str, message: str, **extra: object) -> None:
+        super().__init__(message)
+        self.status = status
+        self.errcode = errcode
+        self.extra = extra
+
+
+class HomeserverDatabaseError(HomeserverError):
+    """The homeserver's database is unusable: unreachable (PostgreSQL), of an unknown schema
+    version, or corrupt. Check ``--database`` and that one homeserver process uses it."""
+
+
+class FederationError(HomeserverError):
+    """A federation request to or from another homeserver failed: unreachable, refused, or
+    answered with something that does not verify (bad signature, bad hash, wrong origin)."""

@@ -1,0 +1,943 @@
+"""The homeserver's logic, below HTTP: accounts, rooms, events, sync, media.
+
+`Homeserver` is what the client-server API (`teia.homeserver.api`) and federation call. It
+builds and signs events, checks them against the room's power levels (`teia.homeserver.auth`),
+persists them through the repository (`teia.homeserver.storage`) and wakes the long-polling
+syncs of the users concerned (`Notifier`: anyio events, no polling).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import secrets
+import string
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import anyio.to_thread
+from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from teia.errors import MatrixError
+from teia.homeserver import auth
+from teia.homeserver.events import (
+    MAX_PDU_BYTES,
+    ROOM_VERSION,
+    canonical_json,
+    client_event,
+    compute_event_id,
+    content_hash,
+    pdu_for_wire,
+    sign_event,
+)
+from teia.homeserver.keys import SigningKey
+from teia.homeserver.storage import HomeserverStore, StoredEvent
+
+__all__ = ["Homeserver", "HomeserverSettings", "Requester", "SyncToken"]
+
+_LOCALPART = re.compile(r"^[a-z0-9._=\-/+]+$")
+_USER_ID = re.compile(r"^@[^:\s]+:[A-Za-z0-9.\-\[\]:]+$")
+_MAX_TIMELINE = 100
+
+
+@dataclass(frozen=True)
+class HomeserverSettings:
+    """The policy of one homeserver (the service fills it from its configuration)."""
+
+    server_name: str
+    registration_open: bool = True
+    max_request_bytes: int = 65_536
+    max_upload_bytes: int = 10 * 1024 * 1024
+    password_memory_kib: int = 65_536
+    password_iterations: int = 3
+    max_sync_timeout_ms: int = 60_000
+    default_timeline_limit: int = 10
+
+
+@dataclass(frozen=True)
+class Requester:
+    """An authenticated caller: the user, the device and the hash of the token used."""
+
+    user_id: str
+    device_id: str
+    token_hash: str
+
+
+@dataclass(frozen=True)
+class SyncToken:
+    """A position in the three streams: events, receipts, typing. ``s{e}_{r}_{t}``."""
+
+    events: int
+    receipts: int = 0
+    typing: int = 0
+
+    def __str__(self) -> str:
+        return f"s{self.events}_{self.receipts}_{self.typing}"
+
+    @classmethod
+    def parse(cls, text: str) -> SyncToken:
+        parts = text[1:].split("_") if text[:1] in ("s", "t") else []
+        if not 1 <= len(parts) <= 3 or not all(p.isdigit() and len(p) < 19 for p in parts):
+            raise MatrixError(400, "M_INVALID_PARAM", "unknown pagination or sync token")
+        numbers = [int(p) for p in parts] + [0, 0]
+        return cls(numbers[0], numbers[1], numbers[2])
+
+
+class Notifier:
+    """Wakes the syncs waiting for a user. A sync takes `current(user)` *before* reading, so a
+    change that lands while it reads still wakes it."""
+
+    def __init__(self) -> None:
+        self._events: dict[str, anyio.Event] = {}
+        self._waiting: dict[str, int] = {}
+        self._waiting_changed = anyio.Event()
+
+    async def wait(self, user_id: str, event: anyio.Event) -> None:
+        """Wait for ``event`` (from `current`), counted as a waiting sync of ``user_id``."""
+        self._waiting[user_id] = self._waiting.get(user_id, 0) + 1
+        self._waiting_changed.set()
+        self._waiting_changed = anyio.Event()
+        try:
+            await event.wait()
+        finally:
+            self._waiting[user_id] -= 1
+            if not self._waiting[user_id]:
+                del self._waiting[user_id]
+
+    async def until_waiting(self, user_id: str) -> None:
+        """Return once a sync of ``user_id`` is waiting (tests use it to order a send)."""
+        while not self._waiting.get(user_id):
+            await self._waiting_changed.wait()
+
+    def current(self, user_id: str) -> anyio.Event:
+        event = self._events.get(user_id)
+        if event is None:
+            event = self._events[user_id] = anyio.Event()
+        return event
+
+    def notify(self, user_ids: Iterable[str]) -> None:
+        for user_id in user_ids:
+            event = self._events.pop(user_id, None)
+            if event is not None:
+                event.set()
+
+
+@dataclass
+class _Typing:
+    """Who types where: room → user → monotonic deadline; a serial per room for sync."""
+
+    serial: int = field(default_factory=lambda: int(time.time() * 1000))
+    rooms: dict[str, dict[str, float]] = field(default_factory=dict)
+    room_serial: dict[str, int] = field(default_factory=dict)
+
+    def set(self, room_id: str, user_id: str, deadline: float | None) -> None:
+        users = self.rooms.setdefault(room_id, {})
+        if deadline is None:
+            if users.pop(user_id, None) is None:
+                return
+        else:
+            users[user_id] = deadline
+        self.serial += 1
+        self.room_serial[room_id] = self.serial
+
+    def users(self, room_id: str, now: float) -> list[str]:
+        users = self.rooms.get(room_id, {})
+        for user_id in [u for u, deadline in users.items() if deadline <= now]:
+            del users[user_id]
+        return sorted(users)
+
+
+def _random_id(length: int, alphabet: str = string.ascii_letters) -> str:
+    return "".join(secrets.choice(alphabet) for _ in range(length))
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def bad_json(message: str) -> MatrixError:
+    return MatrixError(400, "M_BAD_JSON", message)
+
+
+def forbidden(message: str) -> MatrixError:
+    return MatrixError(403, "M_FORBIDDEN", message)
+
+
+def _not_found(message: str) -> MatrixError:
+    return MatrixError(404, "M_NOT_FOUND", message)
+
+
+def valid_user_id(value: Any) -> bool:
+    return isinstance(value, str) and len(value) <= 255 and bool(_USER_ID.match(value))
+
+
+def server_of(matrix_id: str) -> str:
+    return matrix_id.split(":", 1)[1] if ":" in matrix_id else ""
+
+
+class Homeserver:
+    """One homeserver: its settings, signing key, repository and the syncs waiting on it."""
+
+    def __init__(
+        self,
+        settings: HomeserverSettings,
+        store: HomeserverStore,
+        signing_key: SigningKey,
+        *,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self.settings = settings
+        self.server_name = settings.server_name
+        self.store = store
+        self.signing_key = signing_key
+        self.notifier = Notifier()
+        self._typing = _Typing()
+        self._write_lock = anyio.Lock()
+        self.event_listeners: list[Callable[[dict[str, Any]], Awaitable[None]]] = []
+        """Called after a local event is persisted (federation sends it out)."""
+        self.remote_join: Callable[[str, str, list[str]], Awaitable[None]] | None = None
+        """Joins a room on another server (set by federation)."""
+        self._events_total = Counter(
+            "teia_homeserver_events_total",
+            "events persisted, by origin (local or federation)",
+            ["origin"],
+            registry=registry,
+        )
+        self._syncs_waiting = Gauge(
+            "teia_homeserver_syncs_waiting", "long-polling syncs waiting", registry=registry
+        )
+        self._logins = Counter(
+            "teia_homeserver_logins_total",
+            "registrations and logins, by outcome",
+            ["kind", "outcome"],
+            registry=registry,
+        )
+
+    @staticmethod
+    def now_ms() -> int:
+        return int(time.time() * 1000)
+
+    # accounts ------------------------------------------------------------------------------
+
+    def _hasher(self, salt: bytes) -> Argon2id:
+        return Argon2id(
+            salt=salt,
+            length=32,
+            iterations=self.settings.password_iterations,
+            lanes=4,
+            memory_cost=self.settings.password_memory_kib,
+        )
+
+    async def _hash_password(self, password: str) -> str:
+        hasher = self._hasher(secrets.token_bytes(16))
+        return await anyio.to_thread.run_sync(hasher.derive_phc_encoded, password.encode("utf-8"))
+
+    async def _password_matches(self, password: str, encoded: str) -> bool:
+        def verify() -> bool:
+            try:
+                Argon2id.verify_phc_encoded(password.encode("utf-8"), encoded)
+            except Exception:
+                return False
+            return True
+
+        return await anyio.to_thread.run_sync(verify)
+
+    def user_id_for(self, localpart_or_id: str) -> str:
+        if localpart_or_id.startswith("@"):
+            if server_of(localpart_or_id) != self.server_name:
+                raise forbidden("that user is not on this server")
+            return localpart_or_id
+        return f"@{localpart_or_id}:{self.server_name}"
+
+    async def _new_session(self, user_id: str, device_id: str | None) -> dict[str, Any]:
+        device = device_id or _random_id(10, string.ascii_uppercase)
+        token = "mhs_" + secrets.token_urlsafe(32)
+        await self.store.add_token(token_hash(token), user_id, device, self.now_ms())
+        return {
+            "user_id": user_id,
+            "access_token": token,
+            "device_id": device,
+            "home_server": self.server_name,
+        }
+
+    async def username_available(self, localpart: str) -> bool:
+        self._check_localpart(localpart)
+        exists, _ = await self.store.profile(self.user_id_for(localpart))
+        if exists:
+            raise MatrixError(400, "M_USER_IN_USE", "that user ID is taken")
+        return True
+
+    def _check_localpart(self, localpart: str) -> None:
+        if not _LOCALPART.match(localpart) or len(localpart) + len(self.server_name) > 250:
+            raise MatrixError(
+                400,
+                "M_INVALID_USERNAME",
+                "user names may contain only a-z, 0-9 and . _ = - / +",
+            )
+
+    async def register(
+        self, localpart: str | None, password: str, device_id: str | None, inhibit_login: bool
+    ) -> dict[str, Any]:
+        if not self.settings.registration_open:
+            raise forbidden("registration is closed on this server")
+        if localpart is None:
+            localpart = _random_id(12, string.ascii_lowercase + string.digits)
+        localpart = localpart.lower()
+        self._check_localpart(localpart)
+        if not 1 <= len(password) <= 512:
+            raise MatrixError(400, "M_WEAK_PASSWORD", "a password of 1 to 512 characters")
+        user_id = self.user_id_for(localpart)
+        encoded = await self._hash_password(password)
+        if not await self.store.create_user(user_id, encoded, self.now_ms()):
+            self._logins.labels("register", "taken").inc()
+            raise MatrixError(400, "M_USER_IN_USE", "that user ID is taken")
+        self._logins.labels("register", "ok").inc()
+        if inhibit_login:
+            return {"user_id": user_id}
+        return await self._new_session(user_id, device_id)
+
+    async def login(self, user: str, password: str, device_id: str | None) -> dict[str, Any]:
+        try:
+            user_id = self.user_id_for(user.lower() if not user.startswith("@") else user)
+        except MatrixError:
+            raise forbidden("invalid user name or password") from None
+        encoded = await self.store.password_hash(user_id)
+        if encoded is None or not await self._password_matches(password, encoded):
+            self._logins.labels("login", "refused").inc()
+            raise forbidden("invalid user name or password")
+        self._logins.labels("login", "ok").inc()
+        return await self._new_session(user_id, device_id)
+
+    async def authenticate(self, token: str) -> Requester:
+        hashed = token_hash(token)
+        owner = await self.store.token_owner(hashed)
+        if owner is None:
+            raise MatrixError(401, "M_UNKNOWN_TOKEN", "unknown or expired access token",
+                              soft_logout=False)  # fmt: skip
+        return Requester(owner[0], owner[1], hashed)
+
+    async def logout(self, requester: Requester, *, everywhere: bool = False) -> None:
+        if everywhere:
+            await self.store.delete_user_tokens(requester.user_id)
+        else:
+            await self.store.delete_token(requester.token_hash)
+
+    # profiles ------------------------------------------------------------------------------
+
+    async def profile(self, user_id: str) -> dict[str, Any]:
+        exists, name = await self.store.profile(user_id)
+        if not exists:
+            raise _not_found("no such user")
+        return {} if name is None else {"displayname": name}
+
+    async def set_displayname(self, requester: Requester, user_id: str, name: Any) -> None:
+        if user_id != requester.user_id:
+            raise forbidden("you can only change your own display name")
+        if name is not None and (not isinstance(name, str) or len(name) > 256):
+            raise bad_json("displayname must be a string of at most 256 characters")
+        await self.store.set_displayname(user_id, name)
+
+    async def search_users(self, term: str, limit: int) -> dict[str, Any]:
+        limit = max(1, min(limit, 50))
+        found = await self.store.search_users(term, limit + 1)
+        results = [
+            {"user_id": user_id, "display_name": name} if name else {"user_id": user_id}
+            for user_id, name in found[:limit]
+        ]
+        return {"results": results, "limited": len(found) > limit}
+
+    # events --------------------------------------------------------------------------------
+
+    async def _build(
+        self,
+        room_id: str,
+        sender: str,
+        event_type: str,
+        content: dict[str, Any],
+        state: auth.State,
+        *,
+        state_key: str | None = None,
+        redacts: str | None = None,
+    ) -> dict[str, Any]:
+        extremities = await self.store.extremities(room_id)
+        depth = max((d for _, d in extremities), default=0) + 1
+        wanted = [("m.room.create", ""), ("m.room.power_levels", ""), ("m.room.member", sender)]
+        if event_type == "m.room.member" and state_key is not None:
+            wanted += [("m.room.member", state_key), ("m.room.join_rules", "")]
+        auth_events = sorted({state[k]["event_id"] for k in wanted if k in state})
+        event: dict[str, Any] = {
+            "room_id": room_id,
+            "sender": sender,
+            "type": event_type,
+            "content": content,
+            "origin_server_ts": self.now_ms(),
+            "depth": depth,
+            "prev_events": [e for e, _ in extremities],
+            "auth_events": auth_events,
+        }
+        if state_key is not None:
+            event["state_key"] = state_key
+        if redacts is not None:
+            event["redacts"] = redacts
+        event["hashes"] = {"sha256": content_hash(event)}
+        sign_event(event, self.server_name, self.signing_key.key_id, self.signing_key.private)
+        if len(canonical_json(event)) > MAX_PDU_BYTES:
+            raise MatrixError(413, "M_TOO_LARGE", "event too large (64 KiB at most)")
+        event["event_id"] = compute_event_id(event)
+        return event
+
+    async def _persist(
+        self, event: dict[str, Any], *, txn: tuple[str, str] | None = None, local: bool = True
+    ) -> int:
+        stream, new = await self.store.persist_event(event, txn=txn)
+        if new:
+            self._events_total.labels("local" if local else "federation").inc()
+            members = await self.store.room_members(event["room_id"], ("join", "invite"))
+            extra = [event["state_key"]] if event["type"] == "m.room.member" else []
+            self.notifier.notify([*members, *extra])
+            if local:
+                for listener in self.event_listeners:
+                    await listener(event)
+        return stream
+
+    async def _room_state(self, room_id: str) -> auth.State:
+        state = await self.store.current_state(room_id)
+        if not state:
+            raise _not_found("unknown room")
+        return state
+
+    async def _send_locked(
+        self,
+        requester_user: str,
+        room_id: str,
+        event_type: str,
+        content: dict[str, Any],
+        *,
+        state_key: str | None = None,
+        redacts: str | None = None,
+        txn: tuple[str, str] | None = None,
+        redacted_sender: str | None = None,
+    ) -> dict[str, Any]:
+        state = await self._room_state(room_id)
+        event = await self._build(
+            room_id, requester_user, event_type, content, state,
+            state_key=state_key, redacts=redacts,
+        )  # fmt: skip
+        auth.check_event(event, state, redacted_sender=redacted_sender)
+        await self._persist(event, txn=txn)
+        return event
+
+    async def send(
+        self,
+        requester: Requester,
+        room_id: str,
+        event_type: str,
+        content: dict[str, Any],
+        *,
+        state_key: str | None = None,
+        txn_id: str | None = None,
+    ) -> str:
+        """Send a message or state event; idempotent per (device, transaction ID)."""
+        if event_type == "m.room.create" or (event_type == "m.room.member" and state_key):
+            raise forbidden(f"use the membership endpoints to send {event_type}")
+        if event_type == "m.room.redaction":
+            raise forbidden("use the redact endpoint")
+        txn = (requester.device_id, txn_id) if txn_id is not None else None
+        async with self._write_lock:
+            if txn_id is not None:
+                done = await self.store.event_by_txn(requester.user_id, requester.device_id,
+                                                     txn_id)  # fmt: skip
+                if done is not None:
+                    return done
+            await self._check_relation(requester.user_id, room_id, content)
+            event = await self._send_locked(
+                requester.user_id, room_id, event_type, content, state_key=state_key, txn=txn
+            )
+        return str(event["event_id"])
+
+    async def _check_relation(self, sender: str, room_id: str, content: dict[str, Any]) -> None:
+        relates = content.get("m.relates_to")
+        if relates is None:
+            return
+        if not isinstance(relates, dict) or not isinstance(relates.get("event_id"), str):
+            raise bad_json("m.relates_to must name an event_id")
+        target = await self.store.get_event(relates["event_id"])
+        if target is None or target.event["room_id"] != room_id:
+            raise _not_found("the related event is not in this room")
+        if relates.get("rel_type") == "m.annotation":
+            key = relates.get("key")
+            if not isinstance(key, str) or not key:
+                raise bad_json("an annotation needs a key")
+            if await self.store.annotation_exists(relates["event_id"], sender, key):
+                raise MatrixError(400, "M_DUPLICATE_ANNOTATION", "you already reacted so")
+
+    async def redact(
+        self, requester: Requester, room_id: str, event_id: str, txn_id: str, reason: Any
+    ) -> str:
+        content: dict[str, Any] = {}
+        if isinstance(reason, str):
+            content["reason"] = reason[:1024]
+        async with self._write_lock:
+            done = await self.store.event_by_txn(requester.user_id, requester.device_id, txn_id)
+            if done is not None:
+                return done
+            target = await self.store.get_event(event_id)
+            if target is None or target.event["room_id"] != room_id:
+                raise _not_found("no such event in this room")
+            event = await self._send_locked(
+                requester.user_id, room_id, "m.room.redaction", content, redacts=event_id,
+                txn=(requester.device_id, txn_id), redacted_sender=target.event["sender"],
+            )  # fmt: skip
+        return str(event["event_id"])
+
+    # rooms ---------------------------------------------------------------------------------
+
+    async def create_room(self, requester: Requester, body: dict[str, Any]) -> str:
+        user = requester.user_id
+        preset = body.get("preset")
+        if preset is None:
+            preset = "public_chat" if body.get("visibility") == "public" else "private_chat"
+        if preset not in ("private_chat", "public_chat", "trusted_private_chat"):
+            raise bad_json("preset must be private_chat, public_chat or trusted_private_chat")
+        invites = body.get("invite", [])
+        if not isinstance(invites, list) or not all(valid_user_id(u) for u in invites):
+            raise bad_json("invite must be a list of user IDs")
+        for key in ("name", "topic"):
+            if key in body and not isinstance(body[key], str):
+                raise bad_json(f"{key} must be a string")
+        initial_state = body.get("initial_state", [])
+        if not isinstance(initial_state, list) or not all(
+            isinstance(e, dict) and isinstance(e.get("type"), str)
+            and isinstance(e.get("content"), dict)
+            and isinstance(e.get("state_key", ""), str)
+            for e in initial_state
+        ):  # fmt: skip
+            raise bad_json("initial_state must be a list of {type, state_key, content}")
+        override = body.get("power_level_content_override", {})
+        if not isinstance(override, dict):
+            raise bad_json("power_level_content_override must be an object")
+        creation = body.get("creation_content", {})
+        if not isinstance(creation, dict):
+            raise bad_json("creation_content must be an object")
+        for invitee in invites:
+            if server_of(invitee) == self.server_name:
+                exists, _ = await self.store.profile(invitee)
+                if not exists:
+                    raise _not_found(f"no such user {invitee}")
+        room_id = f"!{_random_id(18)}:{self.server_name}"
+        levels = auth.default_power_levels(user)
+        if preset == "trusted_private_chat":
+            for invitee in invites:
+                levels["users"][invitee] = 100
+        levels.update(override)
+        join_rule = "public" if preset == "public_chat" else "invite"
+        steps: list[tuple[str, str, dict[str, Any]]] = [
+            ("m.room.create", "", {**creation, "creator": user, "room_version": ROOM_VERSION}),
+            ("m.room.member", user, {"membership": "join"}),
+            ("m.room.power_levels", "", levels),
+            ("m.room.join_rules", "", {"join_rule": join_rule}),
+            ("m.room.history_visibility", "", {"history_visibility": "shared"}),
+        ]
+        if preset != "public_chat":
+            steps.append(("m.room.guest_access", "", {"guest_access": "can_join"}))
+        steps += [(e["type"], e.get("state_key", ""), e["content"]) for e in initial_state]
+        if "name" in body:
+            steps.append(("m.room.name", "", {"name": body["name"]}))
+        if "topic" in body:
+            steps.append(("m.room.topic", "", {"topic": body["topic"]}))
+        direct = body.get("is_direct") is True
+        steps += [
+            (
+                "m.room.member",
+                u,
+                {"membership": "invite", **({"is_direct": True} if direct else {})},
+            )
+            for u in invites
+        ]
+        async with self._write_lock:
+            await self.store.create_room(room_id, ROOM_VERSION, self.now_ms())
+            state: auth.State = {}
+            for event_type, state_key, content in steps:
+                event = await self._build(room_id, user, event_type, content, state,
+                                          state_key=state_key)  # fmt: skip
+                auth.check_event(event, state)
+                await self._persist(event)
+                state[(event_type, state_key)] = event
+        return room_id
+
+    async def membership(
+        self,
+        requester: Requester,
+        room_id: str,
+        target: str,
+        membership: str,
+        reason: Any = None,
+    ) -> None:
+        """Join, leave, invite, kick, ban or unban (``membership`` is the new state)."""
+        if not valid_user_id(target):
+            raise bad_json("user_id must be a user ID")
+        content: dict[str, Any] = {"membership": membership}
+        if isinstance(reason, str):
+            content["reason"] = reason[:1024]
+        if membership == "join":
+            exists, name = await self.store.profile(requester.user_id)
+            if name:
+                content["displayname"] = name
+        if membership == "invite" and server_of(target) == self.server_name:
+            exists, _ = await self.store.profile(target)
+            if not exists:
+                raise _not_found("no such user")
+        async with self._write_lock:
+            await self._send_locked(
+                requester.user_id, room_id, "m.room.member", content, state_key=target
+            )
+
+    async def join(self, requester: Requester, room_id: str, servers: list[str]) -> None:
+        """Join a room this server knows, or one on another server through federation."""
+        if await self.store.current_state(room_id):
+            await self.membership(requester, room_id, requester.user_id, "join")
+            return
+        if self.remote_join is None:
+            raise _not_found("unknown room")
+        candidates = [s for s in [*servers, server_of(room_id)] if s != self.server_name]
+        if not candidates:
+            raise _not_found("unknown room")
+        await self.remote_join(requester.user_id, room_id, list(dict.fromkeys(candidates)))
+
+    async def joined_rooms(self, requester: Requester) -> list[str]:
+        rooms = await self.store.rooms_for_user(requester.user_id)
+        return [room for room, membership, _ in rooms if membership == "join"]
+
+    async def _visible_upto(self, requester: Requester, room_id: str) -> int | None:
+        """The last stream position the user may read in the room (None: no limit)."""
+        membership = await self.store.membership(room_id, requester.user_id)
+        if membership is None or membership[0] in ("invite",):
+            raise forbidden("you are not in this room")
+        if membership[0] == "join":
+            return None
+        return membership[1]
+
+    async def room_state(self, requester: Requester, room_id: str) -> list[dict[str, Any]]:
+        membership = await self.store.membership(room_id, requester.user_id)
+        if membership is None or membership[0] != "join":
+            raise forbidden("you are not joined to this room")
+        state = await self.store.current_state(room_id)
+        now = self.now_ms()
+        return [client_event(e, now_ms=now) for e in state.values()]
+
+    async def state_event(
+        self, requester: Requester, room_id: str, event_type: str, state_key: str
+    ) -> dict[str, Any]:
+        membership = await self.store.membership(room_id, requester.user_id)
+        if membership is None or membership[0] != "join":
+            raise forbidden("you are not joined to this room")
+        state = await self.store.current_state(room_id)
+        event = state.get((event_type, state_key))
+        if event is None:
+            raise _not_found("no such state")
+        content = event.get("content")
+        return content if isinstance(content, dict) else {}
+
+    async def room_event(self, requester: Requester, room_id: str, event_id: str) -> dict[str, Any]:
+        upto = await self._visible_upto(requester, room_id)
+        stored = await self.store.get_event(event_id)
+        if stored is None or stored.event["room_id"] != room_id:
+            raise _not_found("no such event")
+        if upto is not None and stored.stream > upto:
+            raise _not_found("no such event")
+        return self._client(requester, stored, self.now_ms())
+
+    async def joined_members(self, requester: Requester, room_id: str) -> dict[str, Any]:
+        await self._visible_upto(requester, room_id)
+        state = await self.store.current_state(room_id)
+        joined = {}
+        for (event_type, key), event in state.items():
+            content = event.get("content", {})
+            if event_type == "m.room.member" and content.get("membership") == "join":
+                entry = {}
+                if isinstance(content.get("displayname"), str):
+                    entry["display_name"] = content["displayname"]
+                joined[key] = entry
+        return {"joined": joined}
+
+    async def members(self, requester: Requester, room_id: str) -> dict[str, Any]:
+        await self._visible_upto(requester, room_id)
+        state = await self.store.current_state(room_id)
+        now = self.now_ms()
+        chunk = [client_event(e, now_ms=now) for (t, _), e in state.items() if t == "m.room.member"]
+        return {"chunk": chunk}
+
+    def _client(self, requester: Requester, stored: StoredEvent, now: int) -> dict[str, Any]:
+        unsigned = dict(stored.event.get("unsigned", {}))
+        if (
+            stored.txn_id is not None
+            and stored.event["sender"] == requester.user_id
+            and (stored.txn_device == requester.device_id)
+        ):
+            unsigned["transaction_id"] = stored.txn_id
+        return client_event(stored.event, now_ms=now, unsigned=unsigned)
+
+    async def messages(
+        self,
+        requester: Requester,
+        room_id: str,
+        from_token: str | None,
+        direction: str,
+        limit: int,
+    ) -> dict[str, Any]:
+        if direction not in ("b", "f"):
+            raise MatrixError(400, "M_INVALID_PARAM", "dir must be b or f")
+        limit = max(1, min(limit, _MAX_TIMELINE))
+        upto = await self._visible_upto(requester, room_id)
+        current = await self.store.max_stream()
+        ceiling = current if upto is None else min(upto, current)
+        if from_token is None:
+            position = ceiling if direction == "b" else 0
+        else:
+            position = SyncToken.parse(from_token).events
+        if direction == "b":
+            events = await self.store.room_events(
+                room_id, after=0, upto=min(position, ceiling), limit=limit, newest_first=True
+            )
+        else:
+            events = await self.store.room_events(
+                room_id, after=position, upto=ceiling, limit=limit, newest_first=False
+            )
+        now = self.now_ms()
+        out: dict[str, Any] = {
+            "chunk": [self._client(requester, e, now) for e in events],
+            "start": str(SyncToken(position)),
+        }
+        if len(events) == limit:
+            last = events[-1].stream
+            out["end"] = str(SyncToken(last - 1 if direction == "b" else last))
+        return out
+
+    # typing and receipts -------------------------------------------------------------------
+
+    async def set_typing(
+        self, requester: Requester, room_id: str, user_id: str, typing: bool, timeout_ms: int
+    ) -> None:
+        if user_id != requester.user_id:
+            raise forbidden("you can only set your own typing state")
+        membership = await self.store.membership(room_id, user_id)
+        if membership is None or membership[0] != "join":
+            raise forbidden("you are not joined to this room")
+        timeout = max(0, min(timeout_ms, 120_000)) / 1000
+        self._typing.set(room_id, user_id, anyio.current_time() + timeout if typing else None)
+        self.notifier.notify(await self.store.room_members(room_id))
+
+    async def receipt(
+        self, requester: Requester, room_id: str, receipt_type: str, event_id: str
+    ) -> None:
+        if receipt_type not in ("m.read", "m.read.private", "m.fully_read"):
+            raise MatrixError(400, "M_INVALID_PARAM", "unsupported receipt type")
+        membership = await self.store.membership(room_id, requester.user_id)
+        if membership is None or membership[0] != "join":
+            raise forbidden("you are not joined to this room")
+        target = await self.store.get_event(event_id)
+        if target is None or target.event["room_id"] != room_id:
+            raise _not_found("no such event in this room")
+        if receipt_type == "m.fully_read":
+            return  # a read marker is account data; not kept by this server
+        await self.store.put_receipt(room_id, requester.user_id, receipt_type, event_id,
+                                     self.now_ms())  # fmt: skip
+        audience = (
+            [requester.user_id]
+            if receipt_type == "m.read.private"
+            else await self.store.room_members(room_id)
+        )
+        self.notifier.notify(audience)
+
+    # sync ----------------------------------------------------------------------------------
+
+    async def sync(
+        self,
+        requester: Requester,
+        since: str | None,
+        timeout_ms: int,
+        timeline_limit: int | None,
+        full_state: bool,
+    ) -> dict[str, Any]:
+        since_token = SyncToken.parse(since) if since else None
+        limit = max(1, min(timeline_limit or self.settings.default_timeline_limit, _MAX_TIMELINE))
+        timeout = max(0, min(timeout_ms, self.settings.max_sync_timeout_ms)) / 1000
+        deadline = anyio.current_time() + timeout
+        for _ in range(10_000):  # bounded: each round is a wake-up or the deadline
+            wake = self.notifier.current(requester.user_id)
+            response, changed = await self._sync_once(requester, since_token, limit, full_state)
+            remaining = deadline - anyio.current_time()
+            if since_token is None or full_state or changed or remaining <= 0:
+                return response
+            self._syncs_waiting.inc()
+            try:
+                with anyio.move_on_after(remaining):
+                    await self.notifier.wait(requester.user_id, wake)
+            finally:
+                self._syncs_waiting.dec()
+        return response
+
+    def _stripped(self, event: dict[str, Any]) -> dict[str, Any]:
+        return {k: event[k] for k in ("type", "state_key", "content", "sender") if k in event}
+
+    async def _sync_once(
+        self,
+        requester: Requester,
+        since: SyncToken | None,
+        limit: int,
+        full_state: bool,
+    ) -> tuple[dict[str, Any], bool]:
+        user = requester.user_id
+        current = SyncToken(
+            await self.store.max_stream(),
+            await self.store.max_receipt_stream(),
+            self._typing.serial,
+        )
+        now = self.now_ms()
+        rooms: dict[str, dict[str, Any]] = {"join": {}, "invite": {}, "leave": {}}
+        for room_id, membership, mstream in await self.store.rooms_for_user(user):
+            if mstream > current.events:
+                continue  # landed after we read the position: next sync
+            fresh = since is None or full_state or mstream > since.events
+            if membership == "join":
+                joined = await self._joined_room(requester, room_id, since, current, limit,
+                                                 fresh, now)  # fmt: skip
+                if joined is not None:
+                    rooms["join"][room_id] = joined
+            elif membership == "invite" and fresh:
+                state = await self.store.current_state(room_id)
+                stripped = [
+                    self._stripped(state[key])
+                    for key in (
+                        ("m.room.create", ""),
+                        ("m.room.join_rules", ""),
+                        ("m.room.name", ""),
+                        ("m.room.topic", ""),
+                        ("m.room.member", user),
+                    )
+                    if key in state
+                ]
+                rooms["invite"][room_id] = {"invite_state": {"events": stripped}}
+            elif membership in ("leave", "ban") and since is not None and mstream > since.events:
+                events = await self.store.room_events(
+                    room_id, after=since.events, upto=mstream, limit=limit + 1, newest_first=True
+                )
+                timeline = list(reversed(events[:limit]))
+                rooms["leave"][room_id] = {
+                    "timeline": {
+                        "events": [self._client(requester, e, now) for e in timeline],
+                        "limited": len(events) > limit,
+                        "prev_batch": str(
+                            SyncToken(timeline[0].stream - 1 if timeline else since.events)
+                        ),
+                    },
+                    "state": {"events": []},
+                }
+        changed = any(rooms[kind] for kind in rooms)
+        response = {
+            "next_batch": str(current),
+            "rooms": rooms,
+            "presence": {"events": []},
+            "account_data": {"events": []},
+            "to_device": {"events": []},
+        }
+        return response, changed
+
+    async def _joined_room(
+        self,
+        requester: Requester,
+        room_id: str,
+        since: SyncToken | None,
+        current: SyncToken,
+        limit: int,
+        fresh: bool,
+        now: int,
+    ) -> dict[str, Any] | None:
+        after = 0 if fresh or since is None else since.events
+        events = await self.store.room_events(
+            room_id, after=after, upto=current.events, limit=limit + 1, newest_first=True
+        )
+        limited = len(events) > limit
+        timeline = list(reversed(events[:limit]))
+        ephemeral: list[dict[str, Any]] = []
+        typing_serial = self._typing.room_serial.get(room_id, 0)
+        if since is None or typing_serial > since.typing:
+            users = self._typing.users(room_id, anyio.current_time())
+            if users or since is not None:
+                ephemeral.append({"type": "m.typing", "content": {"user_ids": users}})
+        receipts = await self.store.receipts(
+            room_id, after=0 if since is None else since.receipts, upto=current.receipts
+        )
+        content: dict[str, Any] = {}
+        for user_id, receipt_type, event_id, ts in receipts:
+            if receipt_type == "m.read.private" and user_id != requester.user_id:
+                continue
+            content.setdefault(event_id, {}).setdefault(receipt_type, {})[user_id] = {"ts": ts}
+        if content:
+            ephemeral.append({"type": "m.receipt", "content": content})
+        if not fresh and not timeline and not ephemeral:
+            return None
+        state_events: list[dict[str, Any]] = []
+        if fresh or limited:
+            in_timeline = {e.event["event_id"] for e in timeline}
+            state = await self.store.current_state(room_id)
+            state_events = [
+                client_event(e, now_ms=now) for e in state.values()
+                if e["event_id"] not in in_timeline
+            ]  # fmt: skip
+        prev = timeline[0].stream - 1 if timeline else current.events
+        return {
+            "timeline": {
+                "events": [self._client(requester, e, now) for e in timeline],
+                "limited": limited,
+                "prev_batch": str(SyncToken(prev)),
+            },
+            "state": {"events": state_events},
+            "ephemeral": {"events": ephemeral},
+            "account_data": {"events": []},
+            "unread_notifications": {},
+        }
+
+    # media ---------------------------------------------------------------------------------
+
+    async def upload(
+        self, requester: Requester, content_type: str, filename: str | None, data: bytes
+    ) -> str:
+        media_id = _random_id(24)
+        await self.store.put_media(media_id, requester.user_id, content_type[:255],
+                                   filename[:255] if filename else None, data,
+                                   self.now_ms())  # fmt: skip
+        return f"mxc://{self.server_name}/{media_id}"
+
+    async def download(self, server_name: str, media_id: str) -> tuple[str, str | None, bytes]:
+        if server_name != self.server_name:
+            raise _not_found("remote media is not fetched by this server")
+        found = await self.store.get_media(media_id)
+        if found is None:
+            raise _not_found("no such media")
+        return found
+
+    # filters -------------------------------------------------------------------------------
+
+    async def put_filter(self, requester: Requester, user_id: str, body: dict[str, Any]) -> str:
+        if user_id != requester.user_id:
+            raise forbidden("you can only create your own filters")
+        return await self.store.put_filter(user_id, json.dumps(body))
+
+    async def get_filter(self, requester: Requester, user_id: str, filter_id: str) -> Any:
+        if user_id != requester.user_id:
+            raise forbidden("you can only read your own filters")
+        body = await self.store.get_filter(user_id, filter_id)
+        if body is None:
+            raise _not_found("no such filter")
+        return json.loads(body)
+
+    # federation hooks ----------------------------------------------------------------------
+
+    def wire_event(self, event: dict[str, Any]) -> dict[str, Any]:
+        return pdu_for_wire(event)
