@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from prometheus_client import CollectorRegistry
 
 from teia.errors import ConfigError
 from teia.homeserver.api import ApiLimits, build_app
+from teia.homeserver.federation import Federation
 from teia.homeserver.keys import SigningKey
 from teia.homeserver.server import Homeserver, HomeserverSettings
 from teia.homeserver.storage import HomeserverStore, open_database
@@ -82,6 +83,10 @@ class HomeserverConfig(ServiceConfig):
     ip_burst: float = setting(200.0, "request burst per client address", check=_positive)
     user_rate: float = setting(20.0, "requests/s per user (syncs excluded)", check=_positive)
     user_burst: float = setting(100.0, "request burst per user", check=_positive)
+    federation: bool = setting(True, "federate with other homeserver-lite instances")
+    federation_tls: bool = setting(
+        False, "reach other servers over HTTPS (off: plain HTTP, for loopback and tests)"
+    )
 
 
 def settings_from(config: HomeserverConfig) -> HomeserverSettings:
@@ -116,7 +121,8 @@ async def running_homeserver(
     store = HomeserverStore(db)
     try:
         hs = Homeserver(settings, store, key, registry=registry)
-        routes: list[Any] = []
+        federation = Federation(hs, tls=config.federation_tls, registry=registry)
+        routes = federation.routes() if config.federation else []
         app = build_app(
             hs,
             limits=ApiLimits(config.ip_rate, config.ip_burst, config.user_rate, config.user_burst),
@@ -131,7 +137,12 @@ async def running_homeserver(
         if config.tls_cert:
             hc.certfile = config.tls_cert
             hc.keyfile = config.tls_key
-        async with anyio.create_task_group() as tg:
+        async with anyio.create_task_group() as tg, AsyncExitStack() as stack:
+            if config.federation:
+                await stack.enter_async_context(federation)
+            else:
+                hs.remote_join = None
+                hs.event_listeners.clear()
             binds = await tg.start(_serve, app, hc)
             scheme = "https" if config.tls_cert else "http"
             address = binds[0].split("://", 1)[1]
