@@ -47,6 +47,7 @@ def test_check_config_accepts_a_good_file_without_serving(
         ("store", 'bootstrap = ["/ip4/10.0.0.1/udp/1/quic-v1"]\n', "bootstrap"),
         ("discovery", "k = 0\n", "k "),
         ("discovery", "unknown = 1\n", "unknown setting"),
+        ("homeserver", "unknown = 1\n", "unknown setting"),
     ],
 )
 def test_check_config_refuses_with_the_reason(

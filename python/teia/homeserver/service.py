@@ -32,7 +32,8 @@ from teia.homeserver.federation import Federation
 from teia.homeserver.keys import SigningKey
 from teia.homeserver.server import Homeserver, HomeserverSettings
 from teia.homeserver.storage import HomeserverStore, open_database
-from teia.service import ServiceConfig, ServiceContext, add_arguments, load, run, setting
+from teia.service import ServiceConfig, ServiceContext, add_arguments, setting
+from teia.service.runner import main
 
 __all__ = ["HomeserverConfig", "RunningHomeserver", "register", "running_homeserver", "serve"]
 
@@ -176,8 +177,7 @@ async def serve(ctx: ServiceContext) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    config = load(HomeserverConfig, args)
-    return run("homeserver", config, serve)
+    return main("homeserver", HomeserverConfig, args, serve)
 
 
 def register(sub: Any) -> None:
