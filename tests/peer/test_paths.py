@@ -39,7 +39,7 @@ async def test_recipient_offline_for_the_whole_send_gets_it_from_the_store(
                     assert await receive(bob, 5) == [f"stored {i}" for i in range(5)]
                     history = await bob.history(alice.peer_id)
                     assert {m.path for m in history} == {"stored"}
-                    with anyio.fail_after(10):
+                    with anyio.fail_after(20):
                         while {m.state for m in await alice.history(bob_id)} != {"delivered"}:
                             await alice.fetch_stored()
                     # Nothing is fetched twice.
@@ -47,7 +47,7 @@ async def test_recipient_offline_for_the_whole_send_gets_it_from_the_store(
                     assert len(await bob.history(alice.peer_id)) == 5
                     # Now that they know each other, Bob answers (stored again: no address).
                     await bob.wait_delivered(await bob.send(alice.peer_id, "got them"))
-                    with anyio.fail_after(10):
+                    with anyio.fail_after(20):
                         while not [m for m in await alice.history(bob_id) if not m.outgoing]:
                             await alice.fetch_stored()
 

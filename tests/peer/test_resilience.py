@@ -13,7 +13,7 @@ import pytest
 from teia.errors import ContactIdentityChanged
 from teia.host.host import Host
 from teia.host.protobuf import encode_uvarint
-from teia.identity import Identity
+from teia.identity import Identity, PeerId
 from teia.peer import IdentityChanged, Peer, Profile, SessionStarted
 from teia.peer.peer import _Incoming
 from teia.peer.wire import CHAT_PROTOCOL, AckStatus, ChatAck, ChatEnvelope, Kind
@@ -111,13 +111,13 @@ async def test_garbage_forged_and_replayed_envelopes_change_nothing(tmp_path: Pa
     with anyio.fail_after(TIMEOUT):
         async with online(a_dir) as alice, online(b_dir) as bob:
             seen: list[ChatEnvelope] = []
-            original = bob._receive
+            original = bob._take
 
-            async def spy(incoming: _Incoming) -> bool:
-                seen.append(incoming.envelope)
-                return await original(incoming)
+            async def spy(peer: PeerId, envelopes: list[ChatEnvelope], path: str) -> list[bool]:
+                seen.extend(envelopes)
+                return await original(peer, envelopes, path)  # type: ignore[arg-type]
 
-            bob._receive = spy  # type: ignore[method-assign]
+            bob._take = spy  # type: ignore[method-assign]
             await introduce(alice, bob)
             for i in range(3):
                 await alice.wait_delivered(await alice.send(bob.peer_id, f"real {i}"))

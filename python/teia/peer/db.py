@@ -17,6 +17,7 @@ Schema (``PRAGMA user_version`` = `SCHEMA_VERSION`)::
     meta(key PK, value)
     contacts(peer_id PK, name UNIQUE, identity_key, trust, previous_peer_id, addrs, added_ms)
     sessions(peer_id, slot, state*, updated_ms)                         PK(peer_id, slot)
+    session_versions(peer_id PK, version)          newest state saved (see `_save_sessions`)
     prekeys(kind, id, private*, public, handed_out, created_ms)        PK(kind, id)
     messages(seq PK, message_id, peer_id, conversation, outgoing, sent_ms, received_ms,
              body*, state, path, latency_ms)                  UNIQUE(peer_id, outgoing, message_id)
@@ -60,6 +61,7 @@ __all__ = [
     "OutboxItem",
     "PeerDatabase",
     "RowCipher",
+    "SessionSnapshot",
     "Trust",
     "now_ms",
 ]
@@ -69,6 +71,8 @@ _NONCE: Final = 12
 _WORD = re.compile(r"\w+", re.UNICODE)
 _MAX_TOKENS_PER_MESSAGE: Final = 512
 
+SessionSnapshot = tuple[int, Sequence[bytes]]
+"""(version, serialised sessions): versions grow with every change of a peer's sessions."""
 Trust = Literal["unverified", "verified", "unverified-changed"]
 MessageState = Literal["pending", "sent", "stored", "delivered", "received", "failed"]
 
@@ -183,6 +187,7 @@ CREATE TABLE sessions (
     updated_ms INTEGER NOT NULL,
     PRIMARY KEY (peer_id, slot)
 );
+CREATE TABLE session_versions (peer_id TEXT PRIMARY KEY, version INTEGER NOT NULL);
 CREATE TABLE prekeys (
     kind TEXT NOT NULL,
     id INTEGER NOT NULL,
@@ -477,7 +482,21 @@ class PeerDatabase:
         ).fetchall()
         return [self._cipher.open(_session_ad(peer_id, slot), state) for slot, state in rows]
 
-    def _save_sessions(self, db: sqlite3.Connection, peer_id: str, states: Sequence[bytes]) -> None:
+    def session_version(self, peer_id: str) -> int:
+        row = self._db.execute(
+            "SELECT version FROM session_versions WHERE peer_id = ?", (peer_id,)
+        ).fetchone()
+        return int(row[0]) if row else 0
+
+    def _save_sessions(
+        self, db: sqlite3.Connection, peer_id: str, snapshot: SessionSnapshot
+    ) -> None:
+        # Snapshots are taken under the peer's lock but may reach this thread out of order; a
+        # state older than the one saved would make the ratchet reuse message keys after a
+        # restart, so only a newer version is written.
+        version, states = snapshot
+        if version <= self.session_version(peer_id):
+            return
         stamp = now_ms()
         db.executemany(
             "INSERT OR REPLACE INTO sessions (peer_id, slot, state, updated_ms) VALUES (?,?,?,?)",
@@ -487,10 +506,14 @@ class PeerDatabase:
             ],
         )
         db.execute("DELETE FROM sessions WHERE peer_id = ? AND slot >= ?", (peer_id, len(states)))
+        db.execute(
+            "INSERT OR REPLACE INTO session_versions (peer_id, version) VALUES (?, ?)",
+            (peer_id, version),
+        )
 
-    def save_sessions(self, peer_id: str, states: Sequence[bytes]) -> None:
+    def save_sessions(self, peer_id: str, snapshot: SessionSnapshot) -> None:
         with self._transaction() as db:
-            self._save_sessions(db, peer_id, states)
+            self._save_sessions(db, peer_id, snapshot)
 
     # --- messages ---------------------------------------------------------------------------
 
@@ -544,31 +567,63 @@ class PeerDatabase:
         text: str | None,
         kind: int,
         plaintext: bytes,
+        envelope: bytes | None = None,
+        sessions: SessionSnapshot | None = None,
     ) -> int | None:
-        """In one transaction: the history row (for a text) and the outbox entry (the
-        plaintext sealed, to be encrypted for the wire by the delivery task). Returns the
-        history sequence number."""
-        sealed = self._cipher.seal(_outbox_ad(peer_id, message_id), plaintext)
+        """One message into history (for a text) and the outbox; see `queue_many`."""
+        record = {
+            "message_id": message_id,
+            "sent_ms": sent_ms,
+            "text": text,
+            "kind": kind,
+            "plaintext": plaintext,
+            "envelope": envelope,
+        }
+        return self.queue_many(peer_id, conversation, [record], sessions)[0]
+
+    def queue_many(
+        self,
+        peer_id: str,
+        conversation: str,
+        records: Sequence[dict[str, Any]],
+        sessions: SessionSnapshot | None = None,
+    ) -> list[int | None]:
+        """In one transaction, messages for one peer: each text into history, each message
+        into the outbox — its envelope (then ``sessions`` is the state after encrypting them
+        all), or its plaintext sealed, for the delivery task to encrypt. Records have
+        ``message_id``, ``sent_ms``, ``text`` (None for receipts), ``kind``, ``plaintext``,
+        ``envelope``. Returns the history sequence numbers."""
+        rows = []
+        for r in records:
+            sealed = b""
+            if r["envelope"] is None:
+                sealed = self._cipher.seal(_outbox_ad(peer_id, r["message_id"]), r["plaintext"])
+            rows.append((peer_id, r["message_id"], r["kind"], sealed, r["envelope"], r["sent_ms"]))
+        out: list[int | None] = []
         with self._transaction() as db:
-            seq = None
-            if text is not None:
-                seq = self._insert_message(
-                    db,
-                    message_id=message_id,
-                    peer_id=peer_id,
-                    conversation=conversation,
-                    outgoing=True,
-                    sent_ms=sent_ms,
-                    received_ms=None,
-                    text=text,
-                    state="pending",
-                )
-            db.execute(
-                "INSERT INTO outbox (peer_id, message_id, kind, plaintext, created_ms) "
-                "VALUES (?,?,?,?,?)",
-                (peer_id, message_id, kind, sealed, sent_ms),
+            if sessions is not None:
+                self._save_sessions(db, peer_id, sessions)
+            for r in records:
+                seq = None
+                if r["text"] is not None:
+                    seq = self._insert_message(
+                        db,
+                        message_id=r["message_id"],
+                        peer_id=peer_id,
+                        conversation=conversation,
+                        outgoing=True,
+                        sent_ms=r["sent_ms"],
+                        received_ms=None,
+                        text=r["text"],
+                        state="pending",
+                    )
+                out.append(seq)
+            db.executemany(
+                "INSERT INTO outbox (peer_id, message_id, kind, plaintext, envelope, created_ms) "
+                "VALUES (?,?,?,?,?,?)",
+                rows,
             )
-        return seq
+        return out
 
     def queue_text(self, peer_id: str, text: str, message_id: bytes | None = None) -> bytes:
         """Queue a text for ``peer_id`` (history + outbox); returns its message ID."""
@@ -585,7 +640,7 @@ class PeerDatabase:
         return message_id
 
     def set_envelopes(
-        self, peer_id: str, envelopes: Sequence[tuple[bytes, bytes]], sessions: Sequence[bytes]
+        self, peer_id: str, envelopes: Sequence[tuple[bytes, bytes]], sessions: SessionSnapshot
     ) -> None:
         """In one transaction: the sessions after encrypting, and each encrypted envelope in
         place of its sealed plaintext (which is dropped: nothing is encrypted twice)."""
@@ -631,23 +686,19 @@ class PeerDatabase:
         *,
         peer_id: str,
         identity_key: bytes,
-        conversation: str,
-        message_id: bytes,
-        sent_ms: int,
-        text: str | None,
-        receipts: Sequence[bytes],
-        sessions: Sequence[bytes],
-        used_one_time_prekey: int | None,
-        base_key: bytes | None,
+        records: Sequence[dict[str, Any]],
+        sessions: SessionSnapshot,
         path: str,
-    ) -> int | None:
-        """In one transaction: the message into history (texts; receipts are marks on our
-        own messages, each listed message ID that was ours becomes ``delivered``), the
-        sessions after decrypting, the one-time prekey it consumed deleted, and the sender in
-        the contacts. Returns the new history sequence number, or None for a duplicate."""
+    ) -> list[int | None]:
+        """In one transaction, for a batch from one sender: each message into history (texts;
+        receipts leave a row without text, and mark our listed messages ``delivered``), the
+        sessions after decrypting them, the one-time prekeys they consumed deleted, the
+        initiators' base keys remembered, the sender in the contacts. Each record has
+        ``message_id``, ``conversation``, ``sent_ms``, ``text`` (None for receipts),
+        ``receipts``, ``used_one_time_prekey``, ``base_key``. Returns the new history
+        sequence numbers (None for a message already held)."""
+        out: list[int | None] = []
         with self._transaction() as db:
-            if self.has_incoming(peer_id, message_id):
-                return None
             if self.contact(peer_id) is None:
                 db.execute(
                     "INSERT INTO contacts (peer_id, identity_key, trust, added_ms) "
@@ -655,33 +706,39 @@ class PeerDatabase:
                     (peer_id, identity_key, now_ms()),
                 )
             self._save_sessions(db, peer_id, sessions)
-            if base_key is not None:
-                db.execute(
-                    "INSERT OR IGNORE INTO base_keys (peer_id, base_key) VALUES (?, ?)",
-                    (peer_id, base_key),
+            received = now_ms()
+            for record in records:
+                if self.has_incoming(peer_id, record["message_id"]):
+                    out.append(None)
+                    continue
+                if record["base_key"] is not None:
+                    db.execute(
+                        "INSERT OR IGNORE INTO base_keys (peer_id, base_key) VALUES (?, ?)",
+                        (peer_id, record["base_key"]),
+                    )
+                if record["used_one_time_prekey"] is not None:
+                    db.execute(
+                        "DELETE FROM prekeys WHERE kind = 'one-time' AND id = ?",
+                        (record["used_one_time_prekey"],),
+                    )
+                text = record["text"]
+                out.append(
+                    self._insert_message(
+                        db,
+                        message_id=record["message_id"],
+                        peer_id=peer_id,
+                        conversation=record["conversation"] if text is not None else "",
+                        outgoing=False,
+                        sent_ms=record["sent_ms"],
+                        received_ms=received,
+                        text=text or "",
+                        state="received",
+                        path=path,
+                    )
                 )
-            if used_one_time_prekey is not None:
-                db.execute(
-                    "DELETE FROM prekeys WHERE kind = 'one-time' AND id = ?",
-                    (used_one_time_prekey,),
-                )
-            # Receipts and texts both leave a row (receipts with no text), so a replayed
-            # receipt is recognised as a duplicate like a replayed text.
-            seq = self._insert_message(
-                db,
-                message_id=message_id,
-                peer_id=peer_id,
-                conversation=conversation if text is not None else "",
-                outgoing=False,
-                sent_ms=sent_ms,
-                received_ms=now_ms(),
-                text=text or "",
-                state="received",
-                path=path,
-            )
-            if receipts:
-                self._mark_delivered(db, peer_id, receipts, None, None)
-        return seq
+                if record["receipts"]:
+                    self._mark_delivered(db, peer_id, record["receipts"], None, None)
+        return out
 
     def _mark_delivered(
         self,

@@ -68,7 +68,14 @@ from teia.errors import (
 from teia.host.host import Host
 from teia.host.streams import NegotiatedStream
 from teia.identity import Multiaddr, PeerId
-from teia.peer.db import Contact, MessageRow, OutboxItem, PeerDatabase, now_ms
+from teia.peer.db import (
+    Contact,
+    MessageRow,
+    OutboxItem,
+    PeerDatabase,
+    SessionSnapshot,
+    now_ms,
+)
 from teia.peer.profile import PeerConfig, Profile, default_profile_dir
 from teia.peer.safety import safety_number
 from teia.peer.wire import (
@@ -198,6 +205,12 @@ class Peer:
         self._locks: dict[PeerId, anyio.Lock] = {}
         self._wake: dict[PeerId, anyio.Event] = {}
         self._workers: set[PeerId] = set()
+        self._queues: dict[PeerId, list[OutboxItem]] = {}
+        self._unsaved: dict[PeerId, list[dict[str, Any]]] = {}
+        self._saving: dict[PeerId, anyio.Event] = {}
+        self._names: dict[str, PeerId] = {}
+        self._versions: dict[PeerId, int] = {}
+        self._links: dict[PeerId, tuple[NegotiatedStream, Any]] = {}
         self._queued_at: dict[bytes, float] = {}
         self._delivered_waiters: dict[bytes, anyio.Event] = {}
         self._new_message = anyio.Event()
@@ -343,6 +356,7 @@ class Peer:
             raise InvalidPeerId(f"{peer_id} does not embed its public key (not Ed25519)")
         for addr in addrs:
             Multiaddr(addr)  # validate
+        self._names.clear()
         contact, previous = await self._db(
             self.profile.db.upsert_contact, str(peer_id), key, name=name, addrs=addrs
         )
@@ -372,6 +386,7 @@ class Peer:
     async def verify_contact(self, who: PeerId | str) -> Contact:
         """Mark a contact verified (after comparing safety numbers)."""
         contact = await self.contact(who)
+        self._names.clear()
         await self._db(self.profile.db.set_trust, contact.peer_id, "verified")
         return await self.contact(contact.peer_id)
 
@@ -390,7 +405,13 @@ class Peer:
         and was not verified since (`ContactIdentityChanged`)."""
         if isinstance(who, PeerId):
             return who
-        return await self._db(resolve_recipient, self.profile.db, who)
+        cached = self._names.get(who)
+        if cached is not None:
+            return cached
+        peer_id = await self._db(resolve_recipient, self.profile.db, who)
+        if len(self._names) < 10_000:
+            self._names[who] = peer_id
+        return peer_id
 
     # --- history --------------------------------------------------------------------------
 
@@ -412,7 +433,9 @@ class Peer:
     async def send(self, to: PeerId | str, text: str) -> str:
         """Queue ``text`` for ``to`` (peer ID or contact name); returns the message ID (hex).
 
-        It is in history and the outbox when this returns; delivery runs in the background
+        It is in history and the outbox when this returns (encrypted already when a session
+        exists: history, envelope and session state in one transaction; concurrent calls for
+        one recipient share a transaction); delivery runs in the background
         (`wait_delivered`, `events`).
         """
         peer_id = await self.resolve(to)
@@ -420,12 +443,78 @@ class Peer:
             raise DeliveryError("cannot send to ourselves")
         if peer_id.public_key is None:
             raise InvalidPeerId(f"{peer_id} does not embed its public key")
-        Plaintext(text).encode()  # size check before anything is written
+        plaintext = Plaintext(text).encode()  # size check before anything is written
         message_id = secrets.token_bytes(16)
         self._queued_at[message_id] = time.perf_counter()
-        await self._db(self.profile.db.queue_text, str(peer_id), text, message_id)
+        async with self._lock(peer_id):
+            sessions = await self._load_sessions(peer_id)
+            sent_ms = self.profile.db.next_timestamp()
+            envelope = None
+            if sessions:
+                body = sessions[0].encrypt(plaintext)
+                self._changed(peer_id)
+                envelope = ChatEnvelope(
+                    message_id, self.peer_id.to_bytes(), "", sent_ms, Kind.TEXT, body
+                ).encode()
+            record: dict[str, Any] = {
+                "message_id": message_id,
+                "sent_ms": sent_ms,
+                "text": text,
+                "kind": int(Kind.TEXT),
+                "plaintext": plaintext,
+                "envelope": envelope,
+            }
+            self._unsaved.setdefault(peer_id, []).append(record)
+        await self._save_sends(peer_id, record)
         self._kick(peer_id)
         return message_id.hex()
+
+    async def _save_sends(self, peer: PeerId, record: dict[str, Any]) -> None:
+        """Group commit: whoever finds no commit running commits everything queued so far for
+        ``peer`` (with the session state after the last of them); the others wait for it."""
+        while "saved" not in record:
+            running = self._saving.get(peer)
+            if running is not None:
+                await running.wait()
+                continue
+            done = self._saving[peer] = anyio.Event()
+            batch: list[dict[str, Any]] = []
+            try:
+                async with self._lock(peer):
+                    batch = self._unsaved.pop(peer, [])
+                    states = None
+                    if any(r["envelope"] is not None for r in batch):
+                        states = self._snapshot(peer)
+                await self._db(self.profile.db.queue_many, str(peer), str(peer), batch, states)
+            except BaseException as exc:
+                async with self._lock(peer):
+                    # Envelopes made after this batch came from the state that was not saved:
+                    # they fail too, and the session is read again from the database.
+                    batch += self._unsaved.pop(peer, [])
+                    self._sessions.pop(peer, None)
+                for r in batch:
+                    r["saved"] = exc
+                raise
+            else:
+                queue = self._queues.setdefault(peer, [])
+                for r in batch:
+                    r["saved"] = None
+                    queue.append(
+                        OutboxItem(
+                            str(peer),
+                            r["message_id"],
+                            r["kind"],
+                            None if r["envelope"] else r["plaintext"],
+                            r["envelope"],
+                            0,
+                            r["sent_ms"],
+                        )
+                    )
+            finally:
+                self._saving.pop(peer, None)
+                done.set()
+        if isinstance(record["saved"], BaseException):
+            raise DeliveryError("the message could not be saved") from record["saved"]
 
     async def wait_delivered(self, message_id: str) -> MessageRow:
         """Wait until our message reaches ``delivered`` or ``stored``; bound it with
@@ -448,18 +537,35 @@ class Peer:
             self._task_group.start_soon(self._deliver_loop, peer)
 
     async def _deliver_loop(self, peer: PeerId) -> None:
+        """Empty the outbox for ``peer``: what `send` handed over in memory while things go
+        well, the database's outbox at the start and after any failure."""
         db = self.profile.db
+        queue = self._queues.setdefault(peer, [])
+        from_db = not queue
+        taken: set[bytes] = set()
         try:
             while True:
                 self._wake[peer] = anyio.Event()
-                items = await self._db(db.outbox, str(peer), limit=_BATCH)
-                if not items:
-                    return
+                if from_db:
+                    items = await self._db(db.outbox, str(peer), limit=_BATCH)
+                    queue.clear()
+                    taken = {item.message_id for item in items}
+                    from_db = False
+                    if not items:
+                        return
+                else:
+                    items = [item for item in queue[:_BATCH] if item.message_id not in taken]
+                    del queue[:_BATCH]
+                    taken.update(item.message_id for item in items)
+                    if not items:
+                        from_db = not queue  # make sure nothing is left behind
+                        continue
                 try:
                     await self._deliver(peer, items)
                     continue
                 except (DeliveryError, TeiaError, *_STREAM_ERRORS) as exc:
                     _log.info("delivery to %s deferred: %s", peer, type(exc).__name__)
+                    from_db = True
                     await self._db(
                         db.note_attempt,
                         str(peer),
@@ -481,7 +587,12 @@ class Peer:
                 raise
             await self._deposit(peer, items)
             return
-        await self._send_on_stream(peer, items, path)
+        try:
+            await self._send_on_stream(peer, items, path)
+        except (TransportError, anyio.EndOfStream, anyio.BrokenResourceError):
+            # A kept stream may have died with its connection: once more on a fresh one.
+            await self._connect(peer)
+            await self._send_on_stream(peer, items, self._path_of(peer))
 
     async def _encrypt(self, peer: PeerId, items: list[OutboxItem]) -> list[OutboxItem]:
         """Encrypt every item without an envelope, committing sessions and envelopes first."""
@@ -491,6 +602,7 @@ class Peer:
                 sessions = [await self._initiate(peer)]
                 self._sessions[peer] = sessions
             session = sessions[0]
+            self._changed(peer)
             done: list[OutboxItem] = []
             envelopes: list[tuple[bytes, bytes]] = []
             for item in items:
@@ -511,10 +623,7 @@ class Peer:
                 done.append(item.with_envelope(envelope))
             try:
                 await self._db(
-                    self.profile.db.set_envelopes,
-                    str(peer),
-                    envelopes,
-                    [s.to_bytes() for s in sessions],
+                    self.profile.db.set_envelopes, str(peer), envelopes, self._snapshot(peer)
                 )
             except BaseException:
                 self._sessions.pop(peer, None)  # reload the committed state next time
@@ -543,14 +652,31 @@ class Peer:
             raise DeliveryError(f"the prekey bundle offered for {peer} is not that peer's")
         return Session.initiate(self.identity.private_seed, bundle)
 
-    async def _send_on_stream(self, peer: PeerId, items: list[OutboxItem], path: Path_) -> None:
+    async def _chat_stream(self, peer: PeerId) -> NegotiatedStream:
+        """The stream we keep open to ``peer`` for envelopes (one negotiation, many batches)."""
+        kept = self._links.get(peer)
+        if kept is not None:
+            stream, connection = kept
+            if not connection.is_closed:
+                return stream
+            del self._links[peer]
         stream = await self.host.open_stream(peer, CHAT_PROTOCOL)
+        connection = next(c for c in self.host.connections.connections_to(peer) if not c.is_closed)
+        self._links[peer] = (stream, connection)
+        return stream
+
+    def _drop_stream(self, peer: PeerId) -> None:
+        kept = self._links.pop(peer, None)
+        if kept is not None:
+            kept[0].reset()
+
+    async def _send_on_stream(self, peer: PeerId, items: list[OutboxItem], path: Path_) -> None:
         deliveries: list[tuple[bytes, str | None, float | None]] = []
         refused: list[bytes] = []
+        stream = await self._chat_stream(peer)
         try:
             with anyio.fail_after(30):
-                frames = b"".join(_frame(item.envelope or b"") for item in items)
-                await stream.send(frames)
+                await stream.send(b"".join(_frame(item.envelope or b"") for item in items))
                 for item in items:
                     ack = ChatAck.decode(await stream.receive_message(64))
                     if ack.message_id != item.message_id:
@@ -559,20 +685,22 @@ class Peer:
                         deliveries.append((item.message_id, path, self._latency(item)))
                     else:
                         refused.append(item.message_id)
-                await stream.send_eof()
+        except BaseException:
+            self._drop_stream(peer)
+            raise
         finally:
-            with anyio.CancelScope(shield=True):
-                if deliveries:
+            if deliveries:
+                with anyio.CancelScope(shield=True):
                     await self._db(self.profile.db.mark_delivered, str(peer), deliveries)
                     self._after_delivery(peer, deliveries)
-                await stream.aclose()
         if refused:
             # The recipient could not read them (it lost its session, say): drop the envelopes
             # so the texts are encrypted again, in a new session, on the next attempt.
             await self._db(self.profile.db.reset_envelopes, str(peer), refused)
             async with self._lock(peer):
                 self._sessions[peer] = []
-                await self._db(self.profile.db.save_sessions, str(peer), [])
+                self._changed(peer)
+                await self._db(self.profile.db.save_sessions, str(peer), self._snapshot(peer))
             raise DeliveryError(f"{len(refused)} envelope(s) refused by {peer}")
 
     def _latency(self, item: OutboxItem) -> float:
@@ -671,93 +799,124 @@ class Peer:
             tg.cancel_scope.cancel()
 
     async def _receive_batch(self, peer: PeerId, frames: list[bytes], path: Path_) -> list[ChatAck]:
-        acks: list[ChatAck] = []
+        """Take a batch of frames from one stream; the answers, in the frames' order."""
+        decoded: list[ChatEnvelope | None] = []
         for frame in frames:
             try:
-                envelope = ChatEnvelope.decode(frame)
+                decoded.append(ChatEnvelope.decode(frame))
             except InvalidChatMessage:
                 self.stats["refused"] += 1
-                acks.append(ChatAck(b"", AckStatus.REFUSED))
-                continue
-            ok = await self._receive(_Incoming(peer, envelope, path))
-            acks.append(
-                ChatAck(envelope.message_id, AckStatus.DELIVERED if ok else AckStatus.REFUSED)
-            )
-        return acks
+                decoded.append(None)
+        taken = iter(await self._take(peer, [e for e in decoded if e is not None], path))
+        return [
+            ChatAck(b"", AckStatus.REFUSED)
+            if e is None
+            else ChatAck(e.message_id, AckStatus.DELIVERED if next(taken) else AckStatus.REFUSED)
+            for e in decoded
+        ]
 
     async def _receive(self, incoming: _Incoming) -> bool:
         """Decrypt, persist, and say whether the envelope is now in history."""
-        peer, envelope = incoming.peer, incoming.envelope
+        (ok,) = await self._take(incoming.peer, [incoming.envelope], incoming.path)
+        return ok
+
+    async def _take(self, peer: PeerId, envelopes: list[ChatEnvelope], path: Path_) -> list[bool]:
+        """Decrypt a batch from ``peer`` and commit it in one transaction (history rows,
+        sessions, consumed one-time prekeys); True for each envelope now in history."""
         db = self.profile.db
-        if envelope.sender != peer.to_bytes():
-            self.stats["refused"] += 1
-            return False
-        if await self._db(db.has_incoming, str(peer), envelope.message_id):
-            self.stats["duplicates"] += 1
-            return True
+        results: list[bool] = [False] * len(envelopes)
+        if not envelopes:
+            return results
         if not self.config.accept_unknown and await self._db(db.contact, str(peer)) is None:
-            self.stats["refused"] += 1
-            return False
+            self.stats["refused"] += len(envelopes)
+            return results
+        records: list[dict[str, Any]] = []
+        owners: list[int] = []
+        events: list[PeerEvent] = []
+        receipts: list[bytes] = []
+        texts = 0
         async with self._lock(peer):
+            working = [Session.from_bytes(s.to_bytes()) for s in await self._load_sessions(peer)]
+            in_batch: set[bytes] = set()
+            for index, envelope in enumerate(envelopes):
+                if envelope.sender != peer.to_bytes():
+                    self.stats["refused"] += 1
+                    continue
+                if envelope.message_id in in_batch:
+                    results[index] = True
+                    continue
+                try:
+                    opened = await self._decrypt(peer, envelope.body, working)
+                    plaintext = Plaintext.decode(opened[0]) if opened is not None else None
+                except (CryptoError, InvalidChatMessage, ProfileError):
+                    opened = plaintext = None
+                if opened is None or plaintext is None:
+                    # Not readable: an envelope we already hold (a retry, a replay), or bad.
+                    if await self._db(db.has_incoming, str(peer), envelope.message_id):
+                        self.stats["duplicates"] += 1
+                        results[index] = True
+                    else:
+                        self.stats["refused"] += 1
+                    continue
+                _, working, used_opk, started, base_key = opened
+                is_text = envelope.kind is Kind.TEXT
+                records.append(
+                    {
+                        "message_id": envelope.message_id,
+                        "conversation": str(peer),
+                        "sent_ms": envelope.timestamp_ms,
+                        "text": plaintext.text if is_text else None,
+                        "receipts": plaintext.receipts if not is_text else (),
+                        "used_one_time_prekey": used_opk,
+                        "base_key": base_key,
+                    }
+                )
+                owners.append(index)
+                in_batch.add(envelope.message_id)
+                if started is not None:
+                    events.append(SessionStarted(peer, reset=started))
+                if not is_text:
+                    receipts.extend(plaintext.receipts)
+            if not records:
+                return results
+            self._sessions[peer] = working
+            self._changed(peer)
             try:
-                decrypted = await self._decrypt(peer, envelope.body)
-            except (CryptoError, InvalidChatMessage, ProfileError):
-                self.stats["refused"] += 1
-                return False
-            if decrypted is None:
-                self.stats["refused"] += 1
-                return False
-            plaintext_bytes, sessions, used_opk, started, base_key = decrypted
-            try:
-                plaintext = Plaintext.decode(plaintext_bytes)
-            except InvalidChatMessage:
-                self.stats["refused"] += 1
-                self._sessions.pop(peer, None)  # forget the uncommitted advance
-                return False
-            is_text = envelope.kind is Kind.TEXT
-            try:
-                seq = await self._db(
+                seqs = await self._db(
                     db.record_incoming,
                     peer_id=str(peer),
                     identity_key=peer.public_key or b"",
-                    conversation=str(peer),
-                    message_id=envelope.message_id,
-                    sent_ms=envelope.timestamp_ms,
-                    text=plaintext.text if is_text else None,
-                    receipts=plaintext.receipts if not is_text else (),
-                    sessions=[s.to_bytes() for s in sessions],
-                    used_one_time_prekey=used_opk,
-                    base_key=base_key,
-                    path=incoming.path,
+                    records=records,
+                    sessions=self._snapshot(peer),
+                    path=path,
                 )
             except BaseException:
                 self._sessions.pop(peer, None)
                 raise
-            self._sessions[peer] = sessions
-        if started is not None:
-            self._emit(SessionStarted(peer, reset=started))
-            if used_opk is not None:
-                self._top_up_soon()
-        if seq is not None:
-            self.stats["received"] += 1
-            if is_text:
-                new, self._new_message = self._new_message, anyio.Event()
-                new.set()
-            elif plaintext.receipts:
-                deliveries = [(r, None, None) for r in plaintext.receipts]
-                self._after_delivery(peer, deliveries)
-        return True
+        for index, record, seq in zip(owners, records, seqs, strict=True):
+            results[index] = True
+            if seq is None:
+                self.stats["duplicates"] += 1
+            else:
+                self.stats["received"] += 1
+                texts += record["text"] is not None
+        for event in events:
+            self._emit(event)
+        if any(r["used_one_time_prekey"] is not None for r in records):
+            self._top_up_soon()
+        if texts:
+            new, self._new_message = self._new_message, anyio.Event()
+            new.set()
+        if receipts:
+            self._after_delivery(peer, [(r, None, None) for r in receipts])
+        return results
 
     async def _decrypt(
-        self, peer: PeerId, body: bytes
+        self, peer: PeerId, body: bytes, sessions: list[Session]
     ) -> tuple[bytes, list[Session], int | None, bool | None, bytes | None] | None:
         """(plaintext, sessions after, one-time prekey consumed, new session: reset?, its base
-        key), or None when it does not decrypt.
-
-        Sessions are tried on copies, so a failure anywhere leaves the cached ones as they
-        were; the caller commits the returned list.
-        """
-        sessions = [Session.from_bytes(s.to_bytes()) for s in await self._load_sessions(peer)]
+        key), or None when it does not decrypt. ``sessions`` are working copies: the crypto
+        core leaves a session untouched when it refuses a message."""
         prekey = is_prekey_message(body)
         base_key: bytes | None = None
         if prekey:
@@ -779,9 +938,9 @@ class Peer:
         assert base_key is not None
         if any(s.to_bytes()[_SESSION_BASE_KEY] == base_key for s in sessions):
             return None  # a replay of a session we already hold
-        if await self._db(self.profile.db.seen_base_key, str(peer), base_key):
-            return None  # a replay of an older session
         db = self.profile.db
+        if await self._db(db.seen_base_key, str(peer), base_key):
+            return None  # a replay of an older session
         spk = await self._db(db.signed_prekey, info.signed_prekey_id)
         opk_id = info.one_time_prekey_id
         opk = await self._db(db.one_time_prekey, opk_id) if opk_id is not None else None
@@ -793,9 +952,21 @@ class Peer:
     async def _load_sessions(self, peer: PeerId) -> list[Session]:
         cached = self._sessions.get(peer)
         if cached is None:
-            states = await self._db(self.profile.db.sessions, str(peer))
+            states, version = await self._db(self._read_sessions, str(peer))
             cached = self._sessions[peer] = [Session.from_bytes(s) for s in states]
+            self._versions[peer] = max(version, self._versions.get(peer, 0))
         return cached
+
+    def _read_sessions(self, peer: str) -> tuple[list[bytes], int]:
+        db = self.profile.db
+        return db.sessions(peer), db.session_version(peer)
+
+    def _changed(self, peer: PeerId) -> None:
+        """The sessions with ``peer`` changed in memory (call under its lock)."""
+        self._versions[peer] = self._versions.get(peer, 0) + 1
+
+    def _snapshot(self, peer: PeerId) -> SessionSnapshot:
+        return self._versions.get(peer, 0), [s.to_bytes() for s in self._sessions.get(peer, [])]
 
     def _lock(self, peer: PeerId) -> anyio.Lock:
         lock = self._locks.get(peer)
