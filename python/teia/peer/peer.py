@@ -210,6 +210,7 @@ class Peer:
         self._saving: dict[PeerId, anyio.Event] = {}
         self._names: dict[str, PeerId] = {}
         self._versions: dict[PeerId, int] = {}
+        self._recording: dict[PeerId, set[anyio.Event]] = {}
         self._links: dict[PeerId, tuple[NegotiatedStream, Any]] = {}
         self._queued_at: dict[bytes, float] = {}
         self._delivered_waiters: dict[bytes, anyio.Event] = {}
@@ -547,6 +548,9 @@ class Peer:
             while True:
                 self._wake[peer] = anyio.Event()
                 if from_db:
+                    # Deliveries still being recorded would be read back as undelivered.
+                    for recording in list(self._recording.get(peer, ())):
+                        await recording.wait()
                     items = await self._db(db.outbox, str(peer), limit=_BATCH)
                     queue.clear()
                     taken = {item.message_id for item in items}
@@ -687,12 +691,18 @@ class Peer:
                         refused.append(item.message_id)
         except BaseException:
             self._drop_stream(peer)
-            raise
-        finally:
             if deliveries:
                 with anyio.CancelScope(shield=True):
-                    await self._db(self.profile.db.mark_delivered, str(peer), deliveries)
-                    self._after_delivery(peer, deliveries)
+                    await self._record_deliveries(peer, deliveries)
+            raise
+        if deliveries and self._task_group is not None:
+            # The next batch need not wait for this commit: database calls run in order, and
+            # an envelope sent twice is acknowledged once more, not stored twice.
+            done = anyio.Event()
+            self._recording.setdefault(peer, set()).add(done)  # seen before the task starts
+            self._task_group.start_soon(self._record_deliveries, peer, deliveries, done)
+        elif deliveries:
+            await self._record_deliveries(peer, deliveries)
         if refused:
             # The recipient could not read them (it lost its session, say): drop the envelopes
             # so the texts are encrypted again, in a new session, on the next attempt.
@@ -702,6 +712,23 @@ class Peer:
                 self._changed(peer)
                 await self._db(self.profile.db.save_sessions, str(peer), self._snapshot(peer))
             raise DeliveryError(f"{len(refused)} envelope(s) refused by {peer}")
+
+    async def _record_deliveries(
+        self,
+        peer: PeerId,
+        deliveries: list[tuple[bytes, str | None, float | None]],
+        done: anyio.Event | None = None,
+    ) -> None:
+        recording = self._recording.setdefault(peer, set())
+        if done is None:
+            done = anyio.Event()
+            recording.add(done)
+        try:
+            await self._db(self.profile.db.mark_delivered, str(peer), deliveries)
+            self._after_delivery(peer, deliveries)
+        finally:
+            recording.discard(done)
+            done.set()
 
     def _latency(self, item: OutboxItem) -> float:
         started = self._queued_at.pop(item.message_id, None)
