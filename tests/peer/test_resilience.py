@@ -250,3 +250,29 @@ async def test_canary_never_on_the_wire_nor_in_profile_files(
             assert _files_contain(directory, CANARY.encode()) == []
             assert _files_contain(directory, CANARY.lower().encode()) == []
             assert (directory / "peer.db").stat().st_mode & 0o077 == 0
+
+
+@pytest.mark.anyio
+async def test_signed_prekey_rotation_keeps_old_sessions_and_first_contacts(
+    tmp_path: Path,
+) -> None:
+    """Every start rotates here (a tiny age limit): the old signed prekey stays for first
+    messages in flight, new first contacts use the new one, and sessions go on."""
+    a_dir = make_profile(tmp_path / "a", signed_prekey_days=1e-9)
+    b_dir, c_dir = make_profile(tmp_path / "b"), make_profile(tmp_path / "c")
+    port = free_udp_port()
+    with anyio.fail_after(TIMEOUT):
+        async with online(b_dir) as bob:
+            async with online(a_dir, port=port) as alice:
+                await introduce(bob, alice, "alice")
+                await bob.wait_delivered(await bob.send("alice", "first"))
+                first_ids = [i for i, _ in await alice._db(alice.profile.db.signed_prekey_ages)]
+            async with online(a_dir, port=port) as alice, online(c_dir) as carol:
+                ids = [i for i, _ in await alice._db(alice.profile.db.signed_prekey_ages)]
+                assert ids == [first_ids[0] + 1, *first_ids]
+                await bob.wait_delivered(await bob.send("alice", "second"))
+                await introduce(carol, alice)
+                await carol.wait_delivered(await carol.send(alice.peer_id, "new contact"))
+                texts = [m.text for m in await alice.history(bob.peer_id)]
+                assert texts == ["first", "second"]
+                assert [m.text for m in await alice.history(carol.peer_id)] == ["new contact"]

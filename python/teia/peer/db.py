@@ -336,6 +336,19 @@ class PeerDatabase:
             return None
         return SignedPrekey.from_bytes(self._cipher.open(_prekey_ad("signed", row[0]), row[1]))
 
+    def signed_prekey_ages(self) -> list[tuple[int, int]]:
+        """(id, created_ms) of every signed prekey held, newest first."""
+        rows = self._db.execute(
+            "SELECT id, created_ms FROM prekeys WHERE kind = 'signed' ORDER BY id DESC"
+        ).fetchall()
+        return [(int(r[0]), int(r[1])) for r in rows]
+
+    def delete_signed_prekeys(self, prekey_ids: Sequence[int]) -> None:
+        with self._transaction() as db:
+            db.executemany(
+                "DELETE FROM prekeys WHERE kind = 'signed' AND id = ?", [(i,) for i in prekey_ids]
+            )
+
     def add_one_time_prekeys(self, prekeys: Sequence[OneTimePrekey]) -> None:
         rows = [
             (p.id, self._cipher.seal(_prekey_ad("one-time", p.id), p.to_bytes()), p.public_key)

@@ -31,6 +31,7 @@ Nothing here logs message content, keys or tokens.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import secrets
 import time
@@ -114,6 +115,7 @@ _STREAM_ERRORS = (
     anyio.BrokenResourceError,
     anyio.ClosedResourceError,
 )
+_SPK_RETENTION_MS = 30 * 86_400_000
 # Offset of the initiator's base key EK_A in a serialised session (docs/crypto.md).
 _SESSION_BASE_KEY = slice(66, 98)
 
@@ -314,6 +316,7 @@ class Peer:
             self._task_group.start_soon(self._poll_store)
         await self._scan_outbox()
         self._task_group.start_soon(self._watch_outbox)
+        self._task_group.start_soon(self._keep_prekeys)
 
     async def _scan_outbox(self) -> None:
         for peer_id in await self._db(self.profile.db.outbox_peers):
@@ -756,19 +759,34 @@ class Peer:
 
     async def _connect(self, peer: PeerId) -> Path_:
         """Make sure there is a connection to ``peer``: an existing one, a direct dial, then
-        a dial through our relay allocation; `DeliveryError` when no path works."""
+        a dial through our relay allocation — to the addresses we know, then (when those fail
+        or there are none) to fresh ones from the DHT; `DeliveryError` when no path works."""
         if self.host.is_connected(peer):
             return self._path_of(peer)
-        candidates: list[Multiaddr] = []
+        known: list[Multiaddr] = []
         contact = await self._db(self.profile.db.contact, str(peer))
         if contact is not None:
-            candidates += [Multiaddr(a) for a in contact.addrs]
-        candidates += self.host.peerstore.addrs(peer, now=anyio.current_time())
-        if not candidates and self._dht is not None:
+            known += [Multiaddr(a) for a in contact.addrs]
+        known += self.host.peerstore.addrs(peer, now=anyio.current_time())
+        tried: set[Multiaddr] = set()
+        path = await self._dial_any(peer, known, tried)
+        if path is None and self._dht is not None:
+            found: list[Multiaddr] = []
             with contextlib.suppress(TeiaError, TimeoutError):
                 with anyio.fail_after(15):
-                    candidates += await self._dht.find_peer(peer)
-        unique = list(dict.fromkeys(a.without_peer_id() for a in candidates))
+                    found = await self._dht.find_peer(peer)
+            path = await self._dial_any(peer, found, tried)
+        if path is None:
+            raise DeliveryError(f"no path to {peer} right now")
+        return path
+
+    async def _dial_any(
+        self, peer: PeerId, candidates: list[Multiaddr], tried: set[Multiaddr]
+    ) -> Path_ | None:
+        unique = [
+            a for a in dict.fromkeys(c.without_peer_id() for c in candidates) if a not in tried
+        ]
+        tried.update(unique)
         attempts: list[tuple[bool, Path_]] = []
         if self.config.direct:
             attempts.append((False, "direct"))
@@ -781,7 +799,7 @@ class Peer:
                     return path
                 except (*_STREAM_ERRORS, TeiaError) as exc:
                     _log.debug("dial to %s failed: %s", peer, type(exc).__name__)
-        raise DeliveryError(f"no path to {peer} right now")
+        return None
 
     # --- receiving ------------------------------------------------------------------------
 
@@ -1039,12 +1057,37 @@ class Peer:
     # --- prekeys --------------------------------------------------------------------------
 
     async def _ensure_prekeys(self) -> None:
+        """A signed prekey younger than ``signed_prekey_days`` (older ones kept for
+        `_SPK_RETENTION_MS` after their replacement), and enough one-time prekeys."""
         db = self.profile.db
-        if await self._db(db.signed_prekey) is None:
+        ages = await self._db(db.signed_prekey_ages)
+        now = now_ms()
+        rotated = False
+        if not ages or now - ages[0][1] >= self.config.signed_prekey_days * 86_400_000:
             prekey_id = await self._db(db.next_counter, "signed_prekey_id")
             spk = SignedPrekey.generate(self.identity.private_seed, prekey_id)
             await self._db(db.add_signed_prekey, spk)
+            rotated = bool(ages)
+            ages = [(prekey_id, now), *ages]
+        # A replaced key goes once its successor is older than the retention time.
+        expired = [
+            old_id
+            for (_, newer_created), (old_id, _) in itertools.pairwise(ages)
+            if now - newer_created >= _SPK_RETENTION_MS
+        ]
+        if expired:
+            await self._db(db.delete_signed_prekeys, expired)
         await self._top_up()
+        if rotated and self._store is not None:
+            await self._publish_bundle()
+
+    async def _keep_prekeys(self) -> None:
+        while True:
+            await anyio.sleep(3600)
+            try:
+                await self._ensure_prekeys()
+            except (TeiaError, *_STREAM_ERRORS) as exc:
+                _log.info("prekey upkeep failed: %s", type(exc).__name__)
 
     async def _top_up(self) -> None:
         db = self.profile.db

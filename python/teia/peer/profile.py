@@ -62,6 +62,9 @@ class PeerConfig:
     between peers, and the demo's forced relay path)."""
     store_poll_interval: float = 30.0
     """Seconds between fetches of our store inboxes while online (also fetched on start)."""
+    signed_prekey_days: float = 7.0
+    """Age at which the signed prekey is replaced (the old one is kept 30 more days, for
+    first messages still in flight or in a store)."""
     one_time_prekeys: int = 100
     """How many one-time prekeys to keep ready."""
     accept_unknown: bool = True
