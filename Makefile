@@ -85,6 +85,12 @@ fmt: dev ## format Python and Rust sources
 wheel: dev ## build an abi3 wheel under dist/
 	$(BIN)/maturin build --release --out dist
 
+.PHONY: wheelhouse
+wheelhouse: wheel ## the teia wheel and its dependencies' wheels in dist/wheelhouse.tar (for Ansible)
+	rm -rf dist/wheelhouse
+	$(BIN)/pip wheel --quiet --wheel-dir dist/wheelhouse "$$(ls -t dist/teia-*.whl | head -1)"
+	tar -C dist/wheelhouse --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner -cf dist/wheelhouse.tar .
+
 .PHONY: clean
 clean: ## remove build outputs and the virtualenv
 	rm -rf $(VENV) $(PYLIBP2P_VENV) target dist python/teia/*.so .pytest_cache .mypy_cache .ruff_cache .hypothesis .benchmarks
