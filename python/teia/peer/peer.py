@@ -814,8 +814,8 @@ class Peer:
             try:
                 while True:
                     await send.send(await stream.receive_message(MAX_ENVELOPE_SIZE))
-            except anyio.EndOfStream:
-                pass
+            except (anyio.EndOfStream, anyio.BrokenResourceError, TransportError):
+                pass  # the sender closed, reset or lost the connection: what arrived is kept
             finally:
                 with contextlib.suppress(anyio.BrokenResourceError):
                     send.send_nowait(None)
@@ -1323,5 +1323,11 @@ def _frame(data: bytes) -> bytes:
 def _connection_path(connection: Any) -> Path_:
     """Whether a connection runs through one of our relay allocations (either direction)."""
     # The endpoint routes a peer address through a TURN session exactly when it is relayed.
-    routes = getattr(connection._endpoint, "_relay_routes", {})
-    return "relayed" if connection.remote_address in routes else "direct"
+    endpoint = connection._endpoint
+    routes = getattr(endpoint, "_relay_routes", {})
+    if connection.remote_address in routes:
+        return "relayed"
+    # A peer that dialed us through *its* allocation arrives from a relayed socket on the
+    # relay host: plain QUIC on our side, but the path runs through the relay all the same.
+    remote_ip = connection.remote_address[0] if connection.remote_address else None
+    return "relayed" if remote_ip in getattr(endpoint, "_relay_ips", ()) else "direct"
