@@ -65,8 +65,10 @@ async def discovery_node() -> AsyncIterator[str]:
 @asynccontextmanager
 async def relay(tmp_path: Path) -> AsyncIterator[dict[str, object]]:
     """A TURN relay; yields the relay table a profile's ``relays`` setting takes."""
+    # On its own loopback address: a connection from the relay's IP then really is relayed
+    # (with everything on 127.0.0.1 every connection would look relayed to the peers).
     config = RelayConfig(
-        listen="127.0.0.1:0",
+        listen="127.0.0.2:0",
         realm="teia.test",
         auth_secret=RELAY_SECRET,
         allow_peer=["127.0.0.0/8"],
@@ -75,7 +77,7 @@ async def relay(tmp_path: Path) -> AsyncIterator[dict[str, object]]:
     )
     async with build_server(config) as server:
         table: dict[str, object] = {
-            "address": f"127.0.0.1:{server.port}",
+            "address": f"127.0.0.2:{server.port}",
             "rest_secret": RELAY_SECRET,
             "keepalive": 0.5,
             "rto": 0.2,
