@@ -6,6 +6,8 @@ set -euo pipefail
 # grows with the services whose tests need a real foreign tool
 packages=(
     coturn  # turnutils_uclient: a standard TURN client run against teia relay
+    # the Ansible tests' hosts: rootful podman containers running systemd (scripts/podman-image.sh)
+    podman runc netavark aardvark-dns containernetworking-plugins catatonit debootstrap
     postgresql  # initdb/pg_ctl: the homeserver tests start a throwaway cluster
 )
 
