@@ -13,7 +13,17 @@ set -euo pipefail
 
 IMAGE=${TEIA_HOST_IMAGE:-localhost/teia-bare-host:bookworm}
 SUITE=bookworm
-MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
+# The Debian mirror this machine's apt already uses (or DEBIAN_MIRROR): no host is named here.
+apt_mirror() {
+    local uri
+    uri=$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/*.sources 2>/dev/null |
+        grep -v -- '-security' | head -n1 || true)
+    if [[ -z $uri && -r /etc/apt/sources.list ]]; then
+        uri=$(awk '$1 == "deb" && $2 !~ /security/ {print $2; exit}' /etc/apt/sources.list)
+    fi
+    printf '%s' "$uri"
+}
+MIRROR=${DEBIAN_MIRROR:-$(apt_mirror)}
 # What a freshly installed minimal server has, plus what Ansible and the roles rely on.
 INCLUDE=systemd,systemd-sysv,dbus,python3,python3-venv,python3-apt,nftables,iproute2,procps,ca-certificates
 
@@ -25,6 +35,10 @@ if [[ $(id -u) -ne 0 ]]; then
     exit 1
 fi
 
+if [[ -z $MIRROR ]]; then
+    echo "podman-image: no Debian mirror in apt's sources; set DEBIAN_MIRROR" >&2
+    exit 1
+fi
 root=$(mktemp -d /var/tmp/teia-rootfs.XXXXXX)
 trap 'rm -rf "$root"' EXIT
 echo "podman-image: debootstrap $SUITE into $root" >&2
