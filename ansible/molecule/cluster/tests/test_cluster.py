@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +141,21 @@ def test_secrets_and_identities_private(host: Any) -> None:
         assert (key.user, key.mode) == ("teia", 0o600)
 
 
+def test_each_node_names_every_other_node_of_its_group(host: Any) -> None:
+    service = service_of(host)
+    if service == "relay":
+        return
+    config = tomllib.loads(host.file(f"/etc/teia/{service}.toml").content_string)
+    me = host.backend.get_hostname()
+    others = (
+        {peer_id_of(n, service) for n in lab_hosts(service) if n != me}
+        if me.startswith("teia-lab-")
+        else set()
+    )
+    named = {Multiaddr(a).peer_id for a in config["bootstrap"]}
+    assert named == others
+
+
 def test_check_config_refuses_a_broken_file(host: Any) -> None:
     service = service_of(host)
     broken = host.run(
@@ -157,11 +173,14 @@ def _run(main: Any) -> Any:
     return anyio.run(main, backend="trio")
 
 
-def test_peers_join_through_the_deployed_discovery_node_and_find_each_other() -> None:
-    (name,) = lab_hosts("discovery")
-    bootstrap = Multiaddr(
-        f"/ip4/{lab_address(name)}/udp/4001/quic-v1/p2p/{peer_id_of(name, 'discovery')}"
-    )
+def test_peers_join_through_different_discovery_nodes_and_find_each_other() -> None:
+    bootstrap = [
+        Multiaddr(f"/ip4/{lab_address(n)}/udp/4001/quic-v1/p2p/{peer_id_of(n, 'discovery')}")
+        for n in lab_hosts("discovery")
+    ]
+    # Alice knows only the first node, Bob only the last: they meet because the playbook
+    # wired the discovery nodes to each other.
+    alice_boot, bob_boot = bootstrap[0], bootstrap[-1]
     alice_addr = Multiaddr("/ip4/192.0.2.7/udp/4242/quic-v1")  # documentation range: never dialled
 
     async def main() -> list[Multiaddr]:
@@ -170,17 +189,18 @@ def test_peers_join_through_the_deployed_discovery_node_and_find_each_other() ->
                 Host(Identity.generate(), listen=["/ip4/0.0.0.0/udp/0/quic-v1"]) as alice_host,
                 DhtNode(alice_host, mode=Mode.CLIENT) as alice,
             ):
-                assert await alice.bootstrap([bootstrap]) == 1
+                assert await alice.bootstrap([alice_boot]) == 1
                 assert await alice.publish_record(addrs=[alice_addr]) >= 1
                 async with (
                     Host(Identity.generate(), listen=["/ip4/0.0.0.0/udp/0/quic-v1"]) as bob_host,
                     DhtNode(bob_host, mode=Mode.CLIENT) as bob,
                 ):
-                    await bob.bootstrap([bootstrap])
+                    assert await bob.bootstrap([bob_boot]) == 1
                     record = await bob.get_record(alice_host.peer_id)
                     assert record is not None
                     return list(record.record.addrs)
 
+    assert len(bootstrap) >= 2
     assert _run(main) == [alice_addr]
 
 
