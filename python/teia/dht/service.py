@@ -36,6 +36,7 @@ from teia.errors import DhtError, InvalidMultiaddr, InvalidPeerId, TeiaError
 from teia.host.host import Host
 from teia.identity import Identity, Multiaddr, PeerId
 from teia.service import ServiceConfig, ServiceContext, add_arguments, setting
+from teia.service.checks import positive, quic_listen_address
 from teia.service.identity import node_identity
 from teia.service.logs import fields
 from teia.service.runner import main
@@ -45,16 +46,6 @@ __all__ = ["DiscoveryConfig", "register", "serve"]
 _IDENTITY_FILE = "discovery-identity.key"
 _DATABASE_FILE = "dht.db"
 _BOOTSTRAP_RETRY_S = 30.0
-
-
-def _listen(value: Any) -> str | None:
-    try:
-        addr = Multiaddr(value)
-    except InvalidMultiaddr as exc:
-        return str(exc)
-    if not addr.is_quic_v1 or addr.peer_id is not None:
-        return "must be /ip4|ip6/<address>/udp/<port>/quic-v1"
-    return None
 
 
 def _bootstrap(value: Any) -> str | None:
@@ -75,15 +66,11 @@ def _announce(value: Any) -> str | None:
     return None if addr.peer_id is None else "must not carry /p2p (the node adds its own)"
 
 
-def _positive(value: Any) -> str | None:
-    return None if value > 0 else "must be positive"
-
-
 @dataclass
 class DiscoveryConfig(ServiceConfig):
     listen: list[str] = setting(
         ["/ip4/0.0.0.0/udp/4001/quic-v1"], "QUIC listen address", metavar="MULTIADDR",
-        check=_listen,
+        check=quic_listen_address,
     )  # fmt: skip
     bootstrap: list[str] = setting(
         [], "another discovery node (…/quic-v1/p2p/<id>)", metavar="MULTIADDR", check=_bootstrap
@@ -93,10 +80,10 @@ class DiscoveryConfig(ServiceConfig):
         metavar="MULTIADDR", check=_announce,
     )  # fmt: skip
     data_dir: Path = setting(Path("/var/lib/teia/discovery"), "state directory", metavar="DIR")
-    k: int = setting(20, "bucket size and replication factor", check=_positive)
-    request_timeout: float = setting(10.0, "seconds one DHT request may take", check=_positive)
-    record_ttl: int = setting(7200, "seconds this node's own record lives", check=_positive)
-    max_records: int = setting(100_000, "signed records held at most", check=_positive)
+    k: int = setting(20, "bucket size and replication factor", check=positive)
+    request_timeout: float = setting(10.0, "seconds one DHT request may take", check=positive)
+    record_ttl: int = setting(7200, "seconds this node's own record lives", check=positive)
+    max_records: int = setting(100_000, "signed records held at most", check=positive)
 
     identity_file: ClassVar[str | None] = _IDENTITY_FILE
 

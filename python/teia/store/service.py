@@ -26,8 +26,9 @@ import anyio
 
 from teia.errors import ConfigError, InvalidMultiaddr
 from teia.host.host import Host
-from teia.identity import Identity, Multiaddr
+from teia.identity import Identity
 from teia.service import ServiceConfig, ServiceContext, add_arguments, setting
+from teia.service.checks import non_negative, positive, quic_listen_address
 from teia.service.identity import node_identity
 from teia.service.runner import main
 from teia.store.membership import StaticMembership, StoreNodeInfo
@@ -38,16 +39,6 @@ __all__ = ["StoreConfig", "register", "serve"]
 
 _IDENTITY_FILE = "store-identity.key"
 _DATABASE_FILE = "store.db"
-
-
-def _listen(value: Any) -> str | None:
-    try:
-        addr = Multiaddr(value)
-    except InvalidMultiaddr as exc:
-        return str(exc)
-    if not addr.is_quic_v1 or addr.peer_id is not None:
-        return "must be /ip4|ip6/<address>/udp/<port>/quic-v1"
-    return None
 
 
 def _bootstrap(value: Any) -> str | None:
@@ -62,19 +53,11 @@ def _ttl_days(value: Any) -> str | None:
     return None if 7 <= value <= 14 else "must be between 7 and 14 days (the operator window)"
 
 
-def _positive(value: Any) -> str | None:
-    return None if value > 0 else "must be positive"
-
-
-def _non_negative(value: Any) -> str | None:
-    return None if value >= 0 else "must not be negative"
-
-
 @dataclass
 class StoreConfig(ServiceConfig):
     listen: list[str] = setting(
         ["/ip4/0.0.0.0/udp/4003/quic-v1"], "QUIC listen address", metavar="MULTIADDR",
-        check=_listen,
+        check=quic_listen_address,
     )  # fmt: skip
     bootstrap: list[str] = setting(
         [], "another store node (…/quic-v1/p2p/<id>)", metavar="MULTIADDR", check=_bootstrap
@@ -85,22 +68,22 @@ class StoreConfig(ServiceConfig):
         7, "shortest TTL kept (shorter requests are raised)", check=_ttl_days
     )
     max_ttl_days: int = setting(14, "longest TTL kept (longer requests are cut)", check=_ttl_days)
-    max_inbox_envelopes: int = setting(10_000, "envelopes per inbox", check=_positive)
-    max_inbox_bytes: int = setting(64 * 1024 * 1024, "payload bytes per inbox", check=_positive)
+    max_inbox_envelopes: int = setting(10_000, "envelopes per inbox", check=positive)
+    max_inbox_bytes: int = setting(64 * 1024 * 1024, "payload bytes per inbox", check=positive)
     max_disk_bytes: int = setting(
-        8 * 1024 * 1024 * 1024, "payload bytes on this node (disk quota)", check=_positive
+        8 * 1024 * 1024 * 1024, "payload bytes on this node (disk quota)", check=positive
     )
-    deposit_rate: float = setting(200.0, "envelopes/s one peer may deposit", check=_positive)
-    deposit_burst: float = setting(2000.0, "deposit burst per peer", check=_positive)
-    request_rate: float = setting(100.0, "other requests/s per peer", check=_positive)
-    request_burst: float = setting(500.0, "request burst per peer", check=_positive)
-    replication: int = setting(3, "store nodes holding each inbox (R)", check=_positive)
-    batch_max: int = setting(1024, "envelopes committed per transaction at most", check=_positive)
+    deposit_rate: float = setting(200.0, "envelopes/s one peer may deposit", check=positive)
+    deposit_burst: float = setting(2000.0, "deposit burst per peer", check=positive)
+    request_rate: float = setting(100.0, "other requests/s per peer", check=positive)
+    request_burst: float = setting(500.0, "request burst per peer", check=positive)
+    replication: int = setting(3, "store nodes holding each inbox (R)", check=positive)
+    batch_max: int = setting(1024, "envelopes committed per transaction at most", check=positive)
     purge_interval: float = setting(60.0, "seconds between purges of expired envelopes",
-                                    check=_positive)  # fmt: skip
+                                    check=positive)  # fmt: skip
     anti_entropy_interval: float = setting(
         300.0, "seconds between anti-entropy rounds (0: only on membership changes)",
-        check=_non_negative,
+        check=non_negative,
     )  # fmt: skip
 
     identity_file: ClassVar[str | None] = _IDENTITY_FILE
