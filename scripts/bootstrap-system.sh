@@ -9,6 +9,7 @@ packages=(
     # the Ansible tests' hosts: rootful podman containers running systemd (scripts/podman-image.sh)
     podman runc netavark aardvark-dns containernetworking-plugins catatonit debootstrap
     postgresql  # initdb/pg_ctl: the homeserver tests start a throwaway cluster
+    iproute2 iptables  # the NAT lab (tests/nat): namespaces, veth pairs, masquerading routers
 )
 
 missing=()
