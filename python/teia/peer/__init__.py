@@ -11,11 +11,22 @@ See ``docs/peer.md``.
 from __future__ import annotations
 
 from teia.peer.db import Contact, MessageRow
-from teia.peer.peer import Delivered, IdentityChanged, Message, Peer, PeerEvent, SessionStarted
+from teia.peer.peer import (
+    AppHandler,
+    AppMessage,
+    Delivered,
+    IdentityChanged,
+    Message,
+    Peer,
+    PeerEvent,
+    SessionStarted,
+)
 from teia.peer.profile import PeerConfig, Profile, default_profile_dir
 from teia.peer.safety import format_safety_number, safety_number
 
 __all__ = [
+    "AppHandler",
+    "AppMessage",
     "Contact",
     "Delivered",
     "IdentityChanged",

@@ -25,11 +25,19 @@ Schema (``PRAGMA user_version`` = `SCHEMA_VERSION`)::
                                                                        PK(peer_id, message_id)
     base_keys(peer_id, base_key)          initiators' X3DH base keys already accepted (replays)
     search_tokens(token, seq)
+    app_inbox(seq PK, peer_id, message_id, app, data*, sent_ms, path)
+                      application payloads received, until their handler has taken them
     (* sealed)
+
+Features built on the peer (groups, devices, attachments) keep their own tables in the same
+file: `PeerDatabase.ensure_schema` creates them, `PeerDatabase.transaction` and
+`PeerDatabase.cipher` give them the same atomicity and sealing. Version 1 files are upgraded in
+place.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -56,6 +64,7 @@ from teia.peer.wire import Plaintext
 
 __all__ = [
     "SCHEMA_VERSION",
+    "AppRow",
     "Contact",
     "MessageRow",
     "OutboxItem",
@@ -66,8 +75,9 @@ __all__ = [
     "now_ms",
 ]
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 _NONCE: Final = 12
+_KIND_APP: Final = 3  # wire.Kind.APP
 _WORD = re.compile(r"\w+", re.UNICODE)
 _MAX_TOKENS_PER_MESSAGE: Final = 512
 
@@ -229,6 +239,19 @@ CREATE TABLE search_tokens (token BLOB NOT NULL, seq INTEGER NOT NULL);
 CREATE INDEX search_tokens_by_token ON search_tokens (token);
 """
 
+# Added by schema version 2.
+_SCHEMA_2 = """
+CREATE TABLE app_inbox (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    peer_id TEXT NOT NULL,
+    message_id BLOB NOT NULL,
+    app TEXT NOT NULL,
+    data BLOB NOT NULL,
+    sent_ms INTEGER NOT NULL,
+    path TEXT
+);
+"""
+
 # Only constant column lists and "?" placeholders are ever formatted into SQL text.
 _MESSAGE_COLUMNS = (
     "seq, message_id, peer_id, conversation, outgoing, sent_ms, received_ms, body, state, "
@@ -252,6 +275,23 @@ def _message_ad(peer_id: str, outgoing: bool, message_id: bytes) -> bytes:
     return b"message\0" + peer_id.encode() + (b"\0o\0" if outgoing else b"\0i\0") + message_id
 
 
+def _app_ad(peer_id: str, message_id: bytes) -> bytes:
+    return b"app\0" + peer_id.encode() + b"\0" + message_id
+
+
+@dataclass(frozen=True, slots=True)
+class AppRow:
+    """An application payload received and not yet taken by its handler."""
+
+    seq: int
+    peer_id: str
+    message_id: bytes
+    app: str
+    data: bytes
+    sent_ms: int
+    path: str
+
+
 class PeerDatabase:
     """The profile's database; see the module docstring. Not thread-safe by itself: one caller
     at a time (the peer serialises calls through one worker thread)."""
@@ -271,8 +311,10 @@ class PeerDatabase:
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
             if version == 0:
                 self._db.executescript(
-                    f"BEGIN; {_SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+                    f"BEGIN; {_SCHEMA} {_SCHEMA_2} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
                 )
+            elif version == 1:
+                self._db.executescript(f"BEGIN; {_SCHEMA_2} PRAGMA user_version = 2; COMMIT;")
             elif version != SCHEMA_VERSION:
                 raise ProfileError(
                     f"profile database schema {version} is not {SCHEMA_VERSION}; upgrade teia"
@@ -299,6 +341,90 @@ class PeerDatabase:
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
+
+    # --- for features built on the peer ---------------------------------------------------------
+
+    @property
+    def cipher(self) -> RowCipher:
+        """The row cipher: seal what a feature keeps at rest (with the row's key as AD)."""
+        return self._cipher
+
+    def transaction(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        """``with db.transaction() as conn:`` — one write transaction (rolled back on error)."""
+        return self._transaction()
+
+    def read(self, sql: str, params: Sequence[object] = ()) -> list[Any]:
+        """Rows of a read-only query (outside any transaction)."""
+        return self._db.execute(sql, params).fetchall()
+
+    def ensure_schema(self, ddl: str) -> None:
+        """Run a feature's ``CREATE TABLE IF NOT EXISTS …`` statements (idempotent)."""
+        with self._lock:
+            self._db.executescript(f"BEGIN; {ddl} COMMIT;")
+
+    def insert_history(
+        self,
+        conn: sqlite3.Connection,
+        *,
+        message_id: bytes,
+        peer_id: str,
+        conversation: str,
+        outgoing: bool,
+        sent_ms: int,
+        text: str,
+        state: MessageState,
+        path: str | None = None,
+    ) -> int | None:
+        """Inside ``transaction()``: a message into history (sealed, searchable) unless one
+        with the same (peer, direction, ID) is there; its sequence number, or None."""
+        if (
+            conn.execute(
+                "SELECT 1 FROM messages WHERE peer_id = ? AND outgoing = ? AND message_id = ?",
+                (peer_id, int(outgoing), message_id),
+            ).fetchone()
+            is not None
+        ):
+            return None
+        return self._insert_message(
+            conn,
+            message_id=message_id,
+            peer_id=peer_id,
+            conversation=conversation,
+            outgoing=outgoing,
+            sent_ms=sent_ms,
+            received_ms=None if outgoing else now_ms(),
+            text=text,
+            state=state,
+            path=path,
+        )
+
+    def app_pending(self, after_seq: int = 0, *, limit: int = 64) -> list[AppRow]:
+        """Application payloads not yet taken, in arrival order."""
+        rows = self._db.execute(
+            "SELECT seq, peer_id, message_id, app, data, sent_ms, path FROM app_inbox "
+            "WHERE seq > ? ORDER BY seq LIMIT ?",
+            (after_seq, limit),
+        ).fetchall()
+        out = []
+        for seq, peer, mid, app, data, sent, path in rows:
+            message_id = bytes(mid)
+            out.append(
+                AppRow(
+                    int(seq),
+                    str(peer),
+                    message_id,
+                    str(app),
+                    self._cipher.open(_app_ad(str(peer), message_id), bytes(data)),
+                    int(sent),
+                    str(path or "direct"),
+                )
+            )
+        return out
+
+    def app_done(self, seq: int) -> None:
+        """The handler took the payload ``seq``: forget it."""
+        with self._transaction() as db:
+            db.execute("DELETE FROM app_inbox WHERE seq = ?", (seq,))
 
     # --- meta -------------------------------------------------------------------------------
 
@@ -605,11 +731,14 @@ class PeerDatabase:
         into the outbox — its envelope (then ``sessions`` is the state after encrypting them
         all), or its plaintext sealed, for the delivery task to encrypt. Records have
         ``message_id``, ``sent_ms``, ``text`` (None for receipts), ``kind``, ``plaintext``,
-        ``envelope``. Returns the history sequence numbers."""
+        ``envelope``, and may have ``conversation`` (instead of the argument). Application
+        payloads (kind 3) keep their sealed plaintext beside the envelope: history cannot
+        rebuild them if the recipient refuses the envelope. Returns the history sequence
+        numbers."""
         rows = []
         for r in records:
             sealed = b""
-            if r["envelope"] is None:
+            if r["envelope"] is None or r["kind"] == _KIND_APP:
                 sealed = self._cipher.seal(_outbox_ad(peer_id, r["message_id"]), r["plaintext"])
             rows.append((peer_id, r["message_id"], r["kind"], sealed, r["envelope"], r["sent_ms"]))
         out: list[int | None] = []
@@ -623,7 +752,7 @@ class PeerDatabase:
                         db,
                         message_id=r["message_id"],
                         peer_id=peer_id,
-                        conversation=conversation,
+                        conversation=r.get("conversation", conversation),
                         outgoing=True,
                         sent_ms=r["sent_ms"],
                         received_ms=None,
@@ -660,15 +789,27 @@ class PeerDatabase:
         with self._transaction() as db:
             self._save_sessions(db, peer_id, sessions)
             db.executemany(
-                "UPDATE outbox SET envelope = ?, plaintext = x'' "
+                "UPDATE outbox SET envelope = ?, "
+                "plaintext = CASE WHEN kind = ? THEN plaintext ELSE x'' END "
                 "WHERE peer_id = ? AND message_id = ?",
-                [(envelope, peer_id, message_id) for message_id, envelope in envelopes],
+                [(envelope, _KIND_APP, peer_id, message_id) for message_id, envelope in envelopes],
             )
 
     def reset_envelopes(self, peer_id: str, message_ids: Sequence[bytes]) -> None:
         """Envelopes the recipient refused: encrypt their texts again (from history)."""
         with self._transaction() as db:
             for message_id in message_ids:
+                kept = db.execute(
+                    "SELECT kind, length(plaintext) FROM outbox "
+                    "WHERE peer_id = ? AND message_id = ?",
+                    (peer_id, message_id),
+                ).fetchone()
+                if kept is not None and kept[0] == _KIND_APP and kept[1]:
+                    db.execute(
+                        "UPDATE outbox SET envelope = NULL WHERE peer_id = ? AND message_id = ?",
+                        (peer_id, message_id),
+                    )
+                    continue
                 row = self.message(peer_id, message_id, outgoing=True)
                 if row is None:
                     db.execute(
@@ -708,8 +849,9 @@ class PeerDatabase:
         sessions after decrypting them, the one-time prekeys they consumed deleted, the
         initiators' base keys remembered, the sender in the contacts. Each record has
         ``message_id``, ``conversation``, ``sent_ms``, ``text`` (None for receipts),
-        ``receipts``, ``used_one_time_prekey``, ``base_key``. Returns the new history
-        sequence numbers (None for a message already held)."""
+        ``receipts``, ``used_one_time_prekey``, ``base_key``, and may have ``app`` (name,
+        data): an application payload, queued in ``app_inbox`` for its handler. Returns the
+        new history sequence numbers (None for a message already held)."""
         out: list[int | None] = []
         with self._transaction() as db:
             if self.contact(peer_id) is None:
@@ -751,6 +893,21 @@ class PeerDatabase:
                 )
                 if record["receipts"]:
                     self._mark_delivered(db, peer_id, record["receipts"], None, None)
+                app = record.get("app")
+                if app is not None:
+                    name, data = app
+                    db.execute(
+                        "INSERT INTO app_inbox (peer_id, message_id, app, data, sent_ms, path) "
+                        "VALUES (?,?,?,?,?,?)",
+                        (
+                            peer_id,
+                            record["message_id"],
+                            name,
+                            self._cipher.seal(_app_ad(peer_id, record["message_id"]), data),
+                            record["sent_ms"],
+                            path,
+                        ),
+                    )
         return out
 
     def _mark_delivered(

@@ -25,6 +25,14 @@ untouched on any error) and its result — history row, session state, the consu
 prekey — is committed in one transaction before the acknowledgement goes out (or, for stored
 envelopes, before the store is told to delete them).
 
+Application payloads (`send_app`, `on_app`) ride the same pipeline: sealed in the outbox,
+ratcheted, delivered or stored, deduplicated, acknowledged. On arrival a payload is committed
+with the session state into ``app_inbox`` and handed to the handler registered for its
+application name, in arrival order, then forgotten; a handler that raises `TeiaError` refuses
+it (counted in ``stats``). A process that dies before its handler finished sees the payload
+again when it reopens, so handlers are idempotent (by message ID). Groups, devices and
+attachments are built this way.
+
 Nothing here logs message content, keys or tokens.
 """
 
@@ -35,7 +43,7 @@ import itertools
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -88,11 +96,14 @@ from teia.peer.wire import (
     ChatEnvelope,
     Kind,
     Plaintext,
+    check_app_name,
     open_sealed,
     seal_to,
 )
 
 __all__ = [
+    "AppHandler",
+    "AppMessage",
     "Delivered",
     "IdentityChanged",
     "Message",
@@ -185,6 +196,25 @@ PeerEvent = Delivered | IdentityChanged | SessionStarted
 
 
 @dataclass(frozen=True, slots=True)
+class AppMessage:
+    """An application payload received (see `Peer.send_app`)."""
+
+    sender: PeerId
+    message_id: bytes
+    app: str
+    data: bytes
+    sent_ms: int
+    """The sender's clock."""
+    path: str
+    """How it arrived: ``direct``, ``relayed`` or ``stored``."""
+
+
+AppHandler = Callable[[AppMessage], Awaitable[None]]
+"""Takes one application payload; raises `TeiaError` to refuse it. Keep it short: long work
+belongs in a task (`Peer.task_group`)."""
+
+
+@dataclass(frozen=True, slots=True)
 class _Incoming:
     peer: PeerId
     envelope: ChatEnvelope
@@ -224,7 +254,17 @@ class Peer:
         self._dht: Any = None
         self._published = anyio.Event()
         self._store: Any = None
-        self.stats: dict[str, int] = {"refused": 0, "duplicates": 0, "received": 0}
+        self._apps: dict[str, AppHandler] = {}
+        self._app_wake = anyio.Event()
+        self.stats: dict[str, int] = {
+            "refused": 0,
+            "duplicates": 0,
+            "received": 0,
+            "app_taken": 0,
+            "app_refused": 0,
+            "app_failed": 0,
+            "app_unknown": 0,
+        }
         """Counts (metadata only) for metrics and tests."""
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -238,11 +278,13 @@ class Peer:
         passphrase: str | bytes | None = None,
         listen: Sequence[str] | None = None,
         dial_timeout: float = 5.0,
+        apps: Mapping[str, AppHandler] | None = None,
     ) -> AsyncIterator[Peer]:
         """Open a profile directory (or use an opened `Profile`) and bring the peer online.
 
         ``passphrase`` opens the keystore (needed unless a `Profile` is given); ``listen``
-        overrides the profile's listen addresses. Usable from trio and asyncio programs.
+        overrides the profile's listen addresses; ``apps`` registers application handlers
+        before anything arrives (see `on_app`). Usable from trio and asyncio programs.
         """
         if not isinstance(profile, Profile):
             if passphrase is None:
@@ -255,7 +297,9 @@ class Peer:
         try:
             config = opened.config
             with opened.online():
-                async with cls._online(opened, listen or config.listen, dial_timeout) as peer:
+                async with cls._online(
+                    opened, listen or config.listen, dial_timeout, apps or {}
+                ) as peer:
                     yield peer
         finally:
             if owned:
@@ -264,7 +308,11 @@ class Peer:
     @classmethod
     @asynccontextmanager
     async def _online(
-        cls, opened: Profile, listen: Sequence[str], dial_timeout: float
+        cls,
+        opened: Profile,
+        listen: Sequence[str],
+        dial_timeout: float,
+        apps: Mapping[str, AppHandler],
     ) -> AsyncIterator[Peer]:
         config = opened.config
         async with (
@@ -277,6 +325,8 @@ class Peer:
             contextlib.AsyncExitStack() as stack,
         ):
             peer = cls(opened, host)
+            for app, handler in apps.items():
+                peer.on_app(app, handler)
             if config.bootstrap:
                 from teia.dht.core import Mode
                 from teia.dht.node import DhtNode
@@ -310,6 +360,7 @@ class Peer:
         if self.config.bootstrap:
             await self._setup_dht()
         assert self._task_group is not None
+        self._task_group.start_soon(self._dispatch_apps)
         if self._store is not None:
             await self._publish_bundle()
             await self.fetch_stored()
@@ -442,12 +493,50 @@ class Peer:
         one recipient share a transaction); delivery runs in the background
         (`wait_delivered`, `events`).
         """
+        peer_id = await self._recipient(to)
+        plaintext = Plaintext(text).encode()  # size check before anything is written
+        return await self._queue(peer_id, Kind.TEXT, plaintext, text, str(peer_id))
+
+    async def send_app(self, to: PeerId | str, app: str, data: bytes) -> str:
+        """Queue an application payload for ``to``: ``data`` (at most `MAX_APP_DATA` bytes)
+        for the handler registered under ``app`` on the other side (`on_app`). It travels
+        like a text — end-to-end encrypted, retried, stored when the recipient is offline —
+        but leaves no text in history; `wait_delivered` works on the returned ID (hex)."""
+        peer_id = await self._recipient(to)
+        plaintext = Plaintext(app=check_app_name(app), data=data).encode()
+        return await self._queue(peer_id, Kind.APP, plaintext, "", "")
+
+    def on_app(self, app: str, handler: AppHandler) -> None:
+        """Register (or replace) the handler for application payloads named ``app``.
+
+        Payloads whose application has no handler when they come up are dropped (counted as
+        ``app_unknown``): register with ``Peer.open(apps=…)`` to see those that arrive while
+        the peer starts."""
+        self._apps[check_app_name(app)] = handler
+        self._app_wake.set()
+
+    @property
+    def task_group(self) -> anyio.abc.TaskGroup:
+        """The peer's task group, for work that lives as long as the peer is open."""
+        if self._task_group is None:
+            raise DeliveryError("the peer is not open")
+        return self._task_group
+
+    async def run_db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run a database call on the peer's one database thread (calls run in order)."""
+        return await self._db(fn, *args, **kwargs)
+
+    async def _recipient(self, to: PeerId | str) -> PeerId:
         peer_id = await self.resolve(to)
         if peer_id == self.peer_id:
             raise DeliveryError("cannot send to ourselves")
         if peer_id.public_key is None:
             raise InvalidPeerId(f"{peer_id} does not embed its public key")
-        plaintext = Plaintext(text).encode()  # size check before anything is written
+        return peer_id
+
+    async def _queue(
+        self, peer_id: PeerId, kind: Kind, plaintext: bytes, text: str, conversation: str
+    ) -> str:
         message_id = secrets.token_bytes(16)
         self._queued_at[message_id] = time.perf_counter()
         async with self._lock(peer_id):
@@ -458,15 +547,16 @@ class Peer:
                 body = sessions[0].encrypt(plaintext)
                 self._changed(peer_id)
                 envelope = ChatEnvelope(
-                    message_id, self.peer_id.to_bytes(), "", sent_ms, Kind.TEXT, body
+                    message_id, self.peer_id.to_bytes(), "", sent_ms, kind, body
                 ).encode()
             record: dict[str, Any] = {
                 "message_id": message_id,
                 "sent_ms": sent_ms,
                 "text": text,
-                "kind": int(Kind.TEXT),
+                "kind": int(kind),
                 "plaintext": plaintext,
                 "envelope": envelope,
+                "conversation": conversation,
             }
             self._unsaved.setdefault(peer_id, []).append(record)
         await self._save_sends(peer_id, record)
@@ -905,22 +995,24 @@ class Peer:
                     continue
                 _, working, used_opk, started, base_key = opened
                 is_text = envelope.kind is Kind.TEXT
+                is_app = envelope.kind is Kind.APP and bool(plaintext.app)
                 records.append(
                     {
                         "message_id": envelope.message_id,
                         "conversation": str(peer),
                         "sent_ms": envelope.timestamp_ms,
                         "text": plaintext.text if is_text else None,
-                        "receipts": plaintext.receipts if not is_text else (),
+                        "receipts": plaintext.receipts if envelope.kind is Kind.RECEIPT else (),
                         "used_one_time_prekey": used_opk,
                         "base_key": base_key,
+                        "app": (plaintext.app, plaintext.data) if is_app else None,
                     }
                 )
                 owners.append(index)
                 in_batch.add(envelope.message_id)
                 if started is not None:
                     events.append(SessionStarted(peer, reset=started))
-                if not is_text:
+                if envelope.kind is Kind.RECEIPT:
                     receipts.extend(plaintext.receipts)
             if not records:
                 return results
@@ -952,6 +1044,8 @@ class Peer:
         if texts:
             new, self._new_message = self._new_message, anyio.Event()
             new.set()
+        if any(r["app"] is not None for r in records):
+            self._app_wake.set()
         if receipts:
             self._after_delivery(peer, [(r, None, None) for r in receipts])
         return results
@@ -1018,6 +1112,44 @@ class Peer:
         if lock is None:
             lock = self._locks[peer] = anyio.Lock()
         return lock
+
+    async def _dispatch_apps(self) -> None:
+        """Hand application payloads to their handlers, in arrival order, one at a time."""
+        db = self.profile.db
+        cursor = 0
+        while True:
+            self._app_wake = anyio.Event()
+            rows = await self._db(db.app_pending, cursor)
+            if not rows:
+                cursor = 0
+                await self._app_wake.wait()
+                continue
+            for row in rows:
+                cursor = row.seq
+                handler = self._apps.get(row.app)
+                try:
+                    if handler is None:
+                        self.stats["app_unknown"] += 1
+                        _log.info("application payload for unknown app %r dropped", row.app)
+                    else:
+                        await handler(
+                            AppMessage(
+                                PeerId.from_string(row.peer_id),
+                                row.message_id,
+                                row.app,
+                                row.data,
+                                row.sent_ms,
+                                row.path,
+                            )
+                        )
+                        self.stats["app_taken"] += 1
+                except TeiaError as exc:
+                    self.stats["app_refused"] += 1
+                    _log.info("%s payload refused: %s", row.app, type(exc).__name__)
+                except Exception as exc:  # a handler's bug must not stop the others
+                    self.stats["app_failed"] += 1
+                    _log.warning("%s handler failed: %s", row.app, type(exc).__name__)
+                await self._db(db.app_done, row.seq)
 
     async def messages(self, *, since_seq: int | None = None) -> AsyncIterator[Message]:
         """Messages received, in history order, forever (break out of the loop to stop).
@@ -1269,7 +1401,7 @@ class Peer:
             ok = await self._receive(_Incoming(sender, envelope, "stored"))
             new += self.stats["received"] - before
             taken.append(stored.message_id)
-            if ok and envelope.kind is Kind.TEXT:
+            if ok and envelope.kind in (Kind.TEXT, Kind.APP):
                 receipts.setdefault(sender, []).append(envelope.message_id)
         if taken:
             with contextlib.suppress(StoreError, *_STREAM_ERRORS):

@@ -10,9 +10,11 @@ answers each with a `ChatAck` in the same order (one stream carries many message
     ChatAck      { 1: message_id  2: status (0 delivered, 1 refused) }
 
 The body is a `teia.crypto` session message (prekey or normal); its plaintext is a `Plaintext`
-``{ 1: text (string)  2: receipts (repeated bytes, message IDs) }``. Inline acks say "in the
-recipient's history"; receipts (kind 2) carry the same news later, e.g. for messages that went
-through a store.
+``{ 1: text (string)  2: receipts (repeated bytes, message IDs)  3: app (string)
+4: data (bytes) }``. Inline acks say "in the recipient's history"; receipts (kind 2) carry the
+same news later, e.g. for messages that went through a store. Kind 3 (app) carries an
+application payload — ``app`` names its handler (groups, devices, attachments, a program's own
+protocol), ``data`` is its body — over the same ratcheted sessions, outbox and paths as texts.
 
 ``/teia/prekeys/1.0.0`` — the opener sends an empty frame; the answer is one `PrekeyBundle`
 (``teia.crypto`` bytes) with a one-time prekey when one is left, or an empty frame.
@@ -44,6 +46,7 @@ from teia.host.protobuf import encode_bytes_field, encode_uvarint, iter_fields
 
 __all__ = [
     "CHAT_PROTOCOL",
+    "MAX_APP_DATA",
     "MAX_ENVELOPE_SIZE",
     "MAX_TEXT_BYTES",
     "PREKEY_PROTOCOL",
@@ -52,6 +55,7 @@ __all__ = [
     "ChatEnvelope",
     "Kind",
     "Plaintext",
+    "check_app_name",
     "open_sealed",
     "seal_to",
 ]
@@ -62,6 +66,10 @@ MESSAGE_ID_SIZE: Final = 16
 MAX_TEXT_BYTES: Final = 64 * 1024
 """Largest text a message may carry (UTF-8 bytes)."""
 MAX_ENVELOPE_SIZE: Final = 256 * 1024
+MAX_APP_DATA: Final = 192 * 1024
+"""Largest application payload a message may carry (bytes)."""
+_MAX_APP_NAME: Final = 64
+_APP_NAME_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyz0123456789._-/")
 _MAX_CONVERSATION: Final = 256
 _MAX_RECEIPTS: Final = 1024
 _SEALED_VERSION: Final = 1
@@ -70,6 +78,7 @@ _SEALED_VERSION: Final = 1
 class Kind(enum.IntEnum):
     TEXT = 1
     RECEIPT = 2
+    APP = 3
 
 
 class AckStatus(enum.IntEnum):
@@ -179,24 +188,40 @@ class ChatAck:
             raise InvalidChatMessage(f"unknown ack status {status}") from None
 
 
+def check_app_name(app: str) -> str:
+    """``app`` if it is a valid application name (1 to 64 of ``a-z 0-9 . _ - /``), else
+    `InvalidChatMessage`."""
+    if not 1 <= len(app) <= _MAX_APP_NAME or not set(app) <= _APP_NAME_CHARS:
+        raise InvalidChatMessage("bad application name")
+    return app
+
+
 @dataclass(frozen=True, slots=True)
 class Plaintext:
-    """What a session message carries: a text, or receipts for earlier message IDs."""
+    """What a session message carries: a text, receipts for earlier message IDs, or an
+    application payload (``app`` names it, ``data`` is its body)."""
 
     text: str = ""
     receipts: tuple[bytes, ...] = ()
+    app: str = ""
+    data: bytes = b""
 
     def encode(self) -> bytes:
         data = self.text.encode()
         if len(data) > MAX_TEXT_BYTES:
             raise InvalidChatMessage(f"text of {len(data)} bytes is over {MAX_TEXT_BYTES}")
+        if len(self.data) > MAX_APP_DATA:
+            raise InvalidChatMessage(f"app data of {len(self.data)} bytes is over {MAX_APP_DATA}")
         out = [encode_bytes_field(1, data)] if data else []
         out.extend(encode_bytes_field(2, r) for r in self.receipts)
+        if self.app:
+            out.append(encode_bytes_field(3, check_app_name(self.app).encode()))
+            out.append(encode_bytes_field(4, self.data))
         return b"".join(out)
 
     @classmethod
     def decode(cls, data: bytes) -> Plaintext:
-        text = b""
+        text = app = body = b""
         receipts: list[bytes] = []
         for number, _, value in _fields(data, "plaintext"):
             if number == 1:
@@ -206,12 +231,23 @@ class Plaintext:
                 if len(receipt) != MESSAGE_ID_SIZE or len(receipts) >= _MAX_RECEIPTS:
                     raise InvalidChatMessage("bad receipt list")
                 receipts.append(receipt)
+            elif number == 3:
+                app = _bytes(value, "app")
+            elif number == 4:
+                body = _bytes(value, "data")
         if len(text) > MAX_TEXT_BYTES:
             raise InvalidChatMessage("text over the limit")
+        if len(body) > MAX_APP_DATA:
+            raise InvalidChatMessage("app data over the limit")
+        if body and not app:
+            raise InvalidChatMessage("app data without an application name")
         try:
-            return cls(text.decode(), tuple(receipts))
+            name = app.decode("ascii") if app else ""
+            if name:
+                check_app_name(name)
+            return cls(text.decode(), tuple(receipts), name, body)
         except UnicodeDecodeError:
-            raise InvalidChatMessage("text is not UTF-8") from None
+            raise InvalidChatMessage("text or application name is not UTF-8") from None
 
 
 def _sealing_key(shared: bytes, ephemeral: bytes, recipient: bytes) -> bytes:

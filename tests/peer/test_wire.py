@@ -1,0 +1,104 @@
+"""Property tests of the peer's wire codecs: round trips, and garbage, truncation and oversize
+input refused with `InvalidChatMessage` only."""
+
+from __future__ import annotations
+
+import contextlib
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from teia.errors import InvalidChatMessage
+from teia.peer.wire import (
+    MAX_APP_DATA,
+    MAX_ENVELOPE_SIZE,
+    MAX_TEXT_BYTES,
+    AckStatus,
+    ChatAck,
+    ChatEnvelope,
+    Kind,
+    Plaintext,
+    open_sealed,
+)
+
+ids = st.binary(min_size=16, max_size=16)
+app_names = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789._-/", min_size=1, max_size=64)
+envelopes = st.builds(
+    ChatEnvelope,
+    ids,
+    st.binary(min_size=1, max_size=128),
+    st.text(max_size=60),
+    st.integers(0, 2**63 - 1),
+    st.sampled_from(Kind),
+    st.binary(max_size=2048),
+)
+plaintexts = st.one_of(
+    st.builds(Plaintext, st.text(max_size=200), st.lists(ids, max_size=5).map(tuple)),
+    st.builds(
+        lambda app, data: Plaintext(app=app, data=data),
+        app_names,
+        st.binary(max_size=4096),
+    ),
+)
+
+
+@given(envelopes)
+def test_envelopes_round_trip(envelope: ChatEnvelope) -> None:
+    assert ChatEnvelope.decode(envelope.encode()) == envelope
+
+
+@given(plaintexts)
+def test_plaintexts_round_trip(plaintext: Plaintext) -> None:
+    assert Plaintext.decode(plaintext.encode()) == plaintext
+
+
+@given(ids, st.sampled_from(AckStatus))
+def test_acks_round_trip(message_id: bytes, status: AckStatus) -> None:
+    ack = ChatAck(message_id, status)
+    assert ChatAck.decode(ack.encode()) == ack
+
+
+@given(st.binary(max_size=4096))
+def test_garbage_fails_cleanly(data: bytes) -> None:
+    for decode in (ChatEnvelope.decode, ChatAck.decode, Plaintext.decode):
+        with contextlib.suppress(InvalidChatMessage):
+            decode(data)
+    with contextlib.suppress(InvalidChatMessage):
+        open_sealed(b"\x01" * 32, data)
+
+
+@given(envelopes, st.data())
+def test_truncated_envelopes_fail_cleanly(envelope: ChatEnvelope, data: st.DataObject) -> None:
+    encoded = envelope.encode()
+    cut = data.draw(st.integers(0, len(encoded) - 1))
+    try:
+        decoded = ChatEnvelope.decode(encoded[:cut])
+    except InvalidChatMessage:
+        return
+    assert decoded != envelope
+
+
+@given(plaintexts, st.data())
+def test_truncated_plaintexts_fail_cleanly(plaintext: Plaintext, data: st.DataObject) -> None:
+    encoded = plaintext.encode()
+    if not encoded:
+        return
+    cut = data.draw(st.integers(0, len(encoded) - 1))
+    with contextlib.suppress(InvalidChatMessage):
+        Plaintext.decode(encoded[:cut])
+
+
+def test_oversize_input_is_refused() -> None:
+    import pytest
+
+    with pytest.raises(InvalidChatMessage):
+        ChatEnvelope.decode(b"\x0a" + b"\x00" * MAX_ENVELOPE_SIZE)
+    with pytest.raises(InvalidChatMessage):
+        Plaintext(app="x", data=bytes(MAX_APP_DATA + 1)).encode()
+    too_long_text = b"\x0a\x81\x80\x04" + b"a" * (MAX_TEXT_BYTES + 1)  # field 1, 65537 bytes
+    with pytest.raises(InvalidChatMessage):
+        Plaintext.decode(too_long_text)
+    with pytest.raises(InvalidChatMessage):
+        Plaintext.decode(b"\x22\x01x")  # data without an application name
+    with pytest.raises(InvalidChatMessage):
+        Plaintext.decode(b"\x1a\x02AB")  # an application name with capitals
