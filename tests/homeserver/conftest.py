@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import trio
 
+from teia.homeserver.identity import IdentityService
 from teia.homeserver.server import Homeserver
 from teia.homeserver.service import HomeserverConfig, running_homeserver
 
@@ -42,6 +43,7 @@ class ServerHandle:
     config: HomeserverConfig
     stop: Callable[[], None]
     trio_token: Any = None
+    identity: IdentityService | None = None
 
     def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``await fn(*args)`` on the server's trio loop, from the test's thread."""
@@ -86,7 +88,9 @@ def serve_in_thread(config: HomeserverConfig) -> Iterator[ServerHandle]:
             raise state["error"]
 
     running = state["running"]
-    handle = ServerHandle(running.url, config.server_name, running.hs, config, stop, state["token"])
+    handle = ServerHandle(
+        running.url, config.server_name, running.hs, config, stop, state["token"], running.identity
+    )
     try:
         yield handle
     finally:

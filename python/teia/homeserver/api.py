@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +28,7 @@ from teia.homeserver.ratelimit import RateLimiter
 from teia.homeserver.server import Homeserver, Requester, bad_json
 from teia.service.logs import fields
 
-__all__ = ["ApiLimits", "build_app"]
+__all__ = ["ApiLimits", "Call", "ClientApi", "access_token", "build_app"]
 
 log = logging.getLogger("teia.homeserver")
 
@@ -107,7 +107,8 @@ _CORS = {
 }
 
 
-def _token(request: Request) -> str | None:
+def access_token(request: Request) -> str | None:
+    """The token of a request: ``Authorization: Bearer`` or the ``access_token`` parameter."""
     header = request.headers.get("authorization")
     if header is not None:
         scheme, _, value = header.partition(" ")
@@ -258,7 +259,7 @@ class ClientApi:
         self._rate("ip", address)
         requester = None
         if auth or optional_auth:
-            token = _token(request)
+            token = access_token(request)
             if token is None:
                 if auth:
                     raise MatrixError(401, "M_MISSING_TOKEN", "an access token is required")
@@ -459,6 +460,15 @@ class ClientApi:
             call.user, call.query("since"), call.query_int("timeout", 0), limit, full_state
         )
 
+    async def openid_token(self, call: Call) -> Any:
+        return await self.hs.openid_token(call.user, call.param("user"))
+
+    async def openid_userinfo(self, call: Call) -> Any:
+        token = call.query("access_token")
+        if not token:
+            raise MatrixError(401, "M_MISSING_TOKEN", "access_token is required")
+        return {"sub": await self.hs.openid_userinfo(token)}
+
     async def profile(self, call: Call) -> Any:
         return await self.hs.profile(call.param("user"))
 
@@ -552,6 +562,10 @@ class ClientApi:
             r(CLIENT + "/user_directory/search", self.user_search, ["POST"],
               name="user_directory"),
             r(CLIENT + "/user/{user}/filter", self.put_filter, ["POST"], name="filter"),
+            r(CLIENT + "/user/{user}/openid/request_token", self.openid_token, ["POST"],
+              name="openid"),
+            r("/_matrix/federation/v1/openid/userinfo", self.openid_userinfo, ["GET"],
+              name="openid_userinfo", auth=False),
             r(CLIENT + "/user/{user}/filter/{filter}", self.get_filter, ["GET"], name="filter"),
         ]  # fmt: skip
         for prefix in ("/_matrix/media/v3", "/_matrix/client/v1/media"):
@@ -592,10 +606,14 @@ def build_app(
     limits: ApiLimits | None = None,
     registry: CollectorRegistry | None = None,
     extra_routes: list[Route] | None = None,
+    route_sets: Sequence[Callable[[ClientApi], list[Route]]] = (),
 ) -> Starlette:
-    """The ASGI application: the client-server API (and ``extra_routes``, e.g. federation)."""
+    """The ASGI application: the client-server API (and ``extra_routes``, e.g. federation;
+    ``route_sets`` make routes served through the client API's checks and limits, e.g. the
+    identity service)."""
     api = ClientApi(hs, limits or ApiLimits(), registry)
+    more = [route for make in route_sets for route in make(api)]
     return Starlette(
-        routes=[*api.routes(), *(extra_routes or [])],
+        routes=[*api.routes(), *more, *(extra_routes or [])],
         exception_handlers={404: _not_found, 405: _not_allowed},
     )

@@ -43,6 +43,7 @@ __all__ = ["Homeserver", "HomeserverSettings", "Requester", "SyncToken"]
 _LOCALPART = re.compile(r"^[a-z0-9._=\-/+]+$")
 _USER_ID = re.compile(r"^@[^:\s]+:[A-Za-z0-9.\-\[\]:]+$")
 _MAX_TIMELINE = 100
+OPENID_TOKEN_SECONDS = 3600
 
 
 @dataclass(frozen=True)
@@ -326,6 +327,30 @@ class Homeserver:
             await self.store.delete_user_tokens(requester.user_id)
         else:
             await self.store.delete_token(requester.token_hash)
+
+    async def openid_token(self, requester: Requester, user_id: str) -> dict[str, Any]:
+        """An OpenID token proving to a third party (an identity service) who the caller is;
+        valid for an hour, exchanged through ``/_matrix/federation/v1/openid/userinfo``."""
+        if user_id != requester.user_id:
+            raise forbidden("you can only request OpenID tokens for yourself")
+        token = "oid_" + secrets.token_urlsafe(32)
+        now = self.now_ms()
+        await self.store.add_openid_token(
+            token_hash(token), user_id, now, now + OPENID_TOKEN_SECONDS * 1000
+        )
+        return {
+            "access_token": token,
+            "token_type": "Bearer",
+            "matrix_server_name": self.server_name,
+            "expires_in": OPENID_TOKEN_SECONDS,
+        }
+
+    async def openid_userinfo(self, token: str) -> str:
+        """The user an OpenID token of this server belongs to (``M_UNKNOWN_TOKEN`` if none)."""
+        user_id = await self.store.openid_token_owner(token_hash(token), self.now_ms())
+        if user_id is None:
+            raise MatrixError(401, "M_UNKNOWN_TOKEN", "unknown or expired OpenID token")
+        return user_id
 
     # profiles ------------------------------------------------------------------------------
 

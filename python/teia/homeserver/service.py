@@ -29,7 +29,10 @@ from prometheus_client import CollectorRegistry
 from teia.errors import ConfigError
 from teia.homeserver.api import ApiLimits, build_app
 from teia.homeserver.federation import Federation
+from teia.homeserver.identity import IdentityService, IdentitySettings
+from teia.homeserver.identity_api import IdentityApi
 from teia.homeserver.keys import SigningKey
+from teia.homeserver.mail import DirectoryDelivery, MailDelivery, SmtpDelivery
 from teia.homeserver.server import Homeserver, HomeserverSettings
 from teia.homeserver.storage import HomeserverStore, open_database
 from teia.service import ServiceConfig, ServiceContext, add_arguments, setting
@@ -54,6 +57,14 @@ def _server_name(value: Any) -> str | None:
 
 def _positive(value: Any) -> str | None:
     return None if value > 0 else "must be positive"
+
+
+def _port(value: Any) -> str | None:
+    return None if 0 < value < 65536 else "must be a port number (1-65535)"
+
+
+def _delivery(value: Any) -> str | None:
+    return None if value in ("smtp", "directory") else "must be smtp or directory"
 
 
 def _database(value: Any) -> str | None:
@@ -88,6 +99,47 @@ class HomeserverConfig(ServiceConfig):
     federation_tls: bool = setting(
         False, "reach other servers over HTTPS (off: plain HTTP, for loopback and tests)"
     )
+    identity_service: bool = setting(
+        False, "serve the identity service (verified e-mail → user ID) under /_matrix/identity/v2"
+    )
+    identity_delivery: str = setting("smtp", "how verification mails leave: smtp or directory",
+                                     metavar="KIND", check=_delivery)  # fmt: skip
+    identity_mail_dir: str = setting(
+        "",
+        "directory delivery: one 0600 file per mail (default: DATA_DIR/identity-mail)",
+        metavar="DIR",
+    )
+    identity_mail_from: str = setting(
+        "",
+        "From: of verification mails (default: noreply@ the server name's host)",
+        metavar="ADDRESS",
+    )
+    identity_public_url: str = setting("", "base URL of this server for the link in the mails "
+                                       "(none when empty)", metavar="URL")  # fmt: skip
+    identity_token_lifetime: int = setting(3600, "seconds a mailed token stays valid",
+                                           check=_positive)  # fmt: skip
+    identity_max_attempts: int = setting(5, "wrong tokens before a session is spent",
+                                         check=_positive)  # fmt: skip
+    identity_mails_per_hour: float = setting(5.0, "verification mails per hour per address",
+                                             check=_positive)  # fmt: skip
+    identity_ip_mails_per_hour: float = setting(30.0, "verification mails per hour per "
+                                                "client address", check=_positive)  # fmt: skip
+    smtp_host: str = setting("localhost", "SMTP server for verification mails", metavar="HOST")
+    smtp_port: int = setting(25, "SMTP server port (587 for submission with STARTTLS)",
+                             check=_port)  # fmt: skip
+    smtp_starttls: bool = setting(False, "upgrade the SMTP connection with STARTTLS")
+    smtp_ca_file: str = setting("", "CA certificates to trust for STARTTLS (default: the "
+                                "system's)", metavar="FILE")  # fmt: skip
+    smtp_username: str = setting("", "SMTP login (none when empty)", metavar="USER")
+    smtp_password_file: str = setting("", "file holding the SMTP password", metavar="FILE")
+
+    def validate(self) -> None:
+        if self.smtp_password_file and not self.smtp_username:
+            raise ConfigError("smtp-password-file needs smtp-username")
+        if self.identity_public_url and not self.identity_public_url.startswith(
+            ("https://", "http://")
+        ):
+            raise ConfigError("identity-public-url must be an http(s):// URL")
 
 
 def settings_from(config: HomeserverConfig) -> HomeserverSettings:
@@ -103,12 +155,43 @@ def settings_from(config: HomeserverConfig) -> HomeserverSettings:
     )
 
 
+def mail_delivery(config: HomeserverConfig) -> MailDelivery:
+    """The verification mails' delivery the configuration asks for."""
+    if config.identity_delivery == "directory":
+        directory = config.identity_mail_dir
+        return DirectoryDelivery(Path(directory) if directory
+                                 else config.data_dir / "identity-mail")  # fmt: skip
+    password = ""
+    if config.smtp_password_file:
+        try:
+            password = Path(config.smtp_password_file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read smtp-password-file: {exc.strerror}") from None
+    return SmtpDelivery(config.smtp_host, config.smtp_port, starttls=config.smtp_starttls,
+                        username=config.smtp_username, password=password,
+                        ca_file=config.smtp_ca_file)  # fmt: skip
+
+
+def identity_settings(config: HomeserverConfig) -> IdentitySettings:
+    host = config.server_name.rsplit(":", 1)[0] if config.server_name.count(":") == 1 else (
+        config.server_name)  # fmt: skip
+    return IdentitySettings(
+        mail_from=config.identity_mail_from or f"noreply@{host.strip('[]')}",
+        public_url=config.identity_public_url,
+        token_lifetime=config.identity_token_lifetime,
+        max_attempts=config.identity_max_attempts,
+        mails_per_hour_per_address=config.identity_mails_per_hour,
+        mails_per_hour_per_ip=config.identity_ip_mails_per_hour,
+    )
+
+
 @dataclass
 class RunningHomeserver:
     """A homeserver serving HTTP: its logic object and the URL it listens on."""
 
     hs: Homeserver
     url: str
+    identity: IdentityService | None = None
 
 
 @asynccontextmanager
@@ -124,11 +207,19 @@ async def running_homeserver(
         hs = Homeserver(settings, store, key, registry=registry)
         federation = Federation(hs, tls=config.federation_tls, registry=registry)
         routes = federation.routes() if config.federation else []
+        route_sets = []
+        identity = None
+        if config.identity_service:
+            identity = IdentityService(hs, mail_delivery(config), identity_settings(config),
+                                       registry=registry)  # fmt: skip
+            await identity.start()
+            route_sets.append(IdentityApi(identity).routes)
         app = build_app(
             hs,
             limits=ApiLimits(config.ip_rate, config.ip_burst, config.user_rate, config.user_burst),
             registry=registry,
             extra_routes=routes,
+            route_sets=route_sets,
         )
         hc = HypercornConfig()
         hc.bind = [config.listen]
@@ -147,7 +238,7 @@ async def running_homeserver(
             binds = await tg.start(_serve, app, hc)
             scheme = "https" if config.tls_cert else "http"
             address = binds[0].split("://", 1)[1]
-            yield RunningHomeserver(hs, f"{scheme}://{address}")
+            yield RunningHomeserver(hs, f"{scheme}://{address}", identity)
             tg.cancel_scope.cancel()
     finally:
         await anyio.to_thread.run_sync(store.close)
@@ -172,6 +263,7 @@ async def serve(ctx: ServiceContext) -> None:
             listen=running.url,
             database="postgresql" if config.database != "sqlite" else "sqlite",
             signing_key=running.hs.signing_key.key_id,
+            identity_service=config.identity_service,
         )
         await anyio.sleep_forever()
 

@@ -132,6 +132,43 @@ CREATE TABLE IF NOT EXISTS server_keys (
     valid_until_ts {bigint} NOT NULL,
     PRIMARY KEY (server_name, key_id)
 );
+CREATE TABLE IF NOT EXISTS openid_tokens (
+    token_hash TEXT PRIMARY KEY,
+    user_id TEXT NOT NULL,
+    expires_ts {bigint} NOT NULL
+);
+CREATE TABLE IF NOT EXISTS identity_accounts (
+    token_hash TEXT PRIMARY KEY,
+    user_id TEXT NOT NULL,
+    created_ts {bigint} NOT NULL
+);
+CREATE INDEX IF NOT EXISTS identity_accounts_user ON identity_accounts (user_id);
+CREATE TABLE IF NOT EXISTS identity_sessions (
+    sid TEXT PRIMARY KEY,
+    secret_hash TEXT NOT NULL,
+    medium TEXT NOT NULL,
+    address TEXT NOT NULL,
+    send_attempt {bigint} NOT NULL,
+    token_hash TEXT,
+    expires_ts {bigint} NOT NULL,
+    attempts_left INTEGER NOT NULL,
+    validated_ts {bigint}
+);
+CREATE UNIQUE INDEX IF NOT EXISTS identity_sessions_secret
+    ON identity_sessions (secret_hash, medium, address);
+CREATE TABLE IF NOT EXISTS identity_bindings (
+    medium TEXT NOT NULL,
+    address TEXT NOT NULL,
+    user_id TEXT NOT NULL,
+    lookup_hash TEXT NOT NULL,
+    bound_ts {bigint} NOT NULL,
+    PRIMARY KEY (medium, address)
+);
+CREATE INDEX IF NOT EXISTS identity_bindings_hash ON identity_bindings (lookup_hash);
+CREATE TABLE IF NOT EXISTS identity_settings (
+    name TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS federation_txns (
     origin TEXT NOT NULL,
     txn_id TEXT NOT NULL,
@@ -442,6 +479,28 @@ class HomeserverStore:
             lambda tx: tx.run("DELETE FROM access_tokens WHERE user_id = ?", (user_id,)),
             write=True,
         )
+
+    async def add_openid_token(self, token_hash: str, user_id: str, now: int, expires: int) -> None:
+        """Keep an OpenID token until ``expires`` (ms); forget the expired ones."""
+
+        def fn(tx: Tx) -> None:
+            tx.run("DELETE FROM openid_tokens WHERE expires_ts <= ?", (now,))
+            tx.run(
+                "INSERT INTO openid_tokens (token_hash, user_id, expires_ts) VALUES (?, ?, ?)",
+                (token_hash, user_id, expires),
+            )
+
+        await self.db.run(fn, write=True)
+
+    async def openid_token_owner(self, token_hash: str, now: int) -> str | None:
+        """The user an unexpired OpenID token was issued to."""
+        row = await self.db.run(
+            lambda tx: tx.one(
+                "SELECT user_id FROM openid_tokens WHERE token_hash = ? AND expires_ts > ?",
+                (token_hash, now),
+            )
+        )
+        return None if row is None else str(row[0])
 
     async def profile(self, user_id: str) -> tuple[bool, str | None]:
         """(whether the user exists, their display name)."""
