@@ -164,6 +164,19 @@ class MessageTooLarge(TransportError, ValueError):
     """A length-prefixed message on a stream is over the reader's limit (or its prefix is bad)."""
 
 
+class HolePunchError(TransportError):
+    """No direct connection came out of a hole-punching attempt; the relayed one stays in use.
+
+    Expected behind symmetric NATs and strict firewalls: the conversation goes on through the
+    relay, and another attempt is made later (`teia.host.holepunch`).
+    """
+
+
+class InvalidHolePunchMessage(HolePunchError, ValueError):
+    """A hole-punch signalling message that is malformed, oversize, carries too many or unusable
+    candidate addresses, or arrives out of order; the attempt is abandoned."""
+
+
 # --- services -------------------------------------------------------------------------------
 
 

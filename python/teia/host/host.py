@@ -24,6 +24,11 @@ allocation is lost. `on_relayed_addrs_change` callbacks run (and `wait_relayed_a
 whenever they change, so the peer layer can publish its record anew. Dialing an address on a
 configured relay's IP goes through our own allocation; each allocation holds permissions for
 every configured relay's IP, which is what lets peers on those relays reach us.
+
+Hole punching: with ``holepunch=HolePunchConfig(...)`` the host serves
+``/teia/holepunch/1.0.0`` and tries to upgrade every relayed connection it accepts to a direct
+one (`teia.host.holepunch`). A direct connection to a peer is always preferred over a relayed
+one: when both exist, the relayed one is drained like any duplicate.
 """
 
 from __future__ import annotations
@@ -33,9 +38,9 @@ import ipaddress
 import logging
 import socket
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 import anyio
 import anyio.abc
@@ -52,6 +57,7 @@ from teia.errors import (
     TransportError,
 )
 from teia.host.connmgr import ConnectionLimits, ConnectionManager, Direction
+from teia.host.holepunch import HOLEPUNCH_PROTOCOL, HolePunchConfig, HolePuncher
 from teia.host.identify import (
     AGENT_VERSION,
     IDENTIFY_PROTOCOL,
@@ -109,6 +115,7 @@ class Host:
         close_grace: float = 10.0,
         peerstore: AddressBook | None = None,
         relays: Sequence[RelayClientConfig] = (),
+        holepunch: HolePunchConfig | None = None,
     ) -> None:
         if not listen:
             raise ValueError("a host needs at least one listen address")
@@ -137,6 +144,9 @@ class Host:
         self._relay_permissions = {relay.server[0] for relay in relays}
         self._relayed_callbacks: list[Callable[[list[Multiaddr]], None]] = []
         self._relayed_changed = anyio.Event()
+        if limits is None and holepunch is not None:
+            # A relayed connection, and the two a simultaneous dial makes, for a moment.
+            limits = ConnectionLimits(max_per_peer=3)
         self._connections: ConnectionManager[QuicConnectionHandle] = ConnectionManager(limits)
         self._negotiation_timeout = negotiation_timeout
         self._dial_timeout = dial_timeout
@@ -157,6 +167,11 @@ class Host:
         self._observed: Counter[Multiaddr] = Counter()
         self._stack: contextlib.AsyncExitStack | None = None
         self._task_group: anyio.abc.TaskGroup | None = None
+        self.holepunch: HolePuncher | None = None
+        """Upgrades relayed connections to direct ones; None without ``holepunch``."""
+        if holepunch is not None:
+            self.holepunch = HolePuncher(self, holepunch)
+            self._handlers[HOLEPUNCH_PROTOCOL] = self.holepunch.serve
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -275,6 +290,11 @@ class Host:
 
     def is_connected(self, peer: PeerId) -> bool:
         return self._usable_connection(peer) is not None
+
+    def connection_to(self, peer: PeerId) -> QuicConnectionHandle | None:
+        """The connection new streams to ``peer`` go on (a direct one before a relayed one),
+        or None when there is none open."""
+        return self._usable_connection(peer)
 
     # --- protocols ----------------------------------------------------------------------------
 
@@ -512,7 +532,9 @@ class Host:
         ]
         for other in others:
             a, b = self._initiator(other), self._initiator(connection)
-            if a == b:
+            if other.is_relayed != connection.is_relayed:
+                loser = other if other.is_relayed else connection  # direct beats relayed
+            elif a == b:
                 loser = connection  # the same side dialed twice: keep the older one
             else:
                 keep_other = a.to_bytes() < b.to_bytes()
@@ -544,6 +566,13 @@ class Host:
         self._resolve_duplicates(connection)
         self._task_group.start_soon(self._serve_connection, connection)
         self._task_group.start_soon(self._identify_new_peer, connection.remote_peer.peer_id)
+        if self.holepunch is not None:
+            self.holepunch.connection_started(connection)
+
+    def _spawn(self, fn: Callable[..., Coroutine[Any, Any, object]], *args: object) -> None:
+        """Run ``fn(*args)`` in the host's task group (cancelled when the host closes)."""
+        if self._task_group is not None:
+            self._task_group.start_soon(fn, *args)
 
     async def _identify_new_peer(self, peer: PeerId) -> None:
         """Learn a newly connected peer's protocols and addresses, as libp2p hosts do."""

@@ -700,6 +700,15 @@ class TurnSession:
             return None
         return client.relayed
 
+    @property
+    def mapped(self) -> Address | None:
+        """Where the relay saw us come from (the allocation's XOR-MAPPED-ADDRESS): our public
+        address behind a NAT. None while there is no allocation."""
+        client = self._client
+        if self.relayed is None or client is None:
+            return None
+        return client.mapped
+
     def wrap(self, peer: Address, data: bytes) -> bytes | None:
         """``data`` for ``peer`` through the allocation; None while there is none."""
         client = self._client

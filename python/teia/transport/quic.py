@@ -422,6 +422,14 @@ class QuicConnectionHandle:
         return peer
 
     @property
+    def is_relayed(self) -> bool:
+        """Whether the connection runs through a TURN relay: through one of our allocations, or
+        from the peer's (its datagrams come from a configured relay's IP)."""
+        endpoint = self._endpoint
+        address = self.remote_address
+        return address in endpoint._relay_routes or address[0] in endpoint._relay_ips
+
+    @property
     def is_closed(self) -> bool:
         return self._terminated.is_set() or self._quic.closing_reason is not None
 
@@ -742,6 +750,16 @@ class QuicEndpoint:
             relayed
             for session in self._relay_sessions.values()
             if (relayed := session.relayed) is not None
+        ]
+
+    @property
+    def mapped_addresses(self) -> list[Address]:
+        """Our address as each relay sees it (STUN's XOR-MAPPED-ADDRESS of the allocations):
+        behind a NAT, the public address and port this socket is mapped to."""
+        return [
+            mapped
+            for session in self._relay_sessions.values()
+            if (mapped := session.mapped) is not None
         ]
 
     @property
