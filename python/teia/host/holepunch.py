@@ -265,10 +265,11 @@ class HolePuncher:
         try:
             with anyio.move_on_after(self.config.punch_timeout):
                 stream = await self._host.open_stream(peer, HOLEPUNCH_PROTOCOL)
+                offered = tuple(self.candidates())
                 try:
                     sent = anyio.current_time()
                     await stream.send_message(
-                        HolePunchMessage(MessageKind.CONNECT, tuple(self.candidates())).encode()
+                        HolePunchMessage(MessageKind.CONNECT, offered).encode()
                     )
                     answer = await _receive(stream, MessageKind.CONNECT)
                     rtt = anyio.current_time() - sent
@@ -277,9 +278,12 @@ class HolePuncher:
                     with anyio.CancelScope(shield=True):
                         await stream.aclose()
                 targets = self._targets(answer.addrs)
-                await anyio.sleep(rtt / 2)  # the other side dials on SYNC, half a trip from now
-                if await self._punch(peer, targets):
-                    reason = "direct"
+                if not targets and not offered:
+                    reason = "no usable candidate on either side"
+                else:
+                    await anyio.sleep(rtt / 2)  # the other side dials on SYNC, half a trip later
+                    if await self._punch(peer, targets):
+                        reason = "direct"
         except (*_STREAM_ERRORS, InvalidHolePunchMessage) as exc:
             reason = f"{type(exc).__name__}: {exc}"
         finally:
@@ -334,11 +338,13 @@ class HolePuncher:
         try:
             with anyio.move_on_after(self.config.punch_timeout):
                 offer = await _receive(stream, MessageKind.CONNECT)
-                await stream.send_message(
-                    HolePunchMessage(MessageKind.CONNECT, tuple(self.candidates())).encode()
-                )
+                offered = tuple(self.candidates())
+                await stream.send_message(HolePunchMessage(MessageKind.CONNECT, offered).encode())
                 await _receive(stream, MessageKind.SYNC)
-                if await self._punch(peer, self._targets(offer.addrs)):
+                targets = self._targets(offer.addrs)
+                if not targets and not offered:
+                    reason = "no usable candidate on either side"
+                elif await self._punch(peer, targets):
                     reason = "direct"
         except (*_STREAM_ERRORS, InvalidHolePunchMessage) as exc:
             reason = f"{type(exc).__name__}: {exc}"
