@@ -21,6 +21,10 @@ STAMP_BUILT := $(VENV)/.extension-built
 PYLIBP2P_VENV := .venv-libp2p
 PYLIBP2P_VERSION := 0.8.1
 STAMP_PYLIBP2P := $(PYLIBP2P_VENV)/.installed
+# Synapse (the reference homeserver the homeserver benchmark compares with): its own virtualenv.
+SYNAPSE_VENV := .venv-synapse
+SYNAPSE_VERSION := 1.163.2
+STAMP_SYNAPSE := $(SYNAPSE_VENV)/.installed
 
 .PHONY: help
 help: ## list the targets
@@ -49,6 +53,13 @@ $(STAMP_PYLIBP2P): | $(PY)
 	$(PYLIBP2P_VENV)/bin/pip install --quiet 'libp2p==$(PYLIBP2P_VERSION)'
 	touch $@
 
+$(STAMP_SYNAPSE): | $(PY)
+	$(PYTHON) -m venv $(SYNAPSE_VENV)
+	echo '*' > $(SYNAPSE_VENV)/.gitignore
+	$(SYNAPSE_VENV)/bin/pip install --quiet --upgrade pip
+	$(SYNAPSE_VENV)/bin/pip install --quiet 'matrix-synapse==$(SYNAPSE_VERSION)'
+	touch $@
+
 .PHONY: dev
 dev: $(STAMP_BUILT) ## create .venv, install dev dependencies, build the extension
 
@@ -62,8 +73,8 @@ demo: dev ## run the demo on embedded defaults
 	$(BIN)/teia demo
 
 .PHONY: bench
-bench: dev $(STAMP_PYLIBP2P) ## run the benchmarks (pytest-benchmark)
-	$(BIN)/pytest benchmarks --benchmark-only --benchmark-columns=min,median,mean,ops,rounds $(PYTEST_ARGS)
+bench: dev $(STAMP_PYLIBP2P) $(STAMP_SYNAPSE) ## run the benchmarks (pytest-benchmark)
+	TEIA_SYNAPSE_PYTHON=$(abspath $(SYNAPSE_VENV))/bin/python $(BIN)/pytest benchmarks --benchmark-only --benchmark-columns=min,median,mean,ops,rounds $(PYTEST_ARGS)
 
 .PHONY: lint
 lint: dev ## ruff, mypy, cargo fmt --check, cargo clippy -D warnings, stubtest of _native.pyi
@@ -93,4 +104,4 @@ wheelhouse: wheel ## the teia wheel and its dependencies' wheels in dist/wheelho
 
 .PHONY: clean
 clean: ## remove build outputs and the virtualenv
-	rm -rf $(VENV) $(PYLIBP2P_VENV) target dist python/teia/*.so .pytest_cache .mypy_cache .ruff_cache .hypothesis .benchmarks
+	rm -rf $(VENV) $(PYLIBP2P_VENV) $(SYNAPSE_VENV) target dist python/teia/*.so .pytest_cache .mypy_cache .ruff_cache .hypothesis .benchmarks

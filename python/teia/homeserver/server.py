@@ -14,6 +14,7 @@ import re
 import secrets
 import string
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,13 +37,14 @@ from teia.homeserver.events import (
     sign_event,
 )
 from teia.homeserver.keys import SigningKey
-from teia.homeserver.storage import HomeserverStore, StoredEvent
+from teia.homeserver.storage import HomeserverStore, StoredEvent, SyncRoom
 
 __all__ = ["Homeserver", "HomeserverSettings", "Requester", "SyncToken"]
 
 _LOCALPART = re.compile(r"^[a-z0-9._=\-/+]+$")
 _USER_ID = re.compile(r"^@[^:\s]+:[A-Za-z0-9.\-\[\]:]+$")
 _MAX_TIMELINE = 100
+_SESSION_CACHE = 10_000
 OPENID_TOKEN_SECONDS = 3600
 
 
@@ -199,6 +201,9 @@ class Homeserver:
         self.notifier = Notifier()
         self._typing = _Typing()
         self._write_lock = anyio.Lock()
+        self._sessions: OrderedDict[str, Requester] = OrderedDict()
+        """Access token hash → session, the most recently used last (tokens are deleted only
+        through `logout`, which forgets them here too)."""
         self.event_listeners: list[Callable[[dict[str, Any]], Awaitable[None]]] = []
         """Called after a local event is persisted (federation sends it out)."""
         self.remote_join: Callable[[str, str, list[str]], Awaitable[None]] | None = None
@@ -316,16 +321,28 @@ class Homeserver:
 
     async def authenticate(self, token: str) -> Requester:
         hashed = token_hash(token)
+        cached = self._sessions.get(hashed)
+        if cached is not None:
+            self._sessions.move_to_end(hashed)
+            return cached
         owner = await self.store.token_owner(hashed)
         if owner is None:
             raise MatrixError(401, "M_UNKNOWN_TOKEN", "unknown or expired access token",
                               soft_logout=False)  # fmt: skip
-        return Requester(owner[0], owner[1], hashed)
+        requester = Requester(owner[0], owner[1], hashed)
+        self._sessions[hashed] = requester
+        while len(self._sessions) > _SESSION_CACHE:
+            self._sessions.popitem(last=False)
+        return requester
 
     async def logout(self, requester: Requester, *, everywhere: bool = False) -> None:
+        # Forget the cached sessions first: a request racing the logout sees the database.
         if everywhere:
+            for hashed in [h for h, r in self._sessions.items() if r.user_id == requester.user_id]:
+                del self._sessions[hashed]
             await self.store.delete_user_tokens(requester.user_id)
         else:
+            self._sessions.pop(requester.token_hash, None)
             await self.store.delete_token(requester.token_hash)
 
     async def openid_token(self, requester: Requester, user_id: str) -> dict[str, Any]:
@@ -388,8 +405,10 @@ class Homeserver:
         *,
         state_key: str | None = None,
         redacts: str | None = None,
+        extremities: list[tuple[str, int]] | None = None,
     ) -> dict[str, Any]:
-        extremities = await self.store.extremities(room_id)
+        if extremities is None:
+            extremities = await self.store.extremities(room_id)
         depth = max((d for _, d in extremities), default=0) + 1
         wanted = [("m.room.create", ""), ("m.room.power_levels", ""), ("m.room.member", sender)]
         if event_type == "m.room.member" and state_key is not None:
@@ -419,10 +438,9 @@ class Homeserver:
     async def _persist(
         self, event: dict[str, Any], *, txn: tuple[str, str] | None = None, local: bool = True
     ) -> int:
-        stream, new = await self.store.persist_event(event, txn=txn)
+        stream, new, members = await self.store.persist_event(event, txn=txn)
         if new:
             self._events_total.labels("local" if local else "federation").inc()
-            members = await self.store.room_members(event["room_id"], ("join", "invite"))
             extra = [event["state_key"]] if event["type"] == "m.room.member" else []
             self.notifier.notify([*members, *extra])
             if local:
@@ -447,11 +465,17 @@ class Homeserver:
         redacts: str | None = None,
         txn: tuple[str, str] | None = None,
         redacted_sender: str | None = None,
+        head: tuple[auth.State, list[tuple[str, int]]] | None = None,
     ) -> dict[str, Any]:
-        state = await self._room_state(room_id)
+        if head is None:
+            state, extremities = await self._room_state(room_id), None
+        else:
+            state, extremities = head
+            if not state:
+                raise _not_found("unknown room")
         event = await self._build(
             room_id, requester_user, event_type, content, state,
-            state_key=state_key, redacts=redacts,
+            state_key=state_key, redacts=redacts, extremities=extremities,
         )  # fmt: skip
         auth.check_event(event, state, redacted_sender=redacted_sender)
         await self._persist(event, txn=txn)
@@ -474,15 +498,16 @@ class Homeserver:
             raise forbidden("use the redact endpoint")
         txn = (requester.device_id, txn_id) if txn_id is not None else None
         async with self._write_lock:
-            if txn_id is not None:
-                done = await self.store.event_by_txn(requester.user_id, requester.device_id,
-                                                     txn_id)  # fmt: skip
-                if done is not None:
-                    return done
+            done, state, extremities = await self.store.send_context(
+                room_id, None if txn is None else (requester.user_id, *txn)
+            )
+            if done is not None:
+                return done
             await self._check_relation(requester.user_id, room_id, content)
             event = await self._send_locked(
-                requester.user_id, room_id, event_type, content, state_key=state_key, txn=txn
-            )
+                requester.user_id, room_id, event_type, content, state_key=state_key, txn=txn,
+                head=(state, extremities),
+            )  # fmt: skip
         return str(event["event_id"])
 
     async def _check_relation(self, sender: str, room_id: str, content: dict[str, Any]) -> None:
@@ -825,19 +850,25 @@ class Homeserver:
         )
         now = self.now_ms()
         rooms: dict[str, dict[str, Any]] = {"join": {}, "invite": {}, "leave": {}}
-        for room_id, membership, mstream in await self.store.rooms_for_user(user):
-            if mstream > current.events:
-                continue  # landed after we read the position: next sync
-            fresh = since is None or full_state or mstream > since.events
-            if membership == "join":
-                joined = await self._joined_room(requester, room_id, since, current, limit,
-                                                 fresh, now)  # fmt: skip
+        if since is None or full_state or since != current:  # else nothing moved anywhere
+            found = await self.store.sync_rooms(
+                user,
+                since=None if since is None else (since.events, since.receipts),
+                upto=(current.events, current.receipts),
+                limit=limit,
+                full_state=full_state,
+            )
+        else:
+            found = []
+        for room in found:
+            fresh = since is None or full_state or room.stream > since.events
+            if room.membership == "join":
+                joined = self._joined_room(requester, room, since, current, limit, fresh, now)
                 if joined is not None:
-                    rooms["join"][room_id] = joined
-            elif membership == "invite" and fresh:
-                state = await self.store.current_state(room_id)
+                    rooms["join"][room.room_id] = joined
+            elif room.membership == "invite" and room.state is not None:
                 stripped = [
-                    self._stripped(state[key])
+                    self._stripped(room.state[key])
                     for key in (
                         ("m.room.create", ""),
                         ("m.room.join_rules", ""),
@@ -845,18 +876,15 @@ class Homeserver:
                         ("m.room.topic", ""),
                         ("m.room.member", user),
                     )
-                    if key in state
+                    if key in room.state
                 ]
-                rooms["invite"][room_id] = {"invite_state": {"events": stripped}}
-            elif membership in ("leave", "ban") and since is not None and mstream > since.events:
-                events = await self.store.room_events(
-                    room_id, after=since.events, upto=mstream, limit=limit + 1, newest_first=True
-                )
-                timeline = list(reversed(events[:limit]))
-                rooms["leave"][room_id] = {
+                rooms["invite"][room.room_id] = {"invite_state": {"events": stripped}}
+            elif room.membership in ("leave", "ban") and since is not None:
+                timeline = list(reversed(room.events[:limit]))
+                rooms["leave"][room.room_id] = {
                     "timeline": {
                         "events": [self._client(requester, e, now) for e in timeline],
-                        "limited": len(events) > limit,
+                        "limited": len(room.events) > limit,
                         "prev_batch": str(
                             SyncToken(timeline[0].stream - 1 if timeline else since.events)
                         ),
@@ -873,33 +901,27 @@ class Homeserver:
         }
         return response, changed
 
-    async def _joined_room(
+    def _joined_room(
         self,
         requester: Requester,
-        room_id: str,
+        room: SyncRoom,
         since: SyncToken | None,
         current: SyncToken,
         limit: int,
         fresh: bool,
         now: int,
     ) -> dict[str, Any] | None:
-        after = 0 if fresh or since is None else since.events
-        events = await self.store.room_events(
-            room_id, after=after, upto=current.events, limit=limit + 1, newest_first=True
-        )
-        limited = len(events) > limit
-        timeline = list(reversed(events[:limit]))
+        room_id = room.room_id
+        limited = len(room.events) > limit
+        timeline = list(reversed(room.events[:limit]))
         ephemeral: list[dict[str, Any]] = []
         typing_serial = self._typing.room_serial.get(room_id, 0)
         if since is None or typing_serial > since.typing:
             users = self._typing.users(room_id, anyio.current_time())
             if users or since is not None:
                 ephemeral.append({"type": "m.typing", "content": {"user_ids": users}})
-        receipts = await self.store.receipts(
-            room_id, after=0 if since is None else since.receipts, upto=current.receipts
-        )
         content: dict[str, Any] = {}
-        for user_id, receipt_type, event_id, ts in receipts:
+        for user_id, receipt_type, event_id, ts in room.receipts:
             if receipt_type == "m.read.private" and user_id != requester.user_id:
                 continue
             content.setdefault(event_id, {}).setdefault(receipt_type, {})[user_id] = {"ts": ts}
@@ -908,11 +930,10 @@ class Homeserver:
         if not fresh and not timeline and not ephemeral:
             return None
         state_events: list[dict[str, Any]] = []
-        if fresh or limited:
+        if (fresh or limited) and room.state is not None:
             in_timeline = {e.event["event_id"] for e in timeline}
-            state = await self.store.current_state(room_id)
             state_events = [
-                client_event(e, now_ms=now) for e in state.values()
+                client_event(e, now_ms=now) for e in room.state.values()
                 if e["event_id"] not in in_timeline
             ]  # fmt: skip
         prev = timeline[0].stream - 1 if timeline else current.events

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
@@ -28,15 +28,15 @@ from prometheus_client import CollectorRegistry
 
 from teia.errors import ConfigError
 from teia.homeserver.api import ApiLimits, build_app
-from teia.homeserver.federation import Federation
-from teia.homeserver.identity import IdentityService, IdentitySettings
-from teia.homeserver.identity_api import IdentityApi
 from teia.homeserver.keys import SigningKey
-from teia.homeserver.mail import DirectoryDelivery, MailDelivery, SmtpDelivery
 from teia.homeserver.server import Homeserver, HomeserverSettings
 from teia.homeserver.storage import HomeserverStore, open_database
 from teia.service import ServiceConfig, ServiceContext, add_arguments, setting
 from teia.service.runner import main
+
+if TYPE_CHECKING:  # imported when used: a server without them does not carry their modules
+    from teia.homeserver.identity import IdentityService, IdentitySettings
+    from teia.homeserver.mail import MailDelivery
 
 __all__ = ["HomeserverConfig", "RunningHomeserver", "register", "running_homeserver", "serve"]
 
@@ -157,6 +157,8 @@ def settings_from(config: HomeserverConfig) -> HomeserverSettings:
 
 def mail_delivery(config: HomeserverConfig) -> MailDelivery:
     """The verification mails' delivery the configuration asks for."""
+    from teia.homeserver.mail import DirectoryDelivery, SmtpDelivery
+
     if config.identity_delivery == "directory":
         directory = config.identity_mail_dir
         return DirectoryDelivery(Path(directory) if directory
@@ -173,6 +175,8 @@ def mail_delivery(config: HomeserverConfig) -> MailDelivery:
 
 
 def identity_settings(config: HomeserverConfig) -> IdentitySettings:
+    from teia.homeserver.identity import IdentitySettings
+
     host = config.server_name.rsplit(":", 1)[0] if config.server_name.count(":") == 1 else (
         config.server_name)  # fmt: skip
     return IdentitySettings(
@@ -205,11 +209,19 @@ async def running_homeserver(
     store = HomeserverStore(db)
     try:
         hs = Homeserver(settings, store, key, registry=registry)
-        federation = Federation(hs, tls=config.federation_tls, registry=registry)
-        routes = federation.routes() if config.federation else []
+        federation = None
+        routes = []
+        if config.federation:
+            from teia.homeserver.federation import Federation
+
+            federation = Federation(hs, tls=config.federation_tls, registry=registry)
+            routes = federation.routes()
         route_sets = []
         identity = None
         if config.identity_service:
+            from teia.homeserver.identity import IdentityService
+            from teia.homeserver.identity_api import IdentityApi
+
             identity = IdentityService(hs, mail_delivery(config), identity_settings(config),
                                        registry=registry)  # fmt: skip
             await identity.start()
@@ -230,11 +242,8 @@ async def running_homeserver(
             hc.certfile = config.tls_cert
             hc.keyfile = config.tls_key
         async with anyio.create_task_group() as tg, AsyncExitStack() as stack:
-            if config.federation:
+            if federation is not None:
                 await stack.enter_async_context(federation)
-            else:
-                hs.remote_join = None
-                hs.event_listeners.clear()
             binds = await tg.start(_serve, app, hc)
             scheme = "https" if config.tls_cert else "http"
             address = binds[0].split("://", 1)[1]

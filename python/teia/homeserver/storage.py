@@ -34,6 +34,7 @@ __all__ = [
     "PostgresDatabase",
     "SqliteDatabase",
     "StoredEvent",
+    "SyncRoom",
     "open_database",
 ]
 
@@ -419,11 +420,69 @@ def _stored(row: tuple[Any, ...]) -> StoredEvent:
     return StoredEvent(int(row[0]), json.loads(row[1]), row[2], row[3])
 
 
+@dataclass(frozen=True)
+class SyncRoom:
+    """What one sync needs of one room, read in the same transaction as the others: the
+    user's membership and its position, the timeline slice (newest first, up to ``limit + 1``
+    to tell whether it was limited), the receipts in range, and the current state when the
+    room is new to the client or its timeline was cut."""
+
+    room_id: str
+    membership: str
+    stream: int
+    events: list[StoredEvent]
+    receipts: list[tuple[str, str, str, int]]
+    state: dict[tuple[str, str], dict[str, Any]] | None
+
+
+def _current_state(tx: Tx, room_id: str) -> dict[tuple[str, str], dict[str, Any]]:
+    rows = tx.query(
+        "SELECT s.type, s.state_key, e.body FROM current_state s"
+        " JOIN events e ON e.event_id = s.event_id WHERE s.room_id = ?",
+        (room_id,),
+    )
+    return {(r[0], r[1]): json.loads(r[2]) for r in rows}
+
+
+def _extremities(tx: Tx, room_id: str) -> list[tuple[str, int]]:
+    rows = tx.query(
+        "SELECT event_id, depth FROM extremities WHERE room_id = ? ORDER BY depth DESC LIMIT 10",
+        (room_id,),
+    )
+    return [(str(r[0]), int(r[1])) for r in rows]
+
+
+def _room_events(
+    tx: Tx, room_id: str, after: int, upto: int, limit: int, newest_first: bool
+) -> list[StoredEvent]:
+    order = "DESC" if newest_first else "ASC"
+    rows = tx.query(
+        f"SELECT {_EVENT_COLUMNS} FROM events"  # noqa: S608
+        f" WHERE room_id = ? AND stream > ? AND stream <= ? ORDER BY stream {order} LIMIT ?",
+        (room_id, after, upto, limit),
+    )
+    return [_stored(r) for r in rows]
+
+
+def _receipts(tx: Tx, room_id: str, after: int, upto: int) -> list[tuple[str, str, str, int]]:
+    rows = tx.query(
+        "SELECT user_id, receipt_type, event_id, ts FROM receipts"
+        " WHERE room_id = ? AND stream > ? AND stream <= ?",
+        (room_id, after, upto),
+    )
+    return [(str(r[0]), str(r[1]), str(r[2]), int(r[3])) for r in rows]
+
+
 class HomeserverStore:
-    """The repository: every read and write the homeserver makes, as async methods."""
+    """The repository: every read and write the homeserver makes, as async methods.
+
+    The two stream positions (events, receipts) are kept in memory once read: this process is
+    the database's only writer, and a position moves only after its transaction committed."""
 
     def __init__(self, db: Database) -> None:
         self.db = db
+        self._max_stream: int | None = None
+        self._max_receipt: int | None = None
 
     def close(self) -> None:
         self.db.close()
@@ -572,25 +631,31 @@ class HomeserverStore:
         return row is not None
 
     async def current_state(self, room_id: str) -> dict[tuple[str, str], dict[str, Any]]:
-        def fn(tx: Tx) -> dict[tuple[str, str], dict[str, Any]]:
-            rows = tx.query(
-                "SELECT s.type, s.state_key, e.body FROM current_state s"
-                " JOIN events e ON e.event_id = s.event_id WHERE s.room_id = ?",
-                (room_id,),
-            )
-            return {(r[0], r[1]): json.loads(r[2]) for r in rows}
+        return await self.db.run(lambda tx: _current_state(tx, room_id))
+
+    async def send_context(
+        self, room_id: str, txn: tuple[str, str, str] | None
+    ) -> tuple[str | None, dict[tuple[str, str], dict[str, Any]], list[tuple[str, int]]]:
+        """What sending into a room needs, in one transaction: the event already sent under
+        ``txn`` (sender, device, transaction ID) if any, the current state, the extremities."""
+
+        def fn(
+            tx: Tx,
+        ) -> tuple[str | None, dict[tuple[str, str], dict[str, Any]], list[tuple[str, int]]]:
+            if txn is not None:
+                row = tx.one(
+                    "SELECT event_id FROM events WHERE sender = ? AND txn_device = ?"
+                    " AND txn_id = ?",
+                    txn,
+                )
+                if row is not None:
+                    return str(row[0]), {}, []
+            return None, _current_state(tx, room_id), _extremities(tx, room_id)
 
         return await self.db.run(fn)
 
     async def extremities(self, room_id: str) -> list[tuple[str, int]]:
-        rows = await self.db.run(
-            lambda tx: tx.query(
-                "SELECT event_id, depth FROM extremities WHERE room_id = ?"
-                " ORDER BY depth DESC LIMIT 10",
-                (room_id,),
-            )
-        )
-        return [(str(r[0]), int(r[1])) for r in rows]
+        return await self.db.run(lambda tx: _extremities(tx, room_id))
 
     async def event_by_txn(self, sender: str, device: str, txn_id: str) -> str | None:
         row = await self.db.run(
@@ -635,9 +700,10 @@ class HomeserverStore:
         event: dict[str, Any],
         *,
         txn: tuple[str, str] | None = None,
-    ) -> tuple[int, bool]:
+    ) -> tuple[int, bool, list[str]]:
         """Store an event and apply it (current state, memberships, forward extremities,
-        redaction of its target). Returns (stream position, whether it was new)."""
+        redaction of its target). Returns (stream position, whether it was new, the room's
+        joined and invited users after it)."""
         body = json.dumps(event, ensure_ascii=False, separators=(",", ":"))
         room_id = event["room_id"]
         event_id = event["event_id"]
@@ -651,10 +717,10 @@ class HomeserverStore:
             rel_target = relates["event_id"]
             rel_key = relates.get("key") if isinstance(relates.get("key"), str) else None
 
-        def fn(tx: Tx) -> tuple[int, bool]:
+        def fn(tx: Tx) -> tuple[int, bool, list[str]]:
             existing = tx.one("SELECT stream FROM events WHERE event_id = ?", (event_id,))
             if existing is not None:
-                return int(existing[0]), False
+                return int(existing[0]), False, []
             row = tx.one(
                 "INSERT INTO events (event_id, room_id, type, state_key, sender, depth, body,"
                 " rel_type, rel_target, rel_key, txn_device, txn_id)"
@@ -692,9 +758,17 @@ class HomeserverStore:
             target = event.get("redacts")
             if event["type"] == "m.room.redaction" and isinstance(target, str):
                 _apply_redaction(tx, event, target)
-            return stream, True
+            audience = tx.query(
+                "SELECT user_id FROM memberships WHERE room_id = ?"
+                " AND membership IN ('join', 'invite')",
+                (room_id,),
+            )
+            return stream, True, [str(r[0]) for r in audience]
 
-        return await self.db.run(fn, write=True)
+        stream, new, audience = await self.db.run(fn, write=True)
+        if new:
+            self._max_stream = max(self._max_stream or 0, stream)
+        return stream, new, audience
 
     async def membership(self, room_id: str, user_id: str) -> tuple[str, int] | None:
         row = await self.db.run(
@@ -726,24 +800,66 @@ class HomeserverStore:
         return [str(r[0]) for r in rows]
 
     async def max_stream(self) -> int:
-        row = await self.db.run(lambda tx: tx.one("SELECT max(stream) FROM events"))
-        return int(row[0]) if row and row[0] is not None else 0
+        """The newest committed event's stream position."""
+        if self._max_stream is None:
+            row = await self.db.run(lambda tx: tx.one("SELECT max(stream) FROM events"))
+            loaded = int(row[0]) if row and row[0] is not None else 0
+            self._max_stream = max(self._max_stream or 0, loaded)
+        return self._max_stream
 
     async def room_events(
         self, room_id: str, *, after: int, upto: int, limit: int, newest_first: bool
     ) -> list[StoredEvent]:
         """Events of the room with ``after < stream <= upto``; at most ``limit``, taken from
         the newest end or the oldest, and returned in that order."""
-        order = "DESC" if newest_first else "ASC"
-        rows = await self.db.run(
-            lambda tx: tx.query(
-                f"SELECT {_EVENT_COLUMNS} FROM events"  # noqa: S608
-                f" WHERE room_id = ? AND stream > ? AND stream <= ? ORDER BY stream {order}"
-                " LIMIT ?",
-                (room_id, after, upto, limit),
-            )
+        return await self.db.run(
+            lambda tx: _room_events(tx, room_id, after, upto, limit, newest_first)
         )
-        return [_stored(r) for r in rows]
+
+    async def sync_rooms(
+        self,
+        user_id: str,
+        *,
+        since: tuple[int, int] | None,
+        upto: tuple[int, int],
+        limit: int,
+        full_state: bool,
+    ) -> list[SyncRoom]:
+        """Everything one ``/sync`` reads, in one transaction: for each room of the user
+        whose membership is at or before ``upto`` (events, receipts positions), the slice of
+        the timeline after ``since`` (all of it for rooms new to the client), the receipts in
+        range and the state where the client needs it; rooms left or banned since, up to the
+        leave; invites new since."""
+
+        def fn(tx: Tx) -> list[SyncRoom]:
+            out = []
+            rooms = tx.query(
+                "SELECT room_id, membership, stream FROM memberships WHERE user_id = ?",
+                (user_id,),
+            )
+            for room_id, membership, mstream in rooms:
+                if mstream > upto[0]:
+                    continue  # landed after the position was read: next sync
+                fresh = since is None or full_state or mstream > since[0]
+                events: list[StoredEvent] = []
+                receipts: list[tuple[str, str, str, int]] = []
+                state = None
+                if membership == "join":
+                    after = 0 if fresh or since is None else since[0]
+                    events = _room_events(tx, room_id, after, upto[0], limit + 1, True)
+                    receipts = _receipts(tx, room_id, 0 if since is None else since[1], upto[1])
+                    if fresh or len(events) > limit:
+                        state = _current_state(tx, room_id)
+                elif membership == "invite" and fresh:
+                    state = _current_state(tx, room_id)
+                elif membership in ("leave", "ban") and since is not None and mstream > since[0]:
+                    events = _room_events(tx, room_id, since[0], mstream, limit + 1, True)
+                else:
+                    continue
+                out.append(SyncRoom(room_id, membership, int(mstream), events, receipts, state))
+            return out
+
+        return await self.db.run(fn)
 
     async def events_by_id(self, event_ids: Sequence[str]) -> list[StoredEvent]:
         def fn(tx: Tx) -> list[StoredEvent]:
@@ -776,24 +892,23 @@ class HomeserverStore:
             )
             return stream
 
-        return await self.db.run(fn, write=True)
+        stream = await self.db.run(fn, write=True)
+        self._max_receipt = max(self._max_receipt or 0, stream)
+        return stream
 
     async def max_receipt_stream(self) -> int:
-        row = await self.db.run(lambda tx: tx.one("SELECT max(stream) FROM receipts"))
-        return int(row[0]) if row and row[0] is not None else 0
+        """The newest committed receipt's stream position."""
+        if self._max_receipt is None:
+            row = await self.db.run(lambda tx: tx.one("SELECT max(stream) FROM receipts"))
+            loaded = int(row[0]) if row and row[0] is not None else 0
+            self._max_receipt = max(self._max_receipt or 0, loaded)
+        return self._max_receipt
 
     async def receipts(
         self, room_id: str, *, after: int, upto: int
     ) -> list[tuple[str, str, str, int]]:
         """(user, receipt type, event ID, ts) changed in ``after < stream <= upto``."""
-        rows = await self.db.run(
-            lambda tx: tx.query(
-                "SELECT user_id, receipt_type, event_id, ts FROM receipts"
-                " WHERE room_id = ? AND stream > ? AND stream <= ?",
-                (room_id, after, upto),
-            )
-        )
-        return [(str(r[0]), str(r[1]), str(r[2]), int(r[3])) for r in rows]
+        return await self.db.run(lambda tx: _receipts(tx, room_id, after, upto))
 
     # media ---------------------------------------------------------------------------------
 
