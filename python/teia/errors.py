@@ -415,6 +415,30 @@ class DeliveryError(PeerError):
     """A message could not be handed over by any path right now; it stays in the outbox."""
 
 
+class GroupError(PeerError):
+    """A problem with a group: its membership chain, its keys or its messages."""
+
+
+class InvalidGroupMessage(GroupError, ValueError):
+    """A group state, key distribution or group message that does not parse, is oversize, is
+    not canonical, or whose signature does not verify. Nothing was stored."""
+
+
+class GroupChangeRefused(GroupError):
+    """A membership or name change that does not extend the group's chain: not signed by an
+    admin of the state before it, a wrong previous hash or version (forged, replayed, forked).
+    The group stays as it was."""
+
+
+class NotGroupMember(GroupError):
+    """A group message or key from a peer that is not a member (or for a group we are not
+    in); or a local change asked of a peer that is not an admin of the group."""
+
+
+class UnknownGroup(GroupError, LookupError):
+    """No group with this ID in the profile; ``teia group list`` shows the known ones."""
+
+
 # --- homeserver -----------------------------------------------------------------------------
 
 

@@ -140,6 +140,10 @@ def register(sub: Any) -> None:
     add_arguments(daemon, PeerServiceConfig)
     daemon.set_defaults(handler=run_daemon)
 
+    from teia.peer import groupcli
+
+    groupcli.register(sub)
+
 
 # --- helpers --------------------------------------------------------------------------------
 

@@ -85,6 +85,7 @@ from teia.peer.db import (
     SessionSnapshot,
     now_ms,
 )
+from teia.peer.groups import Groups
 from teia.peer.profile import PeerConfig, Profile, default_profile_dir
 from teia.peer.safety import safety_number
 from teia.peer.wire import (
@@ -266,6 +267,8 @@ class Peer:
             "app_unknown": 0,
         }
         """Counts (metadata only) for metrics and tests."""
+        self.groups = Groups(self)
+        """Groups: create, change, send to (`teia.peer.groups`)."""
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -360,6 +363,7 @@ class Peer:
         if self.config.bootstrap:
             await self._setup_dht()
         assert self._task_group is not None
+        await self.groups.start()
         self._task_group.start_soon(self._dispatch_apps)
         if self._store is not None:
             await self._publish_bundle()
@@ -1150,6 +1154,11 @@ class Peer:
                     self.stats["app_failed"] += 1
                     _log.warning("%s handler failed: %s", row.app, type(exc).__name__)
                 await self._db(db.app_done, row.seq)
+
+    def _history_changed(self) -> None:
+        """Wake `messages` readers: a feature put a row into history."""
+        new, self._new_message = self._new_message, anyio.Event()
+        new.set()
 
     async def messages(self, *, since_seq: int | None = None) -> AsyncIterator[Message]:
         """Messages received, in history order, forever (break out of the loop to stop).

@@ -1,0 +1,410 @@
+"""Wire formats of groups: the signed state chain, sender-key distributions, group messages.
+
+Everything travels as application payloads named ``teia.group`` (`Peer.send_app`), so over
+the pairwise ratcheted sessions. A payload holds exactly one of::
+
+    GroupPayload  { 1: state (GroupState)  2: key (KeyDistribution)  3: message (GroupMessage) }
+
+    GroupState    { 1: group_id (16)  2: version (uint32)  3: prev_hash (32; absent in version 0)
+                    4: name (UTF-8, ≤ 256 bytes)  5: members (repeated peer ID, 1…1000, distinct)
+                    6: admins (repeated peer ID, 1…members, distinct, each a member)
+                    7: signer (peer ID)  8: timestamp_ms  9: nonce (16; version 0 only)
+                    15: signature (Ed25519, 64) }
+    KeyDistribution { 1: group_id  2: version  3: distribution (sender-key distribution, 73) }
+    GroupMessage  { 1: group_id  2: version  3: message_id (16)  4: ciphertext (group message) }
+    GroupText     { 1: group_id  2: message_id  3: text }        (the sender-key plaintext)
+
+The signature covers ``"teia group state v1\\0"`` followed by fields 1-9 as encoded. A state is
+canonical: fields in this order, each once (members and admins repeated in place), so decoding
+and encoding again give the same bytes and its hash (`GroupState.digest`, SHA-256 of the
+whole encoding) is well defined. Version 0 binds the group ID to its creator:
+``group_id = SHA-256("teia group id v1\\0" ‖ creator peer ID ‖ nonce)[:16]``.
+
+``version`` in keys and messages is the sender's state version when it sent them: a receiver
+that holds an older state keeps them until the state catches up.
+
+Every decoder is strict and bounded and raises `InvalidGroupMessage`; `GroupState.decode`
+also verifies the signature (who may sign is the chain's business, `teia.peer.groups`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Final
+
+from teia.errors import InvalidGroupMessage, InvalidPeerId, InvalidProtobuf
+from teia.host.protobuf import encode_bytes_field, encode_uvarint, iter_fields
+from teia.identity import Identity, PeerId, verify
+from teia.peer.wire import MAX_APP_DATA, MAX_TEXT_BYTES
+
+__all__ = [
+    "GROUP_APP",
+    "MAX_GROUP_NAME",
+    "MAX_MEMBERS",
+    "GroupMessage",
+    "GroupPayload",
+    "GroupState",
+    "GroupText",
+    "KeyDistribution",
+    "derive_group_id",
+]
+
+GROUP_APP: Final = "teia.group"
+GROUP_ID_SIZE: Final = 16
+MAX_MEMBERS: Final = 1000
+MAX_GROUP_NAME: Final = 256
+"""Largest group name (UTF-8 bytes)."""
+MAX_VERSION: Final = 2**32 - 1
+_HASH_SIZE: Final = 32
+_NONCE_SIZE: Final = 16
+_SIGNATURE_SIZE: Final = 64
+_MAX_PEER_ID: Final = 64
+_DISTRIBUTION_SIZE: Final = 73
+_MIN_GROUP_CIPHERTEXT: Final = 121
+_SIGNING_DOMAIN: Final = b"teia group state v1\0"
+_ID_DOMAIN: Final = b"teia group id v1\0"
+
+
+def _varint_field(number: int, value: int) -> bytes:
+    return encode_uvarint(number << 3) + encode_uvarint(value)
+
+
+def _fields(data: bytes, what: str) -> list[tuple[int, int, int | bytes]]:
+    try:
+        return list(iter_fields(data))
+    except InvalidProtobuf as exc:
+        raise InvalidGroupMessage(f"malformed {what}: {exc}") from None
+
+
+def _bytes(value: int | bytes, what: str) -> bytes:
+    if not isinstance(value, bytes):
+        raise InvalidGroupMessage(f"{what} has the wrong wire type")
+    return value
+
+
+def _int(value: int | bytes, what: str) -> int:
+    if not isinstance(value, int):
+        raise InvalidGroupMessage(f"{what} has the wrong wire type")
+    return value
+
+
+def _single(data: bytes, what: str, allowed: frozenset[int]) -> dict[int, int | bytes]:
+    """The fields of a message whose fields each appear at most once."""
+    values: dict[int, int | bytes] = {}
+    for number, _, value in _fields(data, what):
+        if number not in allowed:
+            raise InvalidGroupMessage(f"{what} has an unknown field {number}")
+        if number in values:
+            raise InvalidGroupMessage(f"{what} field {number} repeated")
+        values[number] = value
+    return values
+
+
+def _group_id(value: int | bytes | None) -> bytes:
+    if value is None:
+        raise InvalidGroupMessage("group_id missing")
+    group_id = _bytes(value, "group_id")
+    if len(group_id) != GROUP_ID_SIZE:
+        raise InvalidGroupMessage("group_id must be 16 bytes")
+    return group_id
+
+
+def _version(value: int | bytes | None) -> int:
+    version = _int(0 if value is None else value, "version")
+    if version > MAX_VERSION:
+        raise InvalidGroupMessage("version over the limit")
+    return version
+
+
+def _peer(raw: bytes, what: str) -> PeerId:
+    if not 1 <= len(raw) <= _MAX_PEER_ID:
+        raise InvalidGroupMessage(f"{what} is not a peer ID")
+    try:
+        peer = PeerId.from_bytes(raw)
+    except InvalidPeerId:
+        raise InvalidGroupMessage(f"{what} is not a peer ID") from None
+    if peer.public_key is None:
+        raise InvalidGroupMessage(f"{what} does not embed an Ed25519 key")
+    return peer
+
+
+def derive_group_id(creator: PeerId, nonce: bytes) -> bytes:
+    """The ID of a group created by ``creator`` with ``nonce`` (see the module docstring)."""
+    return hashlib.sha256(_ID_DOMAIN + creator.to_bytes() + nonce).digest()[:GROUP_ID_SIZE]
+
+
+@dataclass(frozen=True, slots=True)
+class GroupState:
+    """One link of a group's chain: who is in it, who administers it, its name; signed."""
+
+    group_id: bytes
+    version: int
+    prev_hash: bytes
+    name: str
+    members: tuple[PeerId, ...]
+    admins: tuple[PeerId, ...]
+    signer: PeerId
+    timestamp_ms: int
+    nonce: bytes = b""
+    signature: bytes = b""
+
+    def __post_init__(self) -> None:
+        self._check()
+
+    def _check(self) -> None:
+        if len(self.group_id) != GROUP_ID_SIZE:
+            raise InvalidGroupMessage("group_id must be 16 bytes")
+        if not 0 <= self.version <= MAX_VERSION or self.timestamp_ms < 0:
+            raise InvalidGroupMessage("version or timestamp out of range")
+        if self.version == 0:
+            if self.prev_hash or len(self.nonce) != _NONCE_SIZE:
+                raise InvalidGroupMessage("version 0 has a nonce and no previous hash")
+        elif len(self.prev_hash) != _HASH_SIZE or self.nonce:
+            raise InvalidGroupMessage("a change has a previous hash and no nonce")
+        if len(self.name.encode()) > MAX_GROUP_NAME:
+            raise InvalidGroupMessage(f"group name over {MAX_GROUP_NAME} bytes")
+        if not 1 <= len(self.members) <= MAX_MEMBERS:
+            raise InvalidGroupMessage(f"a group has 1 to {MAX_MEMBERS} members")
+        if len(set(self.members)) != len(self.members):
+            raise InvalidGroupMessage("a member is listed twice")
+        if not self.admins or len(set(self.admins)) != len(self.admins):
+            raise InvalidGroupMessage("a group has distinct admins, at least one")
+        if not set(self.admins) <= set(self.members):
+            raise InvalidGroupMessage("an admin is not a member")
+        for peer in (*self.members, self.signer):
+            if peer.public_key is None or len(peer.to_bytes()) > _MAX_PEER_ID:
+                raise InvalidGroupMessage("a peer ID without an Ed25519 key")
+        if self.signature and len(self.signature) != _SIGNATURE_SIZE:
+            raise InvalidGroupMessage("signature must be 64 bytes")
+
+    def _body(self) -> bytes:
+        out = [
+            encode_bytes_field(1, self.group_id),
+            _varint_field(2, self.version),
+        ]
+        if self.prev_hash:
+            out.append(encode_bytes_field(3, self.prev_hash))
+        out.append(encode_bytes_field(4, self.name.encode()))
+        out.extend(encode_bytes_field(5, m.to_bytes()) for m in self.members)
+        out.extend(encode_bytes_field(6, a.to_bytes()) for a in self.admins)
+        out.append(encode_bytes_field(7, self.signer.to_bytes()))
+        out.append(_varint_field(8, self.timestamp_ms))
+        if self.nonce:
+            out.append(encode_bytes_field(9, self.nonce))
+        return b"".join(out)
+
+    def signed(self, identity: Identity) -> GroupState:
+        """This state signed by ``identity`` (which must be its ``signer``)."""
+        if identity.peer_id != self.signer:
+            raise InvalidGroupMessage("the signer must sign its own state")
+        signature = identity.sign(_SIGNING_DOMAIN + self._body())
+        return GroupState(
+            self.group_id,
+            self.version,
+            self.prev_hash,
+            self.name,
+            self.members,
+            self.admins,
+            self.signer,
+            self.timestamp_ms,
+            self.nonce,
+            signature,
+        )
+
+    def verify(self) -> bool:
+        """Whether the signature is the signer's over this state."""
+        key = self.signer.public_key
+        return key is not None and verify(key, _SIGNING_DOMAIN + self._body(), self.signature)
+
+    def encode(self) -> bytes:
+        if not self.signature:
+            raise InvalidGroupMessage("an unsigned state cannot be encoded")
+        return self._body() + encode_bytes_field(15, self.signature)
+
+    def digest(self) -> bytes:
+        """SHA-256 of the encoding: what the next version names as ``prev_hash``."""
+        return hashlib.sha256(self.encode()).digest()
+
+    @classmethod
+    def decode(cls, data: bytes) -> GroupState:
+        """Parse a canonical, signed state; `InvalidGroupMessage` for anything else."""
+        if len(data) > MAX_APP_DATA:
+            raise InvalidGroupMessage("group state over the limit")
+        single: dict[int, int | bytes] = {}
+        members: list[PeerId] = []
+        admins: list[PeerId] = []
+        for number, _, value in _fields(data, "group state"):
+            if number == 5:
+                if len(members) >= MAX_MEMBERS:
+                    raise InvalidGroupMessage(f"more than {MAX_MEMBERS} members")
+                members.append(_peer(_bytes(value, "member"), "member"))
+            elif number == 6:
+                if len(admins) >= MAX_MEMBERS:
+                    raise InvalidGroupMessage(f"more than {MAX_MEMBERS} admins")
+                admins.append(_peer(_bytes(value, "admin"), "admin"))
+            elif number in (1, 2, 3, 4, 7, 8, 9, 15):
+                if number in single:
+                    raise InvalidGroupMessage(f"group state field {number} repeated")
+                single[number] = value
+            else:
+                raise InvalidGroupMessage(f"group state has an unknown field {number}")
+        try:
+            name_raw = _bytes(single.get(4, b""), "name")
+            name = name_raw.decode()
+        except UnicodeDecodeError:
+            raise InvalidGroupMessage("group name is not UTF-8") from None
+        if len(name_raw) > MAX_GROUP_NAME:
+            raise InvalidGroupMessage("group name over the limit")
+        if 7 not in single or 15 not in single:
+            raise InvalidGroupMessage("group state lacks its signer or signature")
+        state = cls(
+            _group_id(single.get(1)),
+            _version(single.get(2)),
+            _bytes(single.get(3, b""), "prev_hash"),
+            name,
+            tuple(members),
+            tuple(admins),
+            _peer(_bytes(single[7], "signer"), "signer"),
+            _int(single.get(8, 0), "timestamp"),
+            _bytes(single.get(9, b""), "nonce"),
+            _bytes(single[15], "signature"),
+        )
+        if state.encode() != data:
+            raise InvalidGroupMessage("group state is not in canonical form")
+        if not state.verify():
+            raise InvalidGroupMessage("group state signature does not verify")
+        return state
+
+
+@dataclass(frozen=True, slots=True)
+class KeyDistribution:
+    """A member's sender key for a group, handed to another member."""
+
+    group_id: bytes
+    version: int
+    distribution: bytes
+
+    def encode(self) -> bytes:
+        return b"".join(
+            (
+                encode_bytes_field(1, self.group_id),
+                _varint_field(2, self.version),
+                encode_bytes_field(3, self.distribution),
+            )
+        )
+
+    @classmethod
+    def decode(cls, data: bytes) -> KeyDistribution:
+        values = _single(data, "key distribution", frozenset({1, 2, 3}))
+        distribution = _bytes(values.get(3, b""), "distribution")
+        if len(distribution) != _DISTRIBUTION_SIZE:
+            raise InvalidGroupMessage("a sender-key distribution is 73 bytes")
+        return cls(_group_id(values.get(1)), _version(values.get(2)), distribution)
+
+
+MAX_GROUP_CIPHERTEXT: Final = MAX_APP_DATA - 256
+"""Largest sender-key ciphertext a group message may carry (it fits one payload)."""
+
+
+@dataclass(frozen=True, slots=True)
+class GroupMessage:
+    """A group text as fanned out: encrypted once with the sender's key."""
+
+    group_id: bytes
+    version: int
+    message_id: bytes
+    ciphertext: bytes
+
+    @property
+    def chain_id(self) -> int:
+        """The sender-key chain the ciphertext names (its bytes 1-4)."""
+        return int.from_bytes(self.ciphertext[1:5], "big")
+
+    def encode(self) -> bytes:
+        return b"".join(
+            (
+                encode_bytes_field(1, self.group_id),
+                _varint_field(2, self.version),
+                encode_bytes_field(3, self.message_id),
+                encode_bytes_field(4, self.ciphertext),
+            )
+        )
+
+    @classmethod
+    def decode(cls, data: bytes) -> GroupMessage:
+        values = _single(data, "group message", frozenset({1, 2, 3, 4}))
+        message_id = _bytes(values.get(3, b""), "message_id")
+        ciphertext = _bytes(values.get(4, b""), "ciphertext")
+        if len(message_id) != 16:
+            raise InvalidGroupMessage("message_id must be 16 bytes")
+        if not _MIN_GROUP_CIPHERTEXT <= len(ciphertext) <= MAX_GROUP_CIPHERTEXT:
+            raise InvalidGroupMessage("group ciphertext of a wrong size")
+        return cls(_group_id(values.get(1)), _version(values.get(2)), message_id, ciphertext)
+
+
+@dataclass(frozen=True, slots=True)
+class GroupText:
+    """What a group message's ciphertext holds."""
+
+    group_id: bytes
+    message_id: bytes
+    text: str
+
+    def encode(self) -> bytes:
+        text = self.text.encode()
+        if len(text) > MAX_TEXT_BYTES:
+            raise InvalidGroupMessage(f"text of {len(text)} bytes is over {MAX_TEXT_BYTES}")
+        return b"".join(
+            (
+                encode_bytes_field(1, self.group_id),
+                encode_bytes_field(2, self.message_id),
+                encode_bytes_field(3, text),
+            )
+        )
+
+    @classmethod
+    def decode(cls, data: bytes) -> GroupText:
+        values = _single(data, "group text", frozenset({1, 2, 3}))
+        message_id = _bytes(values.get(2, b""), "message_id")
+        text = _bytes(values.get(3, b""), "text")
+        if len(message_id) != 16 or len(text) > MAX_TEXT_BYTES:
+            raise InvalidGroupMessage("bad group text")
+        try:
+            return cls(_group_id(values.get(1)), message_id, text.decode())
+        except UnicodeDecodeError:
+            raise InvalidGroupMessage("group text is not UTF-8") from None
+
+
+GroupBody = GroupState | KeyDistribution | GroupMessage
+
+
+@dataclass(frozen=True, slots=True)
+class GroupPayload:
+    """One ``teia.group`` application payload."""
+
+    body: GroupBody
+
+    def encode(self) -> bytes:
+        if isinstance(self.body, GroupState):
+            return encode_bytes_field(1, self.body.encode())
+        if isinstance(self.body, KeyDistribution):
+            return encode_bytes_field(2, self.body.encode())
+        return encode_bytes_field(3, self.body.encode())
+
+    @classmethod
+    def decode(cls, data: bytes) -> GroupPayload:
+        if len(data) > MAX_APP_DATA:
+            raise InvalidGroupMessage("group payload over the limit")
+        fields = _fields(data, "group payload")
+        if len(fields) != 1:
+            raise InvalidGroupMessage("a group payload holds exactly one field")
+        number, _, value = fields[0]
+        raw = _bytes(value, "group payload")
+        if number == 1:
+            return cls(GroupState.decode(raw))
+        if number == 2:
+            return cls(KeyDistribution.decode(raw))
+        if number == 3:
+            return cls(GroupMessage.decode(raw))
+        raise InvalidGroupMessage(f"unknown group payload field {number}")

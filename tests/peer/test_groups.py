@@ -1,0 +1,357 @@
+"""Groups end to end, several peers in one process on loopback: create, add, remove, rename,
+send; keys rotated on removal (a removed member cannot read what comes after, even holding the
+ciphertext); forged, replayed and out-of-order changes; a non-member's message; a member
+offline served through the store; state kept across a restart."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from teia.crypto import GroupReceiverKey, GroupSenderKey
+from teia.errors import CryptoError, GroupError, NotGroupMember, UnknownGroup
+from teia.peer import AppMessage, Peer
+from teia.peer.groups import GroupInfo
+from teia.peer.groupwire import (
+    GROUP_APP,
+    GroupMessage,
+    GroupPayload,
+    GroupState,
+    GroupText,
+    KeyDistribution,
+)
+
+from .conftest import TIMEOUT, introduce, make_profile, online
+from .infra import store_nodes
+
+MARKER = "test.marker"
+
+
+class Marker:
+    """Payloads named ``test.marker``: the ones before them on the same pairwise channel were
+    handled when a marker arrives (handlers run in arrival order)."""
+
+    def __init__(self) -> None:
+        self.seen: set[bytes] = set()
+        self._changed = anyio.Event()
+
+    async def __call__(self, message: AppMessage) -> None:
+        self.seen.add(message.data)
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    async def wait(self, data: bytes) -> None:
+        while data not in self.seen:
+            await self._changed.wait()
+
+
+class Tap:
+    """Wraps a peer's group handler to keep every group message it is handed."""
+
+    def __init__(self, peer: Peer) -> None:
+        self.messages: list[GroupMessage] = []
+        self._inner = peer.groups._handle
+        peer.on_app(GROUP_APP, self)
+
+    async def __call__(self, message: AppMessage) -> None:
+        body = GroupPayload.decode(message.data).body
+        if isinstance(body, GroupMessage):
+            self.messages.append(body)
+        await self._inner(message)
+
+
+@asynccontextmanager
+async def peers(tmp_path: Path, count: int, **settings: Any) -> AsyncIterator[list[Peer]]:
+    """``count`` peers online, each knowing where the others are."""
+    async with AsyncExitStack() as stack:
+        out = []
+        for index in range(count):
+            directory = tmp_path / f"p{index}"
+            if not directory.exists():
+                make_profile(directory, **settings)
+            out.append(await stack.enter_async_context(online(directory)))
+        for a in out:
+            a.on_app(MARKER, Marker())
+            for b in out:
+                if a is not b:
+                    await introduce(a, b)
+        yield out
+
+
+async def receive(peer: Peer, conversation: str, count: int) -> list[tuple[str, str]]:
+    """The next ``count`` texts of ``conversation`` that reach ``peer``: (sender, text)."""
+    got: list[tuple[str, str]] = []
+    async for message in peer.messages(since_seq=0):
+        if message.conversation == conversation:
+            got.append((str(message.sender), message.text))
+            if len(got) == count:
+                return got
+    return got
+
+
+async def texts(peer: Peer, group: GroupInfo) -> list[str]:
+    return [row.text for row in await peer.groups.history(group)]
+
+
+async def flushed(sender: Peer, receiver: Peer) -> None:
+    """Wait until ``receiver`` handled everything ``sender`` queued for it so far."""
+    data = os.urandom(16)
+    marker = receiver._apps[MARKER]
+    assert isinstance(marker, Marker)
+    await sender.send_app(receiver.peer_id, MARKER, data)
+    await marker.wait(data)
+
+
+@pytest.mark.anyio
+async def test_create_send_rename_and_add(tmp_path: Path) -> None:
+    with anyio.fail_after(TIMEOUT * 2):
+        async with peers(tmp_path, 4) as (alice, bob, carol, dave):
+            group = await alice.groups.create("friends", [bob.peer_id, carol.peer_id])
+            assert group.version == 0
+            assert group.admins == (alice.peer_id,)
+            assert set(group.members) == {alice.peer_id, bob.peer_id, carol.peer_id}
+            for member in (bob, carol):
+                seen = await member.groups.wait_version(group, 0)
+                assert seen == group
+            sent = await alice.groups.send(group, "hello group")
+            assert set(sent.deliveries) == {bob.peer_id, carol.peer_id}
+            for member in (bob, carol):
+                got = await receive(member, group.conversation, 1)
+                assert got == [(str(alice.peer_id), "hello group")]
+            await bob.groups.send(group, "hi from bob")
+            assert (await receive(carol, group.conversation, 2))[1] == (
+                str(bob.peer_id),
+                "hi from bob",
+            )
+            assert (await receive(alice, group.conversation, 1)) == [
+                (str(bob.peer_id), "hi from bob")
+            ]
+            # One message ID for everyone: ours in our history, the same in theirs.
+            assert next(r.message_id.hex() for r in await alice.groups.history(group)) == (
+                sent.message_id
+            )
+            assert next(r.message_id.hex() for r in await carol.groups.history(group)) == (
+                sent.message_id
+            )
+
+            renamed = await alice.groups.rename(group, "best friends")
+            assert renamed.version == 1
+            assert (await carol.groups.wait_version(group, 1)).name == "best friends"
+
+            added = await alice.groups.add(group, [dave.peer_id])
+            assert added.version == 2
+            joined = await dave.groups.wait_version(group, 2)
+            assert joined.joined
+            assert joined.name == "best friends"
+            await carol.groups.send(group, "welcome dave")
+            assert await receive(dave, group.conversation, 1) == [
+                (str(carol.peer_id), "welcome dave")
+            ]
+            # Dave cannot read what was said before he joined: it was never sent to him.
+            assert await texts(dave, group) == ["welcome dave"]
+            await dave.groups.send(group, "thanks")
+            for member in (alice, bob, carol):
+                got = await receive(member, group.conversation, 3)
+                assert got[-1] == (str(dave.peer_id), "thanks")
+            assert [g.group_id for g in await dave.groups.list()] == [group.group_id]
+
+            # Only admins change the group.
+            with pytest.raises(NotGroupMember):
+                await bob.groups.rename(group, "bob's group")
+            with pytest.raises(UnknownGroup):
+                await bob.groups.get("00" * 16)
+            with pytest.raises(GroupError):
+                await alice.groups.rename(group, "x" * 257)
+
+
+@pytest.mark.anyio
+async def test_removed_member_cannot_read_what_follows(tmp_path: Path) -> None:
+    with anyio.fail_after(TIMEOUT * 2):
+        async with peers(tmp_path, 3) as (alice, bob, carol):
+            group = await alice.groups.create("g", [bob.peer_id, carol.peer_id])
+            tap = Tap(bob)
+            for member in (bob, carol):
+                await member.groups.wait_version(group, 0)
+            await alice.groups.send(group, "before")
+            await carol.groups.send(group, "carol was here")
+            for member in (bob, carol):
+                await receive(member, group.conversation, 1)
+            await receive(bob, group.conversation, 2)
+            await flushed(bob, carol)
+            assert carol.groups.stats["keys"] == 2
+            # What Carol holds before she is removed: every chain she was given.
+            carol_keys = await carol.run_db(
+                carol.groups._tables.receiver_keys, bytes.fromhex(group.group_id)
+            )
+            assert {peer for peer, _ in carol_keys} == {str(alice.peer_id), str(bob.peer_id)}
+
+            after = await alice.groups.remove(group, [carol.peer_id])
+            assert carol.peer_id not in after.members
+            left = await carol.groups.wait_version(group, 1)
+            assert not left.joined
+            await bob.groups.wait_version(group, 1)
+            sent_a = await alice.groups.send(group, "after, from alice")
+            sent_b = await bob.groups.send(group, "after, from bob")
+            assert carol.peer_id not in sent_a.deliveries
+            assert carol.peer_id not in sent_b.deliveries
+            assert await receive(alice, group.conversation, 2) == [
+                (str(carol.peer_id), "carol was here"),
+                (str(bob.peer_id), "after, from bob"),
+            ]
+            got = await receive(bob, group.conversation, 3)
+            assert got[-1] == (str(alice.peer_id), "after, from alice")
+
+            # Even with the ciphertext in hand, Carol's keys do not open it: new chains.
+            later = [m for m in tap.messages if m.message_id.hex() == sent_a.message_id]
+            assert len(later) == 1
+            chains = {GroupReceiverKey.from_bytes(k).chain_id for _, k in carol_keys}
+            assert later[0].chain_id not in chains
+            for _, key in carol_keys:
+                with pytest.raises(CryptoError):
+                    GroupReceiverKey.from_bytes(key).decrypt(later[0].ciphertext)
+            # Handed to her over a pairwise session, the payload is refused.
+            refused = carol.groups.stats["refused"]
+            await alice.send_app(carol.peer_id, GROUP_APP, GroupPayload(later[0]).encode())
+            await flushed(alice, carol)
+            assert carol.groups.stats["refused"] == refused + 1
+            assert sorted(await texts(carol, group)) == ["before", "carol was here"]
+            # She kept no key for the group, and cannot send to it.
+            assert await carol.run_db(carol.groups._tables.receiver_keys, later[0].group_id) == []
+            with pytest.raises(NotGroupMember):
+                await carol.groups.send(group, "am I still here?")
+
+
+def forge(
+    base: GroupState,
+    signer: Peer,
+    *,
+    version: int | None = None,
+    prev_hash: bytes | None = None,
+    members: tuple[Any, ...] | None = None,
+    admins: tuple[Any, ...] | None = None,
+    name: str | None = None,
+) -> GroupState:
+    return GroupState(
+        base.group_id,
+        base.version + 1 if version is None else version,
+        base.digest() if prev_hash is None else prev_hash,
+        base.name if name is None else name,
+        base.members if members is None else members,
+        base.admins if admins is None else admins,
+        signer.peer_id,
+        base.timestamp_ms + 1,
+    ).signed(signer.identity)
+
+
+@pytest.mark.anyio
+async def test_forged_replayed_and_out_of_order_changes(tmp_path: Path) -> None:
+    with anyio.fail_after(TIMEOUT * 2):
+        async with peers(tmp_path, 4) as (alice, bob, carol, mallory):
+            group = await alice.groups.create("g", [bob.peer_id, carol.peer_id])
+            await carol.groups.wait_version(group, 0)
+            gid = bytes.fromhex(group.group_id)
+            held = await carol.run_db(carol.groups._tables.load, gid)
+            assert held is not None
+            v0 = held.state
+
+            async def deliver(sender: Peer, state: GroupState | bytes) -> None:
+                data = state if isinstance(state, bytes) else GroupPayload(state).encode()
+                await sender.send_app(carol.peer_id, GROUP_APP, data)
+                await flushed(sender, carol)
+
+            refused = carol.groups.stats["refused"]
+            # A member who is not an admin adds someone, or makes herself admin.
+            await deliver(bob, forge(v0, bob, members=(*v0.members, mallory.peer_id)))
+            await deliver(bob, forge(v0, bob, admins=(alice.peer_id, bob.peer_id)))
+            # An admin's signature over something else (the name changed after signing).
+            signed = forge(v0, alice, name="signed name")
+            tampered = bytearray(GroupPayload(signed).encode())
+            at = tampered.index(b"signed name")
+            tampered[at : at + 6] = b"SIGNED"
+            await deliver(alice, bytes(tampered))
+            # Signed by an admin but not extending the chain (wrong previous hash).
+            await deliver(alice, forge(v0, alice, prev_hash=bytes(32), name="fork"))
+            # An outsider makes up a group with Carol in it, under the real group's ID.
+            fake = GroupState(
+                v0.group_id, 0, b"", "fake", (*v0.members, mallory.peer_id),
+                (mallory.peer_id,), mallory.peer_id, 1, v0.nonce,
+            )  # fmt: skip
+            await deliver(mallory, fake.signed(mallory.identity))
+            assert carol.groups.stats["refused"] == refused + 5
+            assert (await carol.groups.get(group)).version == 0
+
+            # Out of order: version 2 arrives before version 1; held back, then both apply.
+            v1 = forge(v0, alice, name="one")
+            v2 = forge(v1, alice, name="two")
+            await deliver(alice, v2)
+            assert carol.groups.stats["parked"] == 1
+            assert (await carol.groups.get(group)).version == 0
+            await deliver(alice, v1)
+            now = await carol.groups.get(group)
+            assert (now.version, now.name) == (2, "two")
+            # Replays: the state held is ignored, an older one refused.
+            refused = carol.groups.stats["refused"]
+            await deliver(alice, v2)
+            assert carol.groups.stats["refused"] == refused
+            await deliver(alice, v1)
+            assert carol.groups.stats["refused"] == refused + 1
+            assert (await carol.groups.get(group)).version == 2
+
+
+@pytest.mark.anyio
+async def test_a_non_members_group_message_is_refused(tmp_path: Path) -> None:
+    with anyio.fail_after(TIMEOUT * 2):
+        async with peers(tmp_path, 3) as (alice, bob, mallory):
+            group = await alice.groups.create("g", [bob.peer_id])
+            await alice.groups.send(group, "members only")
+            await receive(bob, group.conversation, 1)
+            gid = bytes.fromhex(group.group_id)
+            key = GroupSenderKey.generate()
+            distribution = KeyDistribution(gid, 0, key.distribution_message())
+            message_id = b"\x01" * 16
+            ciphertext = key.encrypt(GroupText(gid, message_id, "let me in").encode())
+            refused = bob.groups.stats["refused"]
+            for body in (distribution, GroupMessage(gid, 0, message_id, ciphertext)):
+                await mallory.send_app(bob.peer_id, GROUP_APP, GroupPayload(body).encode())
+            await flushed(mallory, bob)
+            assert bob.groups.stats["refused"] == refused + 2
+            assert await texts(bob, group) == ["members only"]
+            # Garbage is refused too, and nothing moves.
+            await mallory.send_app(bob.peer_id, GROUP_APP, b"\xff\x00garbage")
+            await flushed(mallory, bob)
+            assert bob.groups.stats["refused"] == refused + 3
+
+
+@pytest.mark.anyio
+async def test_offline_member_gets_group_messages_from_the_store(tmp_path: Path) -> None:
+    with anyio.fail_after(TIMEOUT * 3):
+        async with store_nodes(tmp_path) as stores:
+            settings = {"store_nodes": stores, "store_poll_interval": 0.3}
+            async with peers(tmp_path, 3, **settings) as (alice, bob, carol):
+                group = await alice.groups.create("g", [bob.peer_id, carol.peer_id])
+                await alice.groups.send(group, "everyone here")
+                for member in (bob, carol):
+                    await receive(member, group.conversation, 1)
+                await carol.groups.send(group, "carol leaves for a while")
+                for member in (alice, bob):
+                    await receive(member, group.conversation, 1 + (member is bob))
+            # Carol is offline; Alice and Bob talk in the group.
+            async with peers(tmp_path, 2, **settings) as (alice, bob):
+                sent = await alice.groups.send(group, "while you were away")
+                row = await alice.wait_delivered(sent.deliveries[carol.peer_id])
+                assert row.state == "stored"
+                sent = await bob.groups.send(group, "and from bob")
+                await bob.wait_delivered(sent.deliveries[carol.peer_id])
+            async with online(tmp_path / "p2") as carol_again:
+                got = await receive(carol_again, group.conversation, 3)
+                assert got[1:] == [
+                    (str(alice.peer_id), "while you were away"),
+                    (str(bob.peer_id), "and from bob"),
+                ]
+                assert (await carol_again.groups.get(group)).joined

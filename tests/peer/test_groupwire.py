@@ -1,0 +1,163 @@
+"""Property tests of the group wire formats: round trips, and garbage, truncation, oversize and
+tampering refused with `InvalidGroupMessage` only."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from teia.crypto import GroupSenderKey
+from teia.errors import InvalidGroupMessage
+from teia.host.protobuf import encode_bytes_field
+from teia.identity import Identity
+from teia.peer.groupwire import (
+    MAX_GROUP_NAME,
+    MAX_MEMBERS,
+    GroupMessage,
+    GroupPayload,
+    GroupState,
+    GroupText,
+    KeyDistribution,
+    derive_group_id,
+)
+from teia.peer.wire import MAX_APP_DATA
+
+IDENTITIES = [Identity.generate() for _ in range(8)]
+PEERS = [i.peer_id for i in IDENTITIES]
+ids = st.binary(min_size=16, max_size=16)
+versions = st.integers(0, 2**32 - 1)
+
+
+@st.composite
+def states(draw: st.DrawFn) -> GroupState:
+    members = draw(st.lists(st.sampled_from(range(8)), min_size=1, max_size=8, unique=True))
+    admins = draw(st.lists(st.sampled_from(members), min_size=1, unique=True))
+    signer = draw(st.sampled_from(range(8)))
+    version = draw(versions)
+    genesis = version == 0
+    return GroupState(
+        draw(ids),
+        version,
+        b"" if genesis else draw(st.binary(min_size=32, max_size=32)),
+        draw(st.text(max_size=40)),
+        tuple(PEERS[m] for m in members),
+        tuple(PEERS[a] for a in admins),
+        PEERS[signer],
+        draw(st.integers(0, 2**63 - 1)),
+        draw(ids) if genesis else b"",
+    ).signed(IDENTITIES[signer])
+
+
+KEY = GroupSenderKey.generate()
+bodies = st.one_of(
+    states(),
+    st.builds(KeyDistribution, ids, versions, st.just(KEY.distribution_message())),
+    st.builds(
+        GroupMessage,
+        ids,
+        versions,
+        ids,
+        st.binary(min_size=1, max_size=300).map(KEY.encrypt),
+    ),
+)
+
+
+@given(bodies)
+def test_payloads_round_trip(body: GroupState | KeyDistribution | GroupMessage) -> None:
+    encoded = GroupPayload(body).encode()
+    assert GroupPayload.decode(encoded).body == body
+    if isinstance(body, GroupState):
+        assert GroupState.decode(body.encode()).digest() == body.digest()
+
+
+@given(ids, ids, st.text(max_size=200))
+def test_texts_round_trip(group_id: bytes, message_id: bytes, text: str) -> None:
+    value = GroupText(group_id, message_id, text)
+    assert GroupText.decode(value.encode()) == value
+
+
+def refused_or_valid(data: bytes) -> None:
+    with contextlib.suppress(InvalidGroupMessage):
+        GroupPayload.decode(data)
+    with contextlib.suppress(InvalidGroupMessage):
+        GroupState.decode(data)
+    with contextlib.suppress(InvalidGroupMessage):
+        GroupText.decode(data)
+
+
+@given(st.binary(max_size=512))
+def test_garbage_raises_only_the_typed_error(data: bytes) -> None:
+    refused_or_valid(data)
+    refused_or_valid(encode_bytes_field(1, data))
+    refused_or_valid(encode_bytes_field(2, data))
+    refused_or_valid(encode_bytes_field(3, data))
+
+
+@settings(max_examples=50)
+@given(bodies, st.data())
+def test_truncated_or_flipped_payloads_are_refused(
+    body: GroupState | KeyDistribution | GroupMessage, data: st.DataObject
+) -> None:
+    encoded = GroupPayload(body).encode()
+    cut = data.draw(st.integers(0, len(encoded) - 1))
+    with pytest.raises(InvalidGroupMessage):
+        GroupPayload.decode(encoded[:cut])
+    if isinstance(body, GroupState):
+        # Any single changed byte of a state breaks its form or its signature.
+        raw = bytearray(body.encode())
+        at = data.draw(st.integers(0, len(raw) - 1))
+        raw[at] ^= data.draw(st.integers(1, 255))
+        with pytest.raises(InvalidGroupMessage):
+            GroupState.decode(bytes(raw))
+
+
+@given(states())
+def test_trailing_or_repeated_fields_break_canonical_form(state: GroupState) -> None:
+    for extra in (encode_bytes_field(4, b"again"), b"\x00", encode_bytes_field(20, b"")):
+        with pytest.raises(InvalidGroupMessage):
+            GroupState.decode(state.encode() + extra)
+
+
+def test_oversize_and_limits() -> None:
+    with pytest.raises(InvalidGroupMessage):
+        GroupPayload.decode(bytes(MAX_APP_DATA + 1))
+    state = GroupState(
+        b"\1" * 16, 0, b"", "n" * MAX_GROUP_NAME, (PEERS[0],), (PEERS[0],), PEERS[0], 0,
+        b"\2" * 16,
+    )  # fmt: skip
+    assert GroupState.decode(state.signed(IDENTITIES[0]).encode()).name == "n" * MAX_GROUP_NAME
+    with pytest.raises(InvalidGroupMessage):
+        GroupState(
+            b"\1" * 16, 0, b"", "n" * (MAX_GROUP_NAME + 1), (PEERS[0],), (PEERS[0],), PEERS[0],
+            0, b"\2" * 16,
+        )  # fmt: skip
+    many = tuple(Identity.generate().peer_id for _ in range(MAX_MEMBERS + 1))
+    with pytest.raises(InvalidGroupMessage):
+        GroupState(b"\1" * 16, 1, b"\0" * 32, "", many, many[:1], many[0], 0)
+    # The largest group fits one payload, every member an admin.
+    full = GroupState(
+        b"\1" * 16, 1, b"\0" * 32, "x" * MAX_GROUP_NAME, many[:-1], many[:-1], PEERS[0], 0
+    ).signed(IDENTITIES[0])
+    payload = GroupPayload(full).encode()
+    assert len(payload) <= MAX_APP_DATA
+    assert GroupPayload.decode(payload).body == full
+    # Structure: an admin who is not a member, duplicates, a wrong signer.
+    for members, admins in (((PEERS[0],), (PEERS[1],)), ((PEERS[0], PEERS[0]), (PEERS[0],))):
+        with pytest.raises(InvalidGroupMessage):
+            GroupState(b"\1" * 16, 1, b"\0" * 32, "", members, admins, PEERS[0], 0)
+    unsigned = GroupState(
+        b"\1" * 16, 1, b"\0" * 32, "", tuple(PEERS[:1]), tuple(PEERS[:1]), PEERS[0], 0
+    )
+    with pytest.raises(InvalidGroupMessage):
+        unsigned.signed(IDENTITIES[1])
+    with pytest.raises(InvalidGroupMessage):
+        unsigned.encode()
+
+
+def test_group_id_is_bound_to_its_creator() -> None:
+    nonce = b"\7" * 16
+    assert derive_group_id(PEERS[0], nonce) != derive_group_id(PEERS[1], nonce)
+    assert len(derive_group_id(PEERS[0], nonce)) == 16
