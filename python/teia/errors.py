@@ -415,6 +415,49 @@ class DeliveryError(PeerError):
     """A message could not be handed over by any path right now; it stays in the outbox."""
 
 
+class DeviceError(PeerError):
+    """A multi-device operation that cannot be done: this device has no account yet (create
+    or link one), is not the account's primary (only it holds the account key), was removed
+    from its account, or was asked something that makes no sense (sending to its own account,
+    removing itself)."""
+
+
+class InvalidDeviceList(DeviceError, ValueError):
+    """A signed device list, or a device payload carrying one, that is truncated, oversize,
+    malformed, lists too many devices, or whose signature is not the account key's. Refused;
+    nothing was stored."""
+
+
+class StaleDeviceList(DeviceError):
+    """A device list whose version is lower than the one held for that account (or equal with
+    other devices): a replay of an old list. The newer list stays."""
+
+
+class DeviceNotListed(DeviceError):
+    """A payload from a device that is not on its account's current device list (a removed
+    device, or one claiming an account it does not belong to). Refused."""
+
+
+class UnknownAccount(DeviceError, LookupError):
+    """No device list is known for that account: introduce one of its devices first
+    (`Devices.introduce`) and wait for the answer (`Devices.wait_account`)."""
+
+
+class LinkError(DeviceError):
+    """Linking a new device failed; nothing changed on either device."""
+
+
+class InvalidLinkCode(LinkError, ValueError):
+    """A link code that does not parse or whose check character is wrong: a typo. Type the
+    code shown on the existing device again (nothing was sent)."""
+
+
+class LinkRefused(LinkError):
+    """The existing device refused the link, or its answer did not prove the code: a wrong
+    code (or someone in the middle), an expired or already used code, or too many attempts.
+    Show a new code on the existing device and try again."""
+
+
 class GroupError(PeerError):
     """A problem with a group: its membership chain, its keys or its messages."""
 

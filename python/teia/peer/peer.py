@@ -48,7 +48,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import anyio
 import anyio.abc
@@ -101,6 +101,9 @@ from teia.peer.wire import (
     open_sealed,
     seal_to,
 )
+
+if TYPE_CHECKING:
+    from teia.peer.devices import Devices
 
 __all__ = [
     "AppHandler",
@@ -257,6 +260,8 @@ class Peer:
         self._store: Any = None
         self._apps: dict[str, AppHandler] = {}
         self._app_wake = anyio.Event()
+        self.devices: Devices
+        """This device's account: device list, fan-out, linking (`teia.peer.devices`)."""
         self.stats: dict[str, int] = {
             "refused": 0,
             "duplicates": 0,
@@ -330,6 +335,9 @@ class Peer:
             peer = cls(opened, host)
             for app, handler in apps.items():
                 peer.on_app(app, handler)
+            from teia.peer.devices import Devices
+
+            peer.devices = await Devices.attach(peer)
             if config.bootstrap:
                 from teia.dht.core import Mode
                 from teia.dht.node import DhtNode
