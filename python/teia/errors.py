@@ -458,6 +458,33 @@ class LinkRefused(LinkError):
     Show a new code on the existing device and try again."""
 
 
+class AttachmentError(PeerError):
+    """A problem with a file transfer (`teia.peer.attachments`): sending, serving or receiving."""
+
+
+class InvalidAttachmentMessage(AttachmentError, ValueError):
+    """A file offer, chunk, request or answer that does not parse, is oversize or out of
+    range. Nothing was written."""
+
+
+class AttachmentTooLarge(AttachmentError, ValueError):
+    """A file over the size limit (`teia.peer.attachments.MAX_FILE_SIZE`); split it first."""
+
+
+class AttachmentUnavailable(AttachmentError):
+    """The sender does not serve this file to us (never offered to us, finished or expired);
+    the transfer retries later and fails once the offer expires."""
+
+
+class AttachmentCorrupted(AttachmentError):
+    """File data that fails authentication (a tampered or damaged chunk, or a finished file
+    whose digest does not match). It is never written to the final file; it is fetched again."""
+
+
+class UnknownAttachment(AttachmentError, LookupError):
+    """No transfer with this file ID in the profile; ``teia file list`` shows the known ones."""
+
+
 class GroupError(PeerError):
     """A problem with a group: its membership chain, its keys or its messages."""
 

@@ -77,6 +77,8 @@ from teia.errors import (
 from teia.host.host import Host
 from teia.host.streams import NegotiatedStream
 from teia.identity import Multiaddr, PeerId
+from teia.peer.attachments import PROTOCOL as ATTACHMENT_PROTOCOL
+from teia.peer.attachments import Attachments
 from teia.peer.db import (
     Contact,
     MessageRow,
@@ -272,6 +274,8 @@ class Peer:
             "app_unknown": 0,
         }
         """Counts (metadata only) for metrics and tests."""
+        self.attachments = Attachments(self)
+        """File transfers (`teia.peer.attachments`)."""
         self.groups = Groups(self)
         """Groups: create, change, send to (`teia.peer.groups`)."""
 
@@ -366,11 +370,13 @@ class Peer:
         await self._ensure_prekeys()
         self.host.set_handler(CHAT_PROTOCOL, self._serve_chat)
         self.host.set_handler(PREKEY_PROTOCOL, self._serve_prekeys)
+        self.host.set_handler(ATTACHMENT_PROTOCOL, self.attachments.serve)
         if self.config.store_nodes:
             self._setup_store()
         if self.config.bootstrap:
             await self._setup_dht()
         assert self._task_group is not None
+        await self.attachments.start()
         await self.groups.start()
         self._task_group.start_soon(self._dispatch_apps)
         if self._store is not None:

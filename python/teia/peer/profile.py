@@ -73,6 +73,11 @@ class PeerConfig:
     """Seconds between delivery attempts of what is in the outbox."""
     durable: bool = False
     """fsync every commit (SQLite ``synchronous=FULL``): survive power loss, at a cost."""
+    attachment_dir: str = ""
+    """Where received files are placed; empty means ``DIR/files``."""
+    attachment_store_limit: int = 16 * 1024 * 1024
+    """Largest file (bytes) whose chunks go through the store nodes when the recipient is
+    unreachable; larger files wait until the peers can connect (0: never through the store)."""
 
     @classmethod
     def from_toml(cls, data: dict[str, Any], origin: str) -> PeerConfig:
@@ -91,6 +96,8 @@ class PeerConfig:
                 f"{origin}: one_time_prekeys, retry_interval and store_poll_interval must be "
                 "positive"
             )
+        if config.attachment_store_limit < 0:
+            raise ConfigError(f"{origin}: attachment_store_limit must not be negative")
         return config
 
     def relay_configs(self) -> list[RelayClientConfig]:
