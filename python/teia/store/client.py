@@ -101,6 +101,7 @@ class StoreClient:
         self.timeout = timeout
         self.clock = clock
         self._idle: dict[PeerId, list[NegotiatedStream]] = {}
+        self._closed = False
 
     # --- plumbing ---------------------------------------------------------------------------
 
@@ -136,18 +137,20 @@ class StoreClient:
 
     def _release(self, peer: PeerId, stream: NegotiatedStream) -> None:
         idle = self._idle.setdefault(peer, [])
-        if len(idle) < _MAX_IDLE_STREAMS:
+        if len(idle) < _MAX_IDLE_STREAMS and not self._closed:
             idle.append(stream)
         else:
             stream.reset()
 
     async def aclose(self) -> None:
         """Close the pooled streams."""
-        for streams in self._idle.values():
-            for stream in streams:
-                with anyio.CancelScope(shield=True):
-                    await stream.aclose()
+        # Taken out of the pool first: other tasks return streams to it while we wait.
+        self._closed = True
+        idle = [stream for streams in self._idle.values() for stream in streams]
         self._idle.clear()
+        for stream in idle:
+            with anyio.CancelScope(shield=True):
+                await stream.aclose()
 
     def forget(self, peer: PeerId) -> None:
         """Drop pooled streams and close connections to ``peer`` after it failed, so the next
