@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from teia.errors import InvalidDeviceList, InvalidLinkCode
 from teia.identity import Identity, PeerId
-from teia.peer.devices import (
+from teia.peer.devicewire import (
     KIND_MESSAGE,
     KIND_TRANSCRIPT,
     MAX_DEVICE_LIST_SIZE,

@@ -17,7 +17,7 @@ import pytest
 from teia.errors import DeviceError, InvalidLinkCode, LinkRefused, UnknownAccount
 from teia.identity import Identity, PeerId
 from teia.peer import Peer
-from teia.peer.devices import (
+from teia.peer.devicewire import (
     APP_LIST,
     APP_MESSAGE,
     KIND_MESSAGE,

@@ -144,6 +144,10 @@ def register(sub: Any) -> None:
 
     groupcli.register(sub)
 
+    from teia.peer import devicecli
+
+    devicecli.register(sub)
+
 
 # --- helpers --------------------------------------------------------------------------------
 

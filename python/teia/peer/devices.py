@@ -44,34 +44,28 @@ added, hands it over on the stream, announces it, and sends the history to the n
 ``teia.devices/history`` chunks over their pairwise session (end-to-end encrypted like any
 message).
 
-Nothing here logs content, keys or codes.
+Wire formats, the link code and the PAKE's pieces are in `teia.peer.devicewire`; the commands
+(``teia device …``) in `teia.peer.devicecli`. Nothing here logs content, keys or codes.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
-import hashlib
 import hmac
-import ipaddress
 import logging
 import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Final, get_args
+from typing import TYPE_CHECKING, Any, Final
 
 import anyio
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
 from teia.errors import (
     DeviceError,
     DeviceNotListed,
-    InvalidChatMessage,
-    InvalidDeviceList,
-    InvalidLinkCode,
     InvalidMultiaddr,
-    InvalidPeerId,
     LinkRefused,
     StaleDeviceList,
     TeiaError,
@@ -79,62 +73,48 @@ from teia.errors import (
     UnknownAccount,
 )
 from teia.identity import Identity, Multiaddr, PeerId
-from teia.identity.keys import verify
-from teia.peer.db import MessageRow, MessageState, PeerDatabase, now_ms
-from teia.peer.wire import MAX_TEXT_BYTES
+from teia.peer.db import MessageRow, PeerDatabase, now_ms
+from teia.peer.devicewire import (
+    APP_HISTORY,
+    APP_LIST,
+    APP_MESSAGE,
+    HISTORY_STATES,
+    KIND_MESSAGE,
+    KIND_TRANSCRIPT,
+    LINK_PROTOCOL,
+    LINK_SECRET_SIZE,
+    MAX_CONVERSATION,
+    MAX_DEVICE_LIST_SIZE,
+    MAX_DEVICES,
+    MAX_HISTORY_RECORDS,
+    MAX_PATH,
+    MESSAGE_ID_SIZE,
+    DeviceList,
+    DeviceMessage,
+    HistoryChunk,
+    HistoryRecord,
+    LinkCode,
+    ListPush,
+    account_id,
+    link_generator,
+    link_key,
+    link_proof,
+    x25519,
+)
 
 if TYPE_CHECKING:
     from teia.host.streams import NegotiatedStream
     from teia.peer.peer import AppHandler, AppMessage, Peer
 
-__all__ = [
-    "APP_HISTORY",
-    "APP_LIST",
-    "APP_MESSAGE",
-    "LINK_PROTOCOL",
-    "MAX_DEVICES",
-    "MAX_DEVICE_LIST_SIZE",
-    "DeviceList",
-    "DeviceMessage",
-    "Devices",
-    "HistoryChunk",
-    "HistoryRecord",
-    "LinkCode",
-    "ListPush",
-]
+__all__ = ["Devices", "StoredAccount", "stored_account"]
 
 _log = logging.getLogger(__name__)
 
-APP_LIST: Final = "teia.devices/list"
-APP_MESSAGE: Final = "teia.devices/msg"
-APP_HISTORY: Final = "teia.devices/history"
-LINK_PROTOCOL: Final = "/teia/devices/link/1.0.0"
-
-MAX_DEVICES: Final = 16
-_MAX_PEER_ID: Final = 64
-_LIST_MAGIC: Final = b"TDL\x01"
-_LIST_DOMAIN: Final = b"teia device list v1\x00"
-_SIGNATURE: Final = 64
-_KEY: Final = 32
-MAX_DEVICE_LIST_SIZE: Final = 4 + _KEY + 8 + 8 + 1 + MAX_DEVICES * (1 + _MAX_PEER_ID) + _SIGNATURE
-
-_MESSAGE_MAGIC: Final = b"TDM\x01"
-_PUSH_MAGIC: Final = b"TDP\x01"
-_HISTORY_MAGIC: Final = b"TDH\x01"
-_MESSAGE_ID: Final = 16
-KIND_MESSAGE: Final = 1
-KIND_TRANSCRIPT: Final = 2
-_MAX_HISTORY_RECORDS: Final = 4096
 _HISTORY_CHUNK: Final = 120 * 1024
 _MAX_HISTORY_TRANSFER: Final = 100_000
-_MAX_CONVERSATION: Final = 256
-_MAX_PATH: Final = 16
-_STATES: Final[tuple[MessageState, ...]] = get_args(MessageState)
 _MAX_KNOWN_ACCOUNTS: Final = 10_000
-
 _LINK_ATTEMPTS: Final = 3
 _LINK_TTL: Final = 600.0
-_LINK_SECRET: Final = 5
 _LINK_TIMEOUT: Final = 30.0
 _MAX_LINK_ADDRS: Final = 8
 
@@ -158,439 +138,6 @@ CREATE TABLE IF NOT EXISTS device_copies (
     PRIMARY KEY (message_id, device)
 );
 """
-
-
-def account_id(account_key: bytes) -> PeerId:
-    """The account ID of an account public key (its peer-ID form)."""
-    return PeerId.from_public_key(account_key)
-
-
-# --- codecs -----------------------------------------------------------------------------------
-
-
-class _Reader:
-    """Reads a byte string front to back; every shortfall is `InvalidDeviceList`."""
-
-    def __init__(self, data: bytes, what: str) -> None:
-        self._data = bytes(data)
-        self._at = 0
-        self._what = what
-
-    def take(self, size: int) -> bytes:
-        if self._at + size > len(self._data):
-            raise InvalidDeviceList(f"{self._what} is truncated")
-        chunk = self._data[self._at : self._at + size]
-        self._at += size
-        return chunk
-
-    def uint(self, size: int) -> int:
-        return int.from_bytes(self.take(size), "big")
-
-    def end(self) -> None:
-        if self._at != len(self._data):
-            raise InvalidDeviceList(f"{self._what} has trailing bytes")
-
-
-def _device_id(raw: bytes, what: str) -> PeerId:
-    try:
-        device = PeerId.from_bytes(raw)
-    except InvalidPeerId:
-        raise InvalidDeviceList(f"{what} holds a device ID that does not parse") from None
-    if device.public_key is None:
-        raise InvalidDeviceList(f"{what} holds a device ID that is not an Ed25519 key")
-    return device
-
-
-@dataclass(frozen=True, slots=True)
-class DeviceList:
-    """An account's devices, signed by the account key. Build one with `sign`; `decode` checks
-    the signature, so a `DeviceList` in hand is always genuine.
-
-    Encoding (integers big-endian)::
-
-        "TDL" 0x01 ‖ account key (32) ‖ version (8) ‖ issued_ms (8) ‖ count (1, 1 to 16)
-        ‖ count * (length (1, ≤ 64) ‖ device peer ID bytes)   strictly ascending, no repeats
-        ‖ Ed25519 signature (64) over "teia device list v1" 0x00 ‖ everything before it
-    """
-
-    account_key: bytes
-    version: int
-    issued_ms: int
-    devices: tuple[PeerId, ...]
-    signature: bytes
-
-    @property
-    def account(self) -> PeerId:
-        """The account ID."""
-        return account_id(self.account_key)
-
-    def __contains__(self, device: object) -> bool:
-        return device in self.devices
-
-    @staticmethod
-    def _body(account_key: bytes, version: int, issued_ms: int, devices: Sequence[PeerId]) -> bytes:
-        out = bytearray(_LIST_MAGIC)
-        out += account_key + version.to_bytes(8, "big") + issued_ms.to_bytes(8, "big")
-        out.append(len(devices))
-        for device in devices:
-            raw = device.to_bytes()
-            out.append(len(raw))
-            out += raw
-        return bytes(out)
-
-    @classmethod
-    def sign(
-        cls,
-        account: Identity,
-        version: int,
-        devices: Sequence[PeerId],
-        issued_ms: int | None = None,
-    ) -> DeviceList:
-        """A list of ``devices`` (1 to 16 distinct Ed25519 peer IDs) at ``version`` (≥ 1)."""
-        ordered = tuple(sorted(set(devices), key=PeerId.to_bytes))
-        if not 1 <= len(ordered) <= MAX_DEVICES:
-            raise DeviceError(f"an account lists 1 to {MAX_DEVICES} devices, not {len(ordered)}")
-        for device in ordered:
-            if device.public_key is None or len(device.to_bytes()) > _MAX_PEER_ID:
-                raise DeviceError(f"{device} is not an Ed25519 device ID")
-        if not 1 <= version < 2**64:
-            raise DeviceError("a device list version is a positive 64-bit number")
-        issued = now_ms() if issued_ms is None else issued_ms
-        body = cls._body(account.public_key, version, issued, ordered)
-        return cls(account.public_key, version, issued, ordered, account.sign(_LIST_DOMAIN + body))
-
-    def encode(self) -> bytes:
-        """The signed list's bytes (at most `MAX_DEVICE_LIST_SIZE`)."""
-        body = self._body(self.account_key, self.version, self.issued_ms, self.devices)
-        return body + self.signature
-
-    @classmethod
-    def decode(cls, data: bytes) -> DeviceList:
-        """Parse and check a signed list; `InvalidDeviceList` if anything is off, the
-        signature included."""
-        if len(data) > MAX_DEVICE_LIST_SIZE:
-            raise InvalidDeviceList("a device list is oversize")
-        reader = _Reader(data, "a device list")
-        if reader.take(4) != _LIST_MAGIC:
-            raise InvalidDeviceList("not a device list (bad magic or version)")
-        account_key = reader.take(_KEY)
-        version = reader.uint(8)
-        issued_ms = reader.uint(8)
-        count = reader.uint(1)
-        if not 1 <= count <= MAX_DEVICES or version < 1:
-            raise InvalidDeviceList(
-                f"a device list has 1 to {MAX_DEVICES} devices and a version ≥ 1"
-            )
-        devices: list[PeerId] = []
-        for _ in range(count):
-            size = reader.uint(1)
-            if size > _MAX_PEER_ID:
-                raise InvalidDeviceList("a device ID in a device list is oversize")
-            raw = reader.take(size)
-            if devices and raw <= devices[-1].to_bytes():
-                raise InvalidDeviceList("a device list's devices are not strictly ascending")
-            devices.append(_device_id(raw, "a device list"))
-        signature = reader.take(_SIGNATURE)
-        reader.end()
-        signed = bytes(data[: len(data) - _SIGNATURE])
-        if not verify(account_key, _LIST_DOMAIN + signed, signature):
-            raise InvalidDeviceList("a device list's signature is not its account key's")
-        return cls(account_key, version, issued_ms, tuple(devices), signature)
-
-
-@dataclass(frozen=True, slots=True)
-class DeviceMessage:
-    """A text fanned out to a device (``teia.devices/msg``).
-
-    ``kind`` 1: a message to ``peer_account`` (the receiver's account); 2: a sent transcript
-    for the sender's own other devices (``peer_account`` is who it was sent to). ``device_list``
-    is the sender account's signed list. Encoding::
-
-        "TDM" 0x01 ‖ kind (1) ‖ message ID (16) ‖ sent_ms (8) ‖ peer account key (32)
-        ‖ list length (2) ‖ list ‖ text length (4, ≤ 64 KiB) ‖ UTF-8 text
-    """
-
-    kind: int
-    message_id: bytes
-    sent_ms: int
-    peer_account: bytes
-    device_list: DeviceList
-    text: str
-
-    def encode(self) -> bytes:
-        listed = self.device_list.encode()
-        text = self.text.encode()
-        if len(text) > MAX_TEXT_BYTES:
-            raise InvalidChatMessage(f"a text is at most {MAX_TEXT_BYTES} bytes")
-        return (
-            _MESSAGE_MAGIC
-            + bytes([self.kind])
-            + self.message_id
-            + self.sent_ms.to_bytes(8, "big")
-            + self.peer_account
-            + len(listed).to_bytes(2, "big")
-            + listed
-            + len(text).to_bytes(4, "big")
-            + text
-        )
-
-    @classmethod
-    def decode(cls, data: bytes) -> DeviceMessage:
-        reader = _Reader(data, "a device message")
-        if reader.take(4) != _MESSAGE_MAGIC:
-            raise InvalidDeviceList("not a device message (bad magic or version)")
-        kind = reader.uint(1)
-        if kind not in (KIND_MESSAGE, KIND_TRANSCRIPT):
-            raise InvalidDeviceList(f"unknown device message kind {kind}")
-        message_id = reader.take(_MESSAGE_ID)
-        sent_ms = reader.uint(8)
-        peer_account = reader.take(_KEY)
-        listed = reader.take(reader.uint(2))
-        size = reader.uint(4)
-        if size > MAX_TEXT_BYTES:
-            raise InvalidDeviceList("a device message's text is oversize")
-        raw = reader.take(size)
-        reader.end()
-        try:
-            text = raw.decode()
-        except UnicodeDecodeError:
-            raise InvalidDeviceList("a device message's text is not UTF-8") from None
-        return cls(kind, message_id, sent_ms, peer_account, DeviceList.decode(listed), text)
-
-
-@dataclass(frozen=True, slots=True)
-class ListPush:
-    """A device list handed to a device (``teia.devices/list``); ``reply`` asks for the
-    receiver's own list back. Encoding: ``"TDP" 0x01 ‖ reply (1) ‖ list``."""
-
-    reply: bool
-    device_list: DeviceList
-
-    def encode(self) -> bytes:
-        return _PUSH_MAGIC + bytes([int(self.reply)]) + self.device_list.encode()
-
-    @classmethod
-    def decode(cls, data: bytes) -> ListPush:
-        reader = _Reader(data[:5], "a device list push")
-        if reader.take(4) != _PUSH_MAGIC:
-            raise InvalidDeviceList("not a device list push (bad magic or version)")
-        flag = reader.uint(1)
-        if flag > 1:
-            raise InvalidDeviceList("a device list push has a bad flag")
-        return cls(bool(flag), DeviceList.decode(data[5:]))
-
-
-@dataclass(frozen=True, slots=True)
-class HistoryRecord:
-    """One message of history handed to a newly linked device."""
-
-    message_id: bytes
-    peer_id: str
-    conversation: str
-    outgoing: bool
-    sent_ms: int
-    state: MessageState
-    path: str | None
-    text: str
-
-    def encode(self) -> bytes:
-        peer, conversation = self.peer_id.encode(), self.conversation.encode()
-        path, text = (self.path or "").encode(), self.text.encode()
-        return (
-            self.message_id
-            + bytes([int(self.outgoing), _STATES.index(self.state)])
-            + self.sent_ms.to_bytes(8, "big")
-            + bytes([len(peer)])
-            + peer
-            + len(conversation).to_bytes(2, "big")
-            + conversation
-            + bytes([len(path)])
-            + path
-            + len(text).to_bytes(4, "big")
-            + text
-        )
-
-    @classmethod
-    def read(cls, reader: _Reader) -> HistoryRecord:
-        message_id = reader.take(_MESSAGE_ID)
-        outgoing, state = reader.uint(1), reader.uint(1)
-        if outgoing > 1 or state >= len(_STATES):
-            raise InvalidDeviceList("a history record has a bad flag")
-        sent_ms = reader.uint(8)
-        peer = reader.take(reader.uint(1))
-        conversation = reader.take(reader.uint(2))
-        path = reader.take(reader.uint(1))
-        size = reader.uint(4)
-        if size > MAX_TEXT_BYTES or len(conversation) > _MAX_CONVERSATION or len(path) > _MAX_PATH:
-            raise InvalidDeviceList("a history record is oversize")
-        text = reader.take(size)
-        try:
-            return cls(
-                message_id,
-                peer.decode("ascii"),
-                conversation.decode(),
-                bool(outgoing),
-                sent_ms,
-                _STATES[state],
-                path.decode("ascii") or None,
-                text.decode(),
-            )
-        except UnicodeDecodeError:
-            raise InvalidDeviceList("a history record is not text") from None
-
-
-@dataclass(frozen=True, slots=True)
-class HistoryChunk:
-    """A run of history records (``teia.devices/history``); ``last`` ends the transfer.
-    Encoding: ``"TDH" 0x01 ‖ last (1) ‖ count (2, ≤ 4096) ‖ records``."""
-
-    last: bool
-    records: tuple[HistoryRecord, ...]
-
-    def encode(self) -> bytes:
-        out = bytearray(_HISTORY_MAGIC)
-        out.append(int(self.last))
-        out += len(self.records).to_bytes(2, "big")
-        for record in self.records:
-            out += record.encode()
-        return bytes(out)
-
-    @classmethod
-    def decode(cls, data: bytes) -> HistoryChunk:
-        reader = _Reader(data, "a history chunk")
-        if reader.take(4) != _HISTORY_MAGIC:
-            raise InvalidDeviceList("not a history chunk (bad magic or version)")
-        last, count = reader.uint(1), reader.uint(2)
-        if last > 1 or count > _MAX_HISTORY_RECORDS:
-            raise InvalidDeviceList("a history chunk has a bad flag or too many records")
-        records = tuple(HistoryRecord.read(reader) for _ in range(count))
-        reader.end()
-        return cls(bool(last), records)
-
-
-# --- the link code and the PAKE -----------------------------------------------------------------
-
-_CROCKFORD: Final = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
-_CROCKFORD_ALIASES: Final = {"O": "0", "I": "1", "L": "1"}
-
-
-def _base32(data: bytes) -> str:
-    bits = int.from_bytes(data, "big") << (-len(data) * 8) % 5
-    count = -(-len(data) * 8 // 5)
-    return "".join(_CROCKFORD[(bits >> (5 * (count - 1 - i))) & 31] for i in range(count))
-
-
-def _unbase32(text: str, size: int) -> bytes:
-    count = -(-size * 8 // 5)
-    if len(text) != count:
-        raise InvalidLinkCode("a link code has 20 characters (39 with an IPv6 address)")
-    value = 0
-    for char in text:
-        value = value * 32 + _CROCKFORD.index(char)
-    pad = count * 5 - size * 8
-    if value & ((1 << pad) - 1):
-        raise InvalidLinkCode("a link code's last character is wrong")
-    return (value >> pad).to_bytes(size, "big")
-
-
-@dataclass(frozen=True, slots=True)
-class LinkCode:
-    """What the existing device shows: a one-time secret and where to reach it.
-
-    ``secret`` (5 bytes) ‖ address (4 bytes IPv4 or 16 bytes IPv6) ‖ port (2) ‖ check (1: the
-    first byte of SHA-256 of the rest), written in Crockford base32 in groups of four
-    (``7Q2M-K4XD-9PHT-ZB3A-C8RW``; case, ``O``/``I``/``L`` for ``0``/``1``/``1``, spaces and
-    dashes do not matter)."""
-
-    secret: bytes
-    host: str
-    port: int
-
-    def format(self) -> str:
-        """The code as shown: groups of four characters joined by dashes."""
-        raw = self.secret + ipaddress.ip_address(self.host).packed + self.port.to_bytes(2, "big")
-        text = _base32(raw + hashlib.sha256(raw).digest()[:1])
-        return "-".join(text[i : i + 4] for i in range(0, len(text), 4))
-
-    @classmethod
-    def parse(cls, code: str) -> LinkCode:
-        """Read a typed code; `InvalidLinkCode` for anything but a well-formed one."""
-        cleaned = "".join(c for c in code.upper() if c not in " -\t\n")
-        cleaned = "".join(_CROCKFORD_ALIASES.get(c, c) for c in cleaned)
-        if any(c not in _CROCKFORD for c in cleaned):
-            raise InvalidLinkCode("a link code has letters and digits only")
-        size = {20: 12, 39: 24}.get(len(cleaned))
-        if size is None:
-            raise InvalidLinkCode("a link code has 20 characters (39 with an IPv6 address)")
-        raw = _unbase32(cleaned, size)
-        body, check = raw[:-1], raw[-1:]
-        if hashlib.sha256(body).digest()[:1] != check:
-            raise InvalidLinkCode("the link code has a typo (its check character is wrong)")
-        address = body[_LINK_SECRET:-2]
-        return cls(
-            body[:_LINK_SECRET],
-            str(ipaddress.ip_address(address)),
-            int.from_bytes(body[-2:], "big"),
-        )
-
-
-_P: Final = 2**255 - 19
-_A: Final = 486662
-
-
-def _is_square(x: int) -> bool:
-    return x == 0 or pow(x, (_P - 1) // 2, _P) == 1
-
-
-def _elligator2(r: int) -> int:
-    """Map a field element to the u-coordinate of a Curve25519 point (Elligator 2, Z = 2)."""
-    denominator = (1 + 2 * r * r) % _P
-    x1 = (-_A * pow(denominator, _P - 2, _P)) % _P if denominator else (-_A) % _P
-    if _is_square((x1 * x1 * x1 + _A * x1 * x1 + x1) % _P):
-        return x1
-    return (-x1 - _A) % _P
-
-
-def _lv(data: bytes) -> bytes:
-    return len(data).to_bytes(2, "big") + data
-
-
-def link_generator(secret: bytes, new_device: PeerId, existing: PeerId, nonce: bytes) -> bytes:
-    """The PAKE generator: a point hashed from the secret, both devices and the session."""
-    digest = hashlib.sha512(
-        b"teia link CPace X25519 v1"
-        + _lv(secret)
-        + _lv(new_device.to_bytes())
-        + _lv(existing.to_bytes())
-        + _lv(nonce)
-    ).digest()
-    return _elligator2(int.from_bytes(digest, "little") % _P).to_bytes(32, "little")
-
-
-def _x25519(scalar: bytes, point: bytes) -> bytes:
-    try:
-        return X25519PrivateKey.from_private_bytes(scalar).exchange(
-            X25519PublicKey.from_public_bytes(point)
-        )
-    except ValueError:  # a low-order point: the product is the identity
-        raise LinkRefused("the other device's key share is invalid") from None
-
-
-def _link_keys(shared: bytes, nonce: bytes, share_new: bytes, share_existing: bytes) -> bytes:
-    return hashlib.sha512(
-        b"teia link key v1" + _lv(nonce) + shared + share_new + share_existing
-    ).digest()[:32]
-
-
-def _confirm(key: bytes, role: bytes, nonce: bytes, share_new: bytes, share_old: bytes) -> bytes:
-    return hmac.new(key, role + nonce + share_new + share_old, hashlib.sha256).digest()
-
-
-@dataclass
-class _ActiveCode:
-    secret: bytes
-    expires: float
-    attempts: int = 0
 
 
 # --- database -----------------------------------------------------------------------------------
@@ -688,6 +235,27 @@ def _record_copies(db: PeerDatabase, message_id: bytes, copies: list[tuple[str, 
         )
 
 
+@dataclass(frozen=True, slots=True)
+class StoredAccount:
+    """A profile's account as its database holds it (`stored_account`)."""
+
+    account: PeerId
+    primary: bool
+    """Whether this device holds the account key."""
+    removed: bool
+    devices: DeviceList | None
+
+
+def stored_account(db: PeerDatabase) -> StoredAccount | None:
+    """The account of a profile, read without going online (``teia device list``)."""
+    db.ensure_schema(_SCHEMA)
+    rows = db.read("SELECT account_key, secret IS NOT NULL, removed FROM device_account")
+    if not rows:
+        return None
+    account = account_id(bytes(rows[0][0]))
+    return StoredAccount(account, bool(rows[0][1]), bool(rows[0][2]), _read_list(db, account))
+
+
 def _history_records(db: PeerDatabase) -> list[HistoryRecord]:
     out: list[HistoryRecord] = []
     for conversation, _, _ in db.conversations():
@@ -699,12 +267,12 @@ def _history_records(db: PeerDatabase) -> list[HistoryRecord]:
                 r.conversation,
                 r.outgoing,
                 r.sent_ms,
-                r.state if r.state in _STATES else "received",
-                r.path if r.path and len(r.path) <= _MAX_PATH else None,
+                r.state if r.state in HISTORY_STATES else "received",
+                r.path if r.path and len(r.path) <= MAX_PATH else None,
                 r.text,
             )
             for r in rows
-            if len(r.conversation.encode()) <= _MAX_CONVERSATION and len(r.peer_id) < 256
+            if len(r.conversation.encode()) <= MAX_CONVERSATION and len(r.peer_id) < 256
         ]
     out.sort(key=lambda r: r.sent_ms)
     return out[-_MAX_HISTORY_TRANSFER:]
@@ -727,6 +295,13 @@ def _insert_records(db: PeerDatabase, records: Sequence[HistoryRecord], path: st
             )
             added += seq is not None
     return added
+
+
+@dataclass
+class _ActiveCode:
+    secret: bytes
+    expires: float
+    attempts: int = 0
 
 
 # --- the account on a peer ----------------------------------------------------------------------
@@ -760,6 +335,10 @@ class Devices:
         """Device payloads taken, by application name (metadata only)."""
         self.clock: Callable[[], float] = time.monotonic
         """The clock link codes expire by (tests replace it)."""
+        self.linked: list[PeerId] = []
+        """Devices this primary linked while open (their history queued)."""
+        self._linked = _Waiters()
+        self._queued: set[str] = set()
 
     @classmethod
     async def attach(cls, peer: Peer) -> Devices:
@@ -819,6 +398,27 @@ class Devices:
         await self._history_done.wait()
         return self.history_received
 
+    async def wait_linked(self) -> PeerId:
+        """On the primary, after `link_code`: wait until a device has linked and its history
+        is queued; that device."""
+        while not self.linked:
+            await self._linked.event.wait()
+        return self.linked[-1]
+
+    async def wait_delivered(self) -> None:
+        """Wait until every payload this device queued for the account (copies, lists,
+        history) is delivered or stored (bound it with ``anyio.fail_after``)."""
+        while self._queued:
+            message_id = next(iter(self._queued))
+            await self._peer.wait_delivered(message_id)
+            self._queued.discard(message_id)
+
+    async def _send_app(self, device: PeerId, app: str, data: bytes) -> str:
+        message_id = await self._peer.send_app(device, app, data)
+        if len(self._queued) < 100_000:
+            self._queued.add(message_id)
+        return message_id
+
     def _require_own(self) -> _Own:
         if self._own is None:
             raise DeviceError("this device has no account: create one or link this device")
@@ -858,7 +458,7 @@ class Devices:
         target = _as_peer_id(device)
         if account_id(own.account_key) == target:
             raise DeviceError("introduce a device, not an account")
-        await self._peer.send_app(target, APP_LIST, ListPush(True, mine).encode())
+        await self._send_app(target, APP_LIST, ListPush(True, mine).encode())
 
     async def remove(self, device: PeerId | str) -> DeviceList:
         """Take ``device`` off our list (primary only): nothing sent after this reaches it
@@ -894,7 +494,7 @@ class Devices:
         targets.pop(self._peer.peer_id, None)
         push = ListPush(False, updated).encode()
         for target in targets:
-            await self._peer.send_app(target, APP_LIST, push)
+            await self._send_app(target, APP_LIST, push)
 
     # --- fan-out ---------------------------------------------------------------------------
 
@@ -911,7 +511,7 @@ class Devices:
             raise UnknownAccount(f"no device list known for account {target}")
         mine = await self.device_list()
         assert mine is not None
-        message_id = secrets.token_bytes(_MESSAGE_ID)
+        message_id = secrets.token_bytes(MESSAGE_ID_SIZE)
         sent_ms = self._peer.profile.db.next_timestamp()
         message = DeviceMessage(KIND_MESSAGE, message_id, sent_ms, theirs.account_key, mine, text)
         payload = message.encode()  # size check before anything is written
@@ -934,11 +534,11 @@ class Devices:
         await self._peer.run_db(record, db)
         copies: list[tuple[str, bytes]] = []
         for device in theirs.devices:
-            copy = await self._peer.send_app(device, APP_MESSAGE, payload)
+            copy = await self._send_app(device, APP_MESSAGE, payload)
             copies.append((str(device), bytes.fromhex(copy)))
         for device in mine.devices:
             if device != self._peer.peer_id:
-                copy = await self._peer.send_app(device, APP_MESSAGE, transcript)
+                copy = await self._send_app(device, APP_MESSAGE, transcript)
                 copies.append((str(device), bytes.fromhex(copy)))
         await self._peer.run_db(_record_copies, db, message_id, copies)
         return message_id.hex()
@@ -996,11 +596,11 @@ class Devices:
             forward = ListPush(False, offered).encode()
             for device in mine.devices:
                 if device != self._peer.peer_id:
-                    await self._peer.send_app(device, APP_LIST, forward)
+                    await self._send_app(device, APP_LIST, forward)
         if push.reply:
             answer = ListPush(False, mine).encode()
             for device in offered.devices:  # every device of theirs can then send to us
-                await self._peer.send_app(device, APP_LIST, answer)
+                await self._send_app(device, APP_LIST, answer)
 
     async def _on_message(self, message: AppMessage) -> None:
         own = self._require_own()
@@ -1038,7 +638,7 @@ class Devices:
             _insert_records, self._peer.profile.db, [record], None if outgoing else message.path
         )
         if added and not outgoing:
-            _wake_messages(self._peer)
+            self._peer._history_changed()
 
     async def _on_history(self, message: AppMessage) -> None:
         own = self._require_own()
@@ -1065,7 +665,7 @@ class Devices:
             if not direct:
                 raise DeviceError("no listen address to put in a link code")
             address = direct[0].to_udp_address()
-        secret = secrets.token_bytes(_LINK_SECRET)
+        secret = secrets.token_bytes(LINK_SECRET_SIZE)
         self._code = _ActiveCode(secret, self.clock() + ttl)
         return LinkCode(secret, address[0], address[1]).format()
 
@@ -1089,7 +689,7 @@ class Devices:
                 try:
                     nonce, scalar = secrets.token_bytes(16), secrets.token_bytes(32)
                     generator = link_generator(parsed.secret, me, existing, nonce)
-                    share = _x25519(scalar, generator)
+                    share = x25519(scalar, generator)
                     await stream.send_message(nonce + share)
                     answer = await stream.receive_message(128)
                     if len(answer) != 64:
@@ -1100,15 +700,15 @@ class Devices:
                     theirs, proof = answer[:32], answer[32:]
                     if theirs == share:
                         raise LinkRefused("the other device's key share is invalid")
-                    key = _link_keys(_x25519(scalar, theirs), nonce, share, theirs)
-                    expected = _confirm(key, b"existing", nonce, share, theirs)
+                    key = link_key(x25519(scalar, theirs), nonce, share, theirs)
+                    expected = link_proof(key, b"existing", nonce, share, theirs)
                     if not hmac.compare_digest(proof, expected):
                         raise LinkRefused(
                             "wrong code (or someone in the middle): check the code on the "
                             "existing device and try again"
                         )
                     addrs = "\n".join(str(a) for a in host.addrs[:_MAX_LINK_ADDRS]).encode()
-                    await stream.send_message(_confirm(key, b"new", nonce, share, theirs) + addrs)
+                    await stream.send_message(link_proof(key, b"new", nonce, share, theirs) + addrs)
                     granted = DeviceList.decode(await stream.receive_message(MAX_DEVICE_LIST_SIZE))
                     if me not in granted or existing not in granted:
                         raise LinkRefused("the list handed over does not hold both devices")
@@ -1163,13 +763,15 @@ class Devices:
                 code.attempts += 1  # counted before anything that depends on the code leaves
                 nonce, theirs = opening[:16], opening[16:]
                 scalar = secrets.token_bytes(32)
-                share = _x25519(scalar, link_generator(code.secret, new, self._peer.peer_id, nonce))
+                share = x25519(scalar, link_generator(code.secret, new, self._peer.peer_id, nonce))
                 if theirs == share:
                     return
-                key = _link_keys(_x25519(scalar, theirs), nonce, theirs, share)
-                await stream.send_message(share + _confirm(key, b"existing", nonce, theirs, share))
+                key = link_key(x25519(scalar, theirs), nonce, theirs, share)
+                await stream.send_message(
+                    share + link_proof(key, b"existing", nonce, theirs, share)
+                )
                 reply = await stream.receive_message(32 + 4096)
-                expected = _confirm(key, b"new", nonce, theirs, share)
+                expected = link_proof(key, b"new", nonce, theirs, share)
                 if not hmac.compare_digest(reply[:32], expected):
                     _log.info("a link attempt failed (%d of %d)", code.attempts, _LINK_ATTEMPTS)
                     return
@@ -1211,8 +813,10 @@ class Devices:
             known = await self._peer.run_db(_known_lists, self._peer.profile.db)
             for held in known:
                 if held.account_key != granted.account_key:
-                    await self._peer.send_app(new, APP_LIST, ListPush(False, held).encode())
+                    await self._send_app(new, APP_LIST, ListPush(False, held).encode())
             await self._send_history(new)
+            self.linked.append(new)
+            self._linked.fire()
         except TeiaError as exc:
             _log.warning("after linking a device: %s", type(exc).__name__)
 
@@ -1222,21 +826,13 @@ class Devices:
         size = 0
         for record in records:
             encoded = len(record.encode())
-            if chunk and (size + encoded > _HISTORY_CHUNK or len(chunk) >= _MAX_HISTORY_RECORDS):
-                await self._peer.send_app(
-                    new, APP_HISTORY, HistoryChunk(False, tuple(chunk)).encode()
-                )
+            if chunk and (size + encoded > _HISTORY_CHUNK or len(chunk) >= MAX_HISTORY_RECORDS):
+                await self._send_app(new, APP_HISTORY, HistoryChunk(False, tuple(chunk)).encode())
                 chunk, size = [], 0
             chunk.append(record)
             size += encoded
-        await self._peer.send_app(new, APP_HISTORY, HistoryChunk(True, tuple(chunk)).encode())
+        await self._send_app(new, APP_HISTORY, HistoryChunk(True, tuple(chunk)).encode())
 
 
 def _as_peer_id(who: PeerId | str) -> PeerId:
     return who if isinstance(who, PeerId) else PeerId.from_string(who)
-
-
-def _wake_messages(peer: Peer) -> None:
-    """Wake `Peer.messages` readers: a text reached history outside the chat pipeline."""
-    new, peer._new_message = peer._new_message, anyio.Event()
-    new.set()

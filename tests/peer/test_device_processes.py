@@ -1,0 +1,69 @@
+"""Multi-device across processes: a new device links with ``teia device link CODE`` in its own
+process (the primary and the other account run in this process), gets the history, and — offline
+afterwards — still gets the other account's next message through the store, fanned out to it
+(``teia inbox --wait`` in another process)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import anyio
+import pytest
+
+from .conftest import TIMEOUT, introduce, make_profile, online
+from .infra import store_nodes
+from .test_cli import teia
+
+
+async def run(*args: str) -> list[dict[str, object]]:
+    result = await anyio.to_thread.run_sync(lambda: teia(*args))
+    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+
+
+@pytest.mark.anyio
+async def test_linking_in_another_process_then_fan_out_through_the_store(tmp_path: Path) -> None:
+    with anyio.fail_after(TIMEOUT * 4):
+        async with store_nodes(tmp_path) as stores:
+            settings = {"store_nodes": stores, "store_poll_interval": 0.3}
+            a1_dir = make_profile(tmp_path / "a1", **settings)
+            b1_dir = make_profile(tmp_path / "b1", **settings)
+            a2_dir = str(make_profile(tmp_path / "a2", **settings))
+            async with online(a1_dir) as a1, online(b1_dir) as b1:
+                alice = await a1.devices.create_account()
+                bob = await b1.devices.create_account()
+                await introduce(a1, b1)
+                await introduce(b1, a1)
+                await a1.devices.introduce(b1.peer_id)
+                await a1.devices.wait_account(bob)
+                await b1.devices.wait_account(alice)
+                await a1.devices.wait_sent(await a1.devices.send(bob, "before the link"))
+
+                code = a1.devices.link_code()
+                (linked,) = await run("device", "link", code, "--json", "--profile", a2_dir)
+                assert linked["account"] == str(alice)
+                assert linked["history"] == 1
+                assert linked["settled"] is True
+                assert len(linked["devices"]) == 2  # type: ignore[arg-type]
+                a2_id = str(linked["this_device"])
+                (listed,) = await run("device", "list", "--json", "--profile", a2_dir)
+                assert listed["account"] == str(alice)
+                assert listed["primary"] is False
+                assert a2_id in listed["devices"]  # type: ignore[operator]
+
+                # Bob's next message reaches the new device too, while it is offline.
+                await b1.devices.wait_account(alice, version=2)
+                copies = await b1.devices.wait_sent(await b1.devices.send(alice, "after"))
+                assert {str(d): row.state for d, row in copies.items()} == {
+                    str(a1.peer_id): "delivered",
+                    a2_id: "stored",
+                }
+                rows = await run(
+                    "inbox", "--wait", "2", "--contact", str(bob), "--json", "--profile", a2_dir
+                )
+                assert [(r["direction"], r["text"]) for r in rows] == [
+                    ("out", "before the link"),
+                    ("in", "after"),
+                ]
+                assert rows[1]["path"] == "stored"
+                assert rows[1]["peer_id"] == str(bob)
