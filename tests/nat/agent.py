@@ -12,6 +12,10 @@ command line:
 - ``{"cmd": "wait_direct", "peer": P, "timeout": T}``: wait for a direct connection;
 - ``{"cmd": "ping", "peer": P}``: a ping on the connection in use, with its path.
 
+With ``dir`` in the config it runs a chat peer (`teia.Peer`, a new profile in ``dir``) instead
+of a bare host, and also answers ``{"cmd": "contact", "peer": P, "addrs": [...]}`` and
+``{"cmd": "send", "peer": P, "text": T}`` (waits for delivery; answers the path it took).
+
 It exits when its stdin closes. Every wait is bounded by the command's timeout.
 """
 
@@ -20,6 +24,9 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -28,7 +35,12 @@ from teia.errors import HolePunchError, TeiaError
 from teia.host.holepunch import HolePunchConfig
 from teia.host.host import Host
 from teia.identity import Identity, Multiaddr, PeerId
+from teia.identity.keystore import KdfParams
+from teia.peer import Peer, PeerConfig, Profile
 from teia.relay.client import RelayClientConfig
+
+PASSPHRASE = "nat lab"
+Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
 def _path(host: Host, peer: PeerId) -> dict[str, Any]:
@@ -39,7 +51,8 @@ def _path(host: Host, peer: PeerId) -> dict[str, Any]:
     return {"path": path, "remote": "{}:{}".format(*connection.remote_address)}
 
 
-async def _command(host: Host, request: dict[str, Any]) -> dict[str, Any]:
+async def host_command(host: Host, request: dict[str, Any]) -> dict[str, Any]:
+    """Answer one of the host commands above."""
     cmd = request["cmd"]
     puncher = host.holepunch
     assert puncher is not None
@@ -89,11 +102,57 @@ async def _command(host: Host, request: dict[str, Any]) -> dict[str, Any]:
     raise ValueError(f"unknown command {cmd!r}")
 
 
+async def _peer_command(peer: Peer, request: dict[str, Any]) -> dict[str, Any]:
+    cmd = request["cmd"]
+    timeout = float(request.get("timeout", 20))
+    if cmd == "contact":
+        await peer.add_contact(PeerId.from_string(request["peer"]), None, request["addrs"])
+        return {}
+    if cmd == "send":
+        with anyio.fail_after(timeout):
+            message_id = await peer.send(request["peer"], request["text"])
+            row = await peer.wait_delivered(message_id)
+        return {"path": row.path}
+    return await host_command(peer.host, request)
+
+
+@asynccontextmanager
+async def _node(
+    config: dict[str, Any], holepunch: HolePunchConfig
+) -> AsyncIterator[tuple[Host, Handler, list[str]]]:
+    """The host (alone, or a chat peer's), what answers commands, and the addresses to give."""
+    listen = [f"/ip4/{config['ip']}/udp/0/quic-v1"]
+    relay = {"address": config["relay"], "rest_secret": config["secret"], "keepalive": 5.0}
+    if "dir" not in config:
+        async with Host(
+            Identity.generate(),
+            listen=listen,
+            relays=[RelayClientConfig(**relay, rto=0.2)],
+            holepunch=holepunch,
+            dial_timeout=5.0,
+        ) as host:
+
+            async def answer(request: dict[str, Any]) -> dict[str, Any]:
+                return await host_command(host, request)
+
+            yield host, answer, [str(a) for a in host.addrs]
+        return
+    directory = Path(config["dir"])
+    settings = PeerConfig(relays=[relay], retry_interval=0.2, one_time_prekeys=8)
+    kdf = KdfParams(memory_kib=8, iterations=1)
+    Profile.create(directory, PASSPHRASE, kdf=kdf, config=settings).close()
+    async with Peer.open(
+        directory, passphrase=PASSPHRASE, listen=listen, dial_timeout=1.0, holepunch=holepunch
+    ) as peer:
+
+        async def answer_peer(request: dict[str, Any]) -> dict[str, Any]:
+            return await _peer_command(peer, request)
+
+        yield peer.host, answer_peer, [str(a) for a in peer.addrs]
+
+
 async def main(config: dict[str, Any]) -> None:
     logging.basicConfig(level=config.get("log_level", "WARNING"), stream=sys.stderr)
-    relay = RelayClientConfig(
-        address=config["relay"], rest_secret=config["secret"], keepalive=5.0, rto=0.2
-    )
     holepunch = HolePunchConfig(
         allow_networks=tuple(config["allow"]),
         punch_timeout=float(config.get("punch_timeout", 3.0)),
@@ -101,13 +160,7 @@ async def main(config: dict[str, Any]) -> None:
         max_attempts=int(config.get("max_attempts", 4)),
         min_interval=0.0,
     )
-    async with Host(
-        Identity.generate(),
-        listen=[f"/ip4/{config['ip']}/udp/0/quic-v1"],
-        relays=[relay],
-        holepunch=holepunch,
-        dial_timeout=5.0,
-    ) as host:
+    async with _node(config, holepunch) as (host, answer, addrs):
         with anyio.fail_after(20):
             await host.wait_relayed_addrs()
             if config.get("discovery"):
@@ -117,20 +170,19 @@ async def main(config: dict[str, Any]) -> None:
         ready = {
             "event": "ready",
             "peer_id": str(host.peer_id),
+            "addrs": addrs,
             "relayed": [str(a) for a in host.relayed_addrs],
             "candidates": [str(a) for a in host.holepunch.candidates()],
         }
         print(json.dumps(ready), flush=True)
-        stdin = anyio.wrap_file(sys.stdin)
-        async for line in stdin:
+        async for line in anyio.wrap_file(sys.stdin):
             if not line.strip():
                 continue
-            request = json.loads(line)
             try:
-                answer = {"ok": True, **await _command(host, request)}
+                reply = {"ok": True, **await answer(json.loads(line))}
             except (TeiaError, TimeoutError, ValueError) as exc:
-                answer = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
-            print(json.dumps(answer), flush=True)
+                reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+            print(json.dumps(reply), flush=True)
 
 
 if __name__ == "__main__":

@@ -132,6 +132,7 @@ class Agent:
     """A host in a site (tests/nat/agent.py), driven one JSON command at a time."""
 
     def __init__(self, process: anyio.abc.Process, ready: dict[str, Any]) -> None:
+        self.addrs: list[str] = ready.get("addrs", [])
         assert process.stdin is not None
         assert process.stdout is not None
         self.process = process
@@ -153,7 +154,8 @@ class Agent:
 async def agent(
     lab: NatLab, site: Site, services: LabServices, **options: Any
 ) -> AsyncIterator[Agent]:
-    """An agent on ``site``'s host, ready (allocated on the relay, identified by discovery)."""
+    """An agent on ``site``'s host, ready (allocated on the relay, identified by discovery);
+    a chat peer with its profile in ``dir`` when that option is given."""
     config = {
         "ip": site.private_ip,
         "relay": services.relay,

@@ -88,3 +88,34 @@ async def test_relayed_conversation_upgrades_when_a_direct_path_appears(
             assert path["path"] == "direct", path
             assert path["remote"].startswith(other_site.public_ip + ":")
             assert (await me.request("ping", peer=other.peer_id))["path"] == "direct"
+
+
+async def test_a_chat_moves_from_the_relay_to_the_punched_connection(
+    lab: NatLab, tmp_path: Path
+) -> None:
+    site_a, site_b = lab.add_site(NatKind.CONE), lab.add_site(NatKind.CONE)
+    lab.block(site_b, site_a.public_ip)
+    options = {"punch_timeout": 1.5, "retry_interval": 1.0}
+    async with (
+        lab_services(lab, tmp_path) as services,
+        agent(lab, site_a, services, dir=str(tmp_path / "a"), **options) as a,
+        agent(lab, site_b, services, dir=str(tmp_path / "b"), **options) as b,
+    ):
+        assert (await a.request("contact", peer=b.peer_id, addrs=b.addrs))["ok"]
+        # No direct path yet: the first message goes through the relay.
+        sent = await a.request("send", peer=b.peer_id, text="through the relay", timeout=30)
+        assert sent == {"ok": True, "path": "relayed"}, sent
+        lab.unblock(site_b, site_a.public_ip)
+        for me, other in ((b, a), (a, b)):
+            path = await me.request("wait_direct", peer=other.peer_id, timeout=15)
+            assert path["path"] == "direct", path
+        # The kept chat stream follows the host to the direct connection, both ways.
+        assert await a.request("send", peer=b.peer_id, text="direct now") == {
+            "ok": True,
+            "path": "direct",
+        }
+        await b.request("contact", peer=a.peer_id, addrs=a.addrs)
+        assert await b.request("send", peer=a.peer_id, text="and back") == {
+            "ok": True,
+            "path": "direct",
+        }

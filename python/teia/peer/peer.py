@@ -74,6 +74,7 @@ from teia.errors import (
     TransportError,
     UnknownContact,
 )
+from teia.host.holepunch import HolePunchConfig
 from teia.host.host import Host
 from teia.host.streams import NegotiatedStream
 from teia.identity import Multiaddr, PeerId
@@ -122,6 +123,8 @@ _log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 Path_ = Literal["direct", "relayed", "stored"]
+DEFAULT_HOLEPUNCH = HolePunchConfig()
+"""How peers upgrade relayed connections unless told otherwise: to public addresses only."""
 _BATCH = 256
 _STREAM_ERRORS = (
     TransportError,
@@ -291,12 +294,15 @@ class Peer:
         listen: Sequence[str] | None = None,
         dial_timeout: float = 5.0,
         apps: Mapping[str, AppHandler] | None = None,
+        holepunch: HolePunchConfig | None = DEFAULT_HOLEPUNCH,
     ) -> AsyncIterator[Peer]:
         """Open a profile directory (or use an opened `Profile`) and bring the peer online.
 
         ``passphrase`` opens the keystore (needed unless a `Profile` is given); ``listen``
         overrides the profile's listen addresses; ``apps`` registers application handlers
-        before anything arrives (see `on_app`). Usable from trio and asyncio programs.
+        before anything arrives (see `on_app`); ``holepunch`` says how relayed connections are
+        upgraded to direct ones (None: never; docs/nat.md). Usable from trio and asyncio
+        programs.
         """
         if not isinstance(profile, Profile):
             if passphrase is None:
@@ -310,7 +316,7 @@ class Peer:
             config = opened.config
             with opened.online():
                 async with cls._online(
-                    opened, listen or config.listen, dial_timeout, apps or {}
+                    opened, listen or config.listen, dial_timeout, apps or {}, holepunch
                 ) as peer:
                     yield peer
         finally:
@@ -325,6 +331,7 @@ class Peer:
         listen: Sequence[str],
         dial_timeout: float,
         apps: Mapping[str, AppHandler],
+        holepunch: HolePunchConfig | None,
     ) -> AsyncIterator[Peer]:
         config = opened.config
         async with (
@@ -333,6 +340,8 @@ class Peer:
                 listen=list(listen),
                 relays=config.relay_configs(),
                 dial_timeout=dial_timeout,
+                # direct = false means no direct path at all, punched ones included.
+                holepunch=holepunch if config.direct else None,
             ) as host,
             contextlib.AsyncExitStack() as stack,
         ):
@@ -772,12 +781,14 @@ class Peer:
         kept = self._links.get(peer)
         if kept is not None:
             stream, connection = kept
-            if not connection.is_closed:
+            if connection is self.host.connection_to(peer):
                 return stream
+            # Closed, or the host found a better connection (a punched direct one): move.
             del self._links[peer]
+            with anyio.CancelScope(shield=True):
+                await stream.aclose()
         stream = await self.host.open_stream(peer, CHAT_PROTOCOL)
-        connection = next(c for c in self.host.connections.connections_to(peer) if not c.is_closed)
-        self._links[peer] = (stream, connection)
+        self._links[peer] = (stream, self.host.connection_to(peer))
         return stream
 
     def _drop_stream(self, peer: PeerId) -> None:
@@ -860,10 +871,8 @@ class Peer:
     # --- paths ----------------------------------------------------------------------------
 
     def _path_of(self, peer: PeerId) -> Path_:
-        for connection in self.host.connections.connections_to(peer):
-            if not connection.is_closed:
-                return _connection_path(connection)
-        return "direct"
+        connection = self.host.connection_to(peer)  # the one new streams go on
+        return "direct" if connection is None else _connection_path(connection)
 
     async def _connect(self, peer: PeerId) -> Path_:
         """Make sure there is a connection to ``peer``: an existing one, a direct dial, then
