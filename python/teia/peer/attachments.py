@@ -79,6 +79,7 @@ from teia.peer.db import PeerDatabase, now_ms
 if TYPE_CHECKING:
     from teia.host.streams import NegotiatedStream
     from teia.peer.peer import AppMessage, Peer
+    from teia.peer.profile import Profile
 
 __all__ = [
     "APP",
@@ -101,7 +102,9 @@ __all__ = [
     "decode_payload",
     "decode_request",
     "open_chunk",
+    "queue_file",
     "seal_chunk",
+    "stored_transfers",
 ]
 
 _log = logging.getLogger(__name__)
@@ -657,6 +660,55 @@ def _count_incoming(db: PeerDatabase, peer_id: str) -> tuple[int, int]:
         (peer_id,),
     )
     return int(rows[0][0]), int(rows[0][1])
+
+
+def stored_transfers(db: PeerDatabase) -> list[Transfer]:
+    """Every transfer a profile remembers, oldest first (no peer needed: ``teia file list``)."""
+    db.ensure_schema(_SCHEMA)
+    return [row.transfer() for row in _all(db)]
+
+
+def queue_file(profile: Profile, to: PeerId, source: Path, name: str | None = None) -> str:
+    """Offer a file from a process that does not have the profile online: encrypt it, record
+    it and queue the offer in the outbox, which the process that has the profile online
+    delivers; that process also serves the chunks. (Never through the store: chunks are only
+    pushed by a peer that found the recipient unreachable.) Returns the file ID (hex)."""
+    from teia.peer.wire import Kind, Plaintext
+
+    size = source.stat().st_size
+    if size > MAX_FILE_SIZE:
+        raise AttachmentTooLarge(f"{source.name} is over the {human_size(MAX_FILE_SIZE)} limit")
+    db = profile.db
+    db.ensure_schema(_SCHEMA)
+    work = profile.directory / "attachments" / "out"
+    work.mkdir(mode=0o700, parents=True, exist_ok=True)
+    file_id, key = secrets.token_bytes(FILE_ID_SIZE), secrets.token_bytes(KEY_SIZE)
+    target = work / f"{file_id.hex()}.enc"
+    digest = _encrypt_file(source, target, file_id, key, size)
+    offer = FileOffer(file_id, safe_name(name or source.name), size, CHUNK_SIZE, key, digest)
+    row = _Row(offer, str(to), True, "offered", bytearray(), None, None, now_ms())
+    try:
+        _insert(
+            db,
+            row,
+            message_id=file_id,
+            sent_ms=db.next_timestamp(),
+            history=f"[file {offer.name}, {human_size(size)}]",
+            path=None,
+        )
+        db.queue_outgoing(
+            peer_id=str(to),
+            conversation="",
+            message_id=secrets.token_bytes(16),
+            sent_ms=db.next_timestamp(),
+            text="",
+            kind=int(Kind.APP),
+            plaintext=Plaintext(app=APP, data=offer.encode()).encode(),
+        )
+    except BaseException:
+        target.unlink(missing_ok=True)
+        raise
+    return file_id.hex()
 
 
 # --- the transfers in progress -------------------------------------------------------------

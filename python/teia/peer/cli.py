@@ -148,6 +148,10 @@ def register(sub: Any) -> None:
 
     devicecli.register(sub)
 
+    from teia.peer import filecli
+
+    filecli.register(sub)
+
 
 # --- helpers --------------------------------------------------------------------------------
 
