@@ -1,7 +1,9 @@
 """`DhtMembership` on real hosts over loopback QUIC: four DHT servers, three of them store nodes
 advertising the store protocol in their records; a client finds the R closest store nodes to an
 inbox through the DHT, deposits there and fetches back, and the plain DHT node (made the
-XOR-closest to the inbox) is never chosen."""
+XOR-closest to the inbox) is never chosen. Placement by the inbox key itself: in a DHT with
+more servers than k, a client that knows no store node finds, for each of several inboxes, the
+R store nodes XOR-closest to the inbox key (checked by brute force)."""
 
 from __future__ import annotations
 
@@ -42,10 +44,12 @@ TIMEOUT = 40
 
 
 @contextlib.asynccontextmanager
-async def dht_host(identity: Identity, mode: Mode = Mode.SERVER) -> AsyncIterator[DhtNode]:
+async def dht_host(
+    identity: Identity, mode: Mode = Mode.SERVER, config: DhtConfig = CONFIG
+) -> AsyncIterator[DhtNode]:
     async with (
         Host(identity, listen=[LOOPBACK], dial_timeout=2.0) as host,
-        DhtNode(host, mode=mode, config=CONFIG, timing=TIMING) as dht,
+        DhtNode(host, mode=mode, config=config, timing=TIMING) as dht,
     ):
         yield dht
 
@@ -124,6 +128,69 @@ async def test_client_finds_the_closest_store_nodes_through_the_dht(tmp_path: Pa
                 assert held == (node.host.peer_id in chosen_ids)
 
 
+def _distance(identity: Identity, point: bytes) -> bytes:
+    return kad_distance(node_key(identity.peer_id), point)
+
+
+async def test_placement_is_by_the_inbox_key_among_more_dht_servers_than_k(
+    tmp_path: Path,
+) -> None:
+    k = 5
+    config = DhtConfig(k=k, request_timeout_ms=3_000)
+    store_identities = [Identity.generate() for _ in range(6)]
+    plain_identities = [Identity.generate() for _ in range(6)]
+    everyone = store_identities + plain_identities
+    # Inboxes whose R closest store nodes are among the k closest DHT servers (the lookup's
+    # answer): a client knowing no store node can then place them from one lookup. At least
+    # one inbox has plain DHT servers closest to it, which must never be chosen.
+    inboxes: list[bytes] = []
+    while len(inboxes) < 5:
+        inbox = owner()[1]
+        servers = sorted(everyone, key=lambda i: _distance(i, inbox))[:k]
+        holders = sorted(store_identities, key=lambda i: _distance(i, inbox))[:REPLICATION]
+        plain_first = servers[0] in plain_identities
+        if all(h in servers for h in holders) and (plain_first or len(inboxes) < 4):
+            inboxes.append(inbox)
+
+    with anyio.fail_after(TIMEOUT):
+        async with contextlib.AsyncExitStack() as stack:
+            servers_up: list[DhtNode] = []
+            for index, identity in enumerate(everyone):
+                dht = await stack.enter_async_context(dht_host(identity, config=config))
+                if identity in store_identities:
+                    db = stack.enter_context(InboxStore(tmp_path / f"node{index}.db"))
+                    await stack.enter_async_context(
+                        StoreNode(dht.host, db, membership=DhtMembership(dht))
+                    )
+                servers_up.append(dht)
+            first = servers_up[0].host.addrs[0]
+            async with anyio.create_task_group() as tg:
+                for dht in servers_up[1:]:
+                    tg.start_soon(dht.bootstrap, [first])
+            await servers_up[0].refresh(force=True)
+            async with anyio.create_task_group() as tg:
+                for dht in servers_up:
+                    tg.start_soon(dht.publish_record)
+
+            client_dht = await stack.enter_async_context(
+                dht_host(Identity.generate(), mode=Mode.CLIENT, config=config)
+            )
+            assert await client_dht.bootstrap([first]) >= 1
+            for inbox in inboxes:
+                # The lookup converges on the inbox key itself: the k closest servers to it.
+                found = [peer for peer, _ in await client_dht.closest_peers(inbox)]
+                by_point = sorted(everyone, key=lambda i: _distance(i, inbox))
+                assert found == [i.peer_id for i in by_point[:k]]
+
+                fresh = DhtMembership(client_dht)  # knows no store node yet
+                chosen = await fresh.nodes_for(inbox, REPLICATION)
+                expected = sorted(store_identities, key=lambda i: _distance(i, inbox))
+                assert [n.peer_id for n in chosen] == [i.peer_id for i in expected[:REPLICATION]]
+                assert not {n.peer_id for n in fresh.store_nodes()} & {
+                    i.peer_id for i in plain_identities
+                }
+
+
 # --- the cache, against a stand-in DHT and a fake clock ---------------------------------------
 
 
@@ -143,6 +210,9 @@ class FakeDht:
     asked: list[PeerId] = field(default_factory=list)
 
     async def get_closest_peers(self, key: bytes) -> list[tuple[PeerId, list[Multiaddr]]]:
+        return [(peer, []) for peer in self.records]
+
+    async def closest_peers(self, point: bytes) -> list[tuple[PeerId, list[Multiaddr]]]:
         return [(peer, []) for peer in self.records]
 
     async def get_record(self, peer: PeerId) -> SignedPeerRecord | None:
@@ -212,3 +282,22 @@ async def test_the_number_of_peers_remembered_is_bounded() -> None:
     # Four remembered, and this node itself (it serves the store protocol).
     assert len(nodes) == 5
     assert fake.host.peer_id in {n.peer_id for n in nodes}
+
+
+async def test_a_peer_without_a_record_is_asked_again_sooner_than_a_plain_one() -> None:
+    clock = FakeClock()
+    late, plain = Identity.generate(), Identity.generate()
+    fake = FakeDht(FakeHost(Identity.generate().peer_id))
+    fake.records[plain.peer_id] = signed(plain, [KAD_PROTOCOL], clock.now_ms, 1000)
+    membership = DhtMembership(
+        cast(DhtNode, fake), negative_ttl_s=300, missing_ttl_s=5, clock=clock
+    )
+    # A node that joined the DHT and has yet to publish its record: no record at first.
+    await membership.check([late.peer_id, plain.peer_id])
+    assert membership.store_nodes() == ()
+    fake.records[late.peer_id] = signed(late, [PROTOCOL], clock.now_ms, 1000)
+    clock.advance(5)
+    asked = len(fake.asked)
+    await membership.check([late.peer_id, plain.peer_id])
+    assert fake.asked[asked:] == [late.peer_id]  # the plain node's "no" still holds
+    assert [n.peer_id for n in membership.store_nodes()] == [late.peer_id]

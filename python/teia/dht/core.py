@@ -19,6 +19,8 @@ drive the very same code.
   which request, takes answers and failures, keeps the best record a GET_VALUE lookup met,
   adds responders to the table and, when done, evicts the peers that did not answer (dead
   entries otherwise keep coming back in everybody's answers and slow every lookup down).
+  `DhtCore.lookup` converges on ``sha256(key)``; `DhtCore.lookup_point` on a 32-byte point
+  used as it is (an inbox key), asking with a key ground to hash near it (`point_request_key`).
 
 Storage: the core keeps records and provider entries in memory (`MemoryRecordStore`, bounded),
 so that request handling never blocks. A node that must survive restarts persists snapshots to
@@ -29,6 +31,7 @@ changed) and reloads them at start (`DhtCore.restore_record` re-validates each o
 from __future__ import annotations
 
 import enum
+import hashlib
 import ipaddress
 import os
 from collections import OrderedDict
@@ -63,6 +66,8 @@ from teia.identity import Multiaddr, PeerId
 __all__ = [
     "DEFAULT_ALPHA",
     "DEFAULT_K",
+    "DEFAULT_POINT_PREFIX_BITS",
+    "MAX_POINT_PREFIX_BITS",
     "PROVIDER_TTL_MS",
     "DhtConfig",
     "DhtCore",
@@ -73,12 +78,17 @@ __all__ = [
     "PingRequest",
     "SendRequest",
     "Wait",
+    "point_request_key",
 ]
 
 DEFAULT_K: Final = 20
 DEFAULT_ALPHA: Final = 3
 PROVIDER_TTL_MS: Final = 24 * 60 * 60 * 1000
 """How long an ADD_PROVIDER announcement is kept (providers re-announce before that)."""
+DEFAULT_POINT_PREFIX_BITS: Final = 16
+"""Leading bits a point lookup's request key hashes to (see `point_request_key`): answers are
+exact for networks of up to some 2^14 servers and close beyond; ~65k hashes per new point."""
+MAX_POINT_PREFIX_BITS: Final = 24
 
 RawPeer = tuple[bytes, list[bytes]]
 """A peer as the Rust core sees it: binary peer ID and binary multiaddrs."""
@@ -393,6 +403,12 @@ class DhtCore:
         found = self.table.closest(_native.kad_key(key), count + (exclude is not None))
         return [p for p in found if p[0] != exclude][:count]
 
+    def closest_to_point(self, point: bytes, n: int | None = None) -> list[RawPeer]:
+        """The ``n`` (default k) table entries whose Kademlia keys are closest to ``point``, a
+        32-byte position in the key space used as it is (not hashed)."""
+        _check_point(point)
+        return self.table.closest(point, self.config.k if n is None else n)
+
     def refresh_keys(
         self,
         now_ms: int,
@@ -577,9 +593,61 @@ class DhtCore:
         """
         return LookupDriver(self, key, now_ms, kind=kind, seeds=seeds)
 
+    def lookup_point(self, point: bytes, request_key: bytes, now_ms: int) -> LookupDriver:
+        """Start a FIND_NODE lookup of the peers closest to ``point`` itself (32 bytes, not
+        hashed: an inbox key, a position chosen by an application).
+
+        The wire protocol only carries keys that the answering node hashes, so the requests
+        carry ``request_key``, whose hash shares a prefix with ``point``
+        (`point_request_key`): answers then name the peers around ``point``, and the lookup
+        keeps and asks the closest by XOR to ``point`` itself.
+        """
+        _check_point(point)
+        return LookupDriver(
+            self, request_key, now_ms, target=point, seeds=self.closest_to_point(point)
+        )
+
     def purge_expired(self, now_ms: int) -> int:
         """Drop expired records and provider entries."""
         return self.store.purge_expired(now_ms)
+
+
+def _check_point(point: bytes) -> None:
+    if len(point) != 32:
+        raise ValueError(f"a point in the key space is 32 bytes, not {len(point)}")
+
+
+def point_request_key(
+    point: bytes,
+    prefix_bits: int = DEFAULT_POINT_PREFIX_BITS,
+    *,
+    random_bytes: Callable[[int], bytes] = os.urandom,
+) -> bytes:
+    """A 32-byte FIND_NODE key whose SHA-256 starts with the first ``prefix_bits`` bits of
+    ``point``, so that nodes, which hash what they are asked, answer about ``point``'s
+    neighbourhood.
+
+    Keys are a random 24-byte stem and an 8-byte counter, drawn until one fits (about
+    2^prefix_bits hashes): the key does not contain the point, so a node asked learns only
+    that prefix of it, as it would from any lookup ending there. CPU-bound (tens of
+    milliseconds at 16 bits): run it in a worker thread and reuse the key for the same point.
+    Raises `ValueError` for a point that is not 32 bytes or bits outside 0..24.
+    """
+    _check_point(point)
+    if not 0 <= prefix_bits <= MAX_POINT_PREFIX_BITS:
+        raise ValueError(f"prefix_bits must be 0..{MAX_POINT_PREFIX_BITS}, not {prefix_bits}")
+    whole, rest = divmod(prefix_bits, 8)
+    head = point[:whole]
+    mask = (0xFF00 >> rest) & 0xFF
+    last = point[whole] & mask
+    sha256 = hashlib.sha256
+    while True:
+        stem = random_bytes(24)
+        for counter in range(1 << 32):
+            candidate = stem + counter.to_bytes(8, "big")
+            digest = sha256(candidate).digest()
+            if digest[:whole] == head and digest[whole] & mask == last:
+                return candidate
 
 
 def _raw_addrs(addrs: Iterable[Multiaddr | bytes]) -> list[bytes]:
@@ -603,13 +671,17 @@ class LookupDriver:
         kind: MessageType = MessageType.FIND_NODE,
         seeds: Sequence[RawPeer] | None = None,
         quorum: int = 1,
+        target: bytes | None = None,
     ) -> None:
         if kind not in (MessageType.FIND_NODE, MessageType.GET_VALUE):
             raise ValueError(f"lookups are FIND_NODE or GET_VALUE, not {kind.name}")
         self.core = core
         self.key = key
+        """What the requests carry."""
         self.kind = kind
-        self.target = _native.kad_key(key)
+        self.target = _native.kad_key(key) if target is None else target
+        """The position in the key space the lookup converges on (``sha256(key)`` unless
+        given: see `DhtCore.lookup_point`)."""
         self.started_ms = now_ms
         config = core.config
         start = list(seeds) if seeds is not None else core.closest(key)

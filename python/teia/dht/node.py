@@ -9,7 +9,8 @@ half its TTL, stored records replicated to the k closest peers it knows, snapsho
 - `DhtNode.find_peer` → addresses of a peer (routing table, a held record, a GET_VALUE lookup
   for its signed record, then a FIND_NODE lookup).
 - `DhtNode.publish_record` signs this peer's record and stores it on the k closest nodes.
-- `DhtNode.get_closest_peers` → the k closest DHT servers to a key.
+- `DhtNode.get_closest_peers` → the k closest DHT servers to ``sha256(key)``;
+  `DhtNode.closest_peers` → the k closest to a 32-byte point used as it is (an inbox key).
 
 One request per stream on the client side (as libp2p implementations do, the server also
 answers several on one stream); connections are the host's, shared with everything else.
@@ -40,6 +41,7 @@ import anyio
 import anyio.abc
 
 from teia.dht.core import (
+    DEFAULT_POINT_PREFIX_BITS,
     DhtConfig,
     DhtCore,
     LookupDriver,
@@ -47,6 +49,7 @@ from teia.dht.core import (
     Mode,
     PingRequest,
     SendRequest,
+    point_request_key,
 )
 from teia.dht.messages import (
     KAD_PROTOCOL,
@@ -73,6 +76,8 @@ from teia.identity import Multiaddr, PeerId
 __all__ = ["DhtMetrics", "DhtNode", "DhtTiming"]
 
 _log = logging.getLogger(__name__)
+
+_POINT_KEYS_KEPT = 1024
 
 # What a failed request to a peer can raise: transport and protocol errors, a stream that
 # ended, a timeout, a bad answer.
@@ -180,6 +185,7 @@ class DhtNode:
         self._last_refresh = -math.inf
         self._last_replicate = time.monotonic()
         self._last_persist = time.monotonic()
+        self._point_keys: OrderedDict[tuple[bytes, int], bytes] = OrderedDict()
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -377,6 +383,27 @@ class DhtNode:
     async def get_closest_peers(self, key: bytes) -> list[tuple[PeerId, list[Multiaddr]]]:
         """The k closest DHT servers to ``sha256(key)`` that answered, closest first."""
         result = await self._lookup(key, MessageType.FIND_NODE)
+        return result.peers
+
+    async def closest_peers(
+        self, point: bytes, *, prefix_bits: int = DEFAULT_POINT_PREFIX_BITS
+    ) -> list[tuple[PeerId, list[Multiaddr]]]:
+        """The k closest DHT servers to ``point`` that answered, closest first: ``point`` is 32
+        bytes used directly as the Kademlia target (an inbox key), not hashed.
+
+        The requests carry a key whose hash shares ``prefix_bits`` leading bits with ``point``
+        (`teia.dht.core.point_request_key`, found in a worker thread and remembered for the
+        last 1,024 points). Raises `ValueError` for a point that is not 32 bytes.
+        """
+        cache_key = (bytes(point), prefix_bits)
+        request_key = self._point_keys.get(cache_key)
+        if request_key is None:
+            request_key = await anyio.to_thread.run_sync(point_request_key, point, prefix_bits)
+            self._point_keys[cache_key] = request_key
+            while len(self._point_keys) > _POINT_KEYS_KEPT:
+                self._point_keys.popitem(last=False)
+        self._point_keys.move_to_end(cache_key)
+        result = await self._drive(self.core.lookup_point(point, request_key, self._clock()))
         return result.peers
 
     async def find_peer(self, peer: PeerId) -> list[Multiaddr]:

@@ -107,13 +107,17 @@ class DhtMembership:
     `refresh` (run every ``refresh_interval`` by `run`) re-checks the routing table, a lookup
     of this node's own key and the known store nodes. Each peer's record is fetched with
     `DhtNode.get_record` and kept for the record's TTL, asked again half-way through (a peer
-    without a record, or not serving the store, is asked again after ``negative_ttl_s``). A
-    node whose record expired and was not renewed drops out, and `version` changes.
+    whose record does not list the store is asked again after ``negative_ttl_s``, or when
+    that record expires; one without a record, perhaps a node that joined and has yet to
+    publish, after ``missing_ttl_s``, by default the same). A node whose record expired and
+    was not renewed drops out, and `version` changes.
 
     Every participant orders the same way (`responsible_nodes` over `store_nodes`), so a
     client and the nodes agree on an inbox's holders once they have met the same store nodes.
-    The DHT lookup targets ``sha256(key)`` while the inbox key is used as it is, so the lookup
-    in `nodes_for` finds candidates; the ordering is always by XOR to the inbox key itself.
+    `nodes_for` looks up the DHT servers closest to the inbox key itself
+    (`DhtNode.closest_peers`: the key is the Kademlia target, not hashed), so the store nodes
+    around an inbox are met where placement puts its holders; the answer is the R store nodes
+    XOR-closest to the inbox key among all those known (the lookup's and earlier ones).
 
     Bounds: at most ``max_peers`` peers remembered (least recently checked dropped first),
     ``concurrency`` record fetches at a time, each under ``record_timeout`` seconds, and every
@@ -130,6 +134,7 @@ class DhtMembership:
         record_timeout: float = 10.0,
         lookup_timeout: float = 30.0,
         negative_ttl_s: int = 300,
+        missing_ttl_s: int | None = None,
         refresh_interval: float = 300.0,
         clock: Callable[[], int] = unix_ms,
     ) -> None:
@@ -141,6 +146,7 @@ class DhtMembership:
         self.record_timeout = record_timeout
         self.lookup_timeout = lookup_timeout
         self.negative_ttl_s = negative_ttl_s
+        self.missing_ttl_s = negative_ttl_s if missing_ttl_s is None else missing_ttl_s
         self.refresh_interval = refresh_interval
         self._clock = clock
         self._limiter = anyio.CapacityLimiter(concurrency)
@@ -159,10 +165,11 @@ class DhtMembership:
         return self._nodes
 
     async def nodes_for(self, inbox: bytes, replication: int) -> list[StoreNodeInfo]:
-        """Look for store nodes near ``inbox``, then the ``replication`` closest known ones."""
+        """Look up the DHT servers closest to the point ``inbox`` and check which serve the
+        store; then the ``replication`` store nodes closest to ``inbox``, closest first."""
         peers: list[PeerId] = []
         with anyio.move_on_after(self.lookup_timeout):
-            peers = [peer for peer, _ in await self.dht.get_closest_peers(inbox)]
+            peers = [peer for peer, _ in await self.dht.closest_peers(inbox)]
         await self.check(peers)
         return responsible_nodes(inbox, self.store_nodes(), replication)
 
@@ -215,7 +222,7 @@ class DhtMembership:
                 recheck = min(previous.until_ms, now + self.negative_ttl_s * 1000)
                 checked = _Checked(previous.info, previous.until_ms, recheck)
             else:
-                until = now + self.negative_ttl_s * 1000
+                until = now + self.missing_ttl_s * 1000
                 checked = _Checked(None, until, until)
         elif self.protocol in record.protocols:
             info = StoreNodeInfo(peer, tuple(a.without_peer_id() for a in record.addrs))

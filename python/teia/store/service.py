@@ -1,37 +1,55 @@
 """``teia store``: the store-and-forward node as a service.
 
 Settings come from flags and ``--config FILE`` (TOML, the same names: ``listen = [...]``,
-``bootstrap = [...]``, ``data-dir``, ``max-ttl-days`` …). The node's identity lives in
-``DATA_DIR/store-identity.key`` (a libp2p private-key protobuf, created 0600 on first start),
-its database in ``DATA_DIR/store.db``.
+``bootstrap = [...]``, ``peer = [...]``, ``data-dir``, ``max-ttl-days`` …). The node's identity
+lives in ``DATA_DIR/store-identity.key`` (a libp2p private-key protobuf, created 0600 on first
+start), its database in ``DATA_DIR/store.db``.
 
-Membership: ``--bootstrap`` names the other store nodes (``…/quic-v1/p2p/<id>``); with this
-node they form the static membership that decides which R nodes hold each inbox. (A
-DHT-backed membership, store nodes advertising ``/teia/store/1.0.0`` in their peer records,
-plugs in through `teia.store.membership.StoreMembership`.)
+Membership (which store nodes exist, so which R of them hold each inbox), one of:
+
+- **DHT** (``--bootstrap``, DHT nodes such as discovery nodes): the node joins the DHT as a
+  server (routing table and records kept in ``DATA_DIR/dht.db``), publishes its signed peer
+  record listing ``/teia/store/1.0.0`` (with ``--announce`` addresses, or the listen
+  addresses), keeps trying while no bootstrap node answers, and finds the other store nodes
+  by their records (`teia.store.membership.DhtMembership`), re-checked every
+  ``membership-interval`` seconds; a change starts an anti-entropy round.
+- **static** (``--peer``, the other store nodes ``…/quic-v1/p2p/<id>``): with this node they
+  form a fixed membership (`teia.store.membership.StaticMembership`).
 
 Metrics (metadata only): envelopes stored / replicated / delivered / deleted / expired /
 fetched, bytes stored, refusals by reason, requests by kind and status, batch sizes and
-commit times, and gauges of envelopes, bytes and inboxes held.
+commit times, and gauges of envelopes, bytes, inboxes held and store nodes known.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import anyio
+from prometheus_client import Gauge
 
-from teia.errors import ConfigError, InvalidMultiaddr
+from teia.dht.core import Mode
+from teia.dht.node import DhtNode
+from teia.dht.storage import DhtStore
+from teia.errors import ConfigError, DhtError, InvalidMultiaddr
 from teia.host.host import Host
-from teia.identity import Identity
+from teia.identity import Identity, Multiaddr
 from teia.service import ServiceConfig, ServiceContext, add_arguments, setting
 from teia.service.checks import non_negative, positive, quic_listen_address
 from teia.service.identity import node_identity
+from teia.service.logs import fields
 from teia.service.runner import main
-from teia.store.membership import StaticMembership, StoreNodeInfo
+from teia.store.membership import (
+    DhtMembership,
+    StaticMembership,
+    StoreMembership,
+    StoreNodeInfo,
+)
 from teia.store.node import DAY_S, StoreNode, StoreSettings
 from teia.store.storage import InboxStore, StoreLimits
 
@@ -39,14 +57,34 @@ __all__ = ["StoreConfig", "register", "serve"]
 
 _IDENTITY_FILE = "store-identity.key"
 _DATABASE_FILE = "store.db"
+_DHT_FILE = "dht.db"
+_BOOTSTRAP_RETRY_S = 30.0
 
 
-def _bootstrap(value: Any) -> str | None:
+def _peer(value: Any) -> str | None:
     try:
         StoreNodeInfo.from_multiaddr(value)
     except (InvalidMultiaddr, ValueError) as exc:
         return str(exc)
     return None
+
+
+def _bootstrap(value: Any) -> str | None:
+    try:
+        addr = Multiaddr(value)
+    except InvalidMultiaddr as exc:
+        return str(exc)
+    if not addr.is_quic_v1 or addr.peer_id is None:
+        return "must be a full address …/udp/<port>/quic-v1/p2p/<peer-id> of a DHT node"
+    return None
+
+
+def _announce(value: Any) -> str | None:
+    try:
+        addr = Multiaddr(value)
+    except InvalidMultiaddr as exc:
+        return str(exc)
+    return None if addr.peer_id is None else "must not carry /p2p (the node adds its own)"
 
 
 def _ttl_days(value: Any) -> str | None:
@@ -60,7 +98,19 @@ class StoreConfig(ServiceConfig):
         check=quic_listen_address,
     )  # fmt: skip
     bootstrap: list[str] = setting(
-        [], "another store node (…/quic-v1/p2p/<id>)", metavar="MULTIADDR", check=_bootstrap
+        [], "a DHT node to join through (…/quic-v1/p2p/<id>); store nodes are then found in "
+        "the DHT", metavar="MULTIADDR", check=_bootstrap,
+    )  # fmt: skip
+    peer: list[str] = setting(
+        [], "another store node (…/quic-v1/p2p/<id>), for a static membership without the DHT",
+        metavar="MULTIADDR", check=_peer,
+    )  # fmt: skip
+    announce: list[str] = setting(
+        [], "address to publish in the DHT instead of the listen addresses (e.g. the public "
+        "one)", metavar="MULTIADDR", check=_announce,
+    )  # fmt: skip
+    membership_interval: float = setting(
+        60.0, "seconds between checks of the store nodes found in the DHT", check=positive
     )
     data_dir: Path = setting(Path("/var/lib/teia/store"), "state directory", metavar="DIR")
     default_ttl_days: int = setting(14, "TTL of envelopes that ask for none", check=_ttl_days)
@@ -101,6 +151,11 @@ def settings_from(config: StoreConfig) -> tuple[StoreSettings, StoreLimits]:
     """The node policy and the database limits that ``config`` describes."""
     if not config.min_ttl_days <= config.default_ttl_days <= config.max_ttl_days:
         raise ConfigError("min-ttl-days <= default-ttl-days <= max-ttl-days must hold")
+    if config.bootstrap and config.peer:
+        raise ConfigError(
+            "give either bootstrap (store nodes found in the DHT) or peer (a static list of "
+            "store nodes), not both"
+        )
     settings = StoreSettings(
         default_ttl_s=config.default_ttl_days * DAY_S,
         min_ttl_s=config.min_ttl_days * DAY_S,
@@ -128,25 +183,82 @@ async def serve(ctx: ServiceContext) -> None:
     assert isinstance(config, StoreConfig)
     settings, limits = settings_from(config)
     identity = load_identity(config.data_dir)
-    peers = [StoreNodeInfo.from_multiaddr(addr) for addr in config.bootstrap]
-    with InboxStore(config.data_dir / _DATABASE_FILE, limits=limits) as store:
-        async with Host(identity, listen=config.listen) as host:
+    peers = [StoreNodeInfo.from_multiaddr(addr) for addr in config.peer]
+    async with contextlib.AsyncExitStack() as stack:
+        store = stack.enter_context(InboxStore(config.data_dir / _DATABASE_FILE, limits=limits))
+        host = await stack.enter_async_context(Host(identity, listen=config.listen))
+        dht: DhtNode | None = None
+        membership: StoreMembership
+        if config.bootstrap:
+            dht_store = stack.enter_context(DhtStore(config.data_dir / _DHT_FILE))
+            dht = await stack.enter_async_context(DhtNode(host, mode=Mode.SERVER, store=dht_store))
+            # A peer without a record may be a node that has yet to publish: asked again at
+            # the next check rather than after the five minutes a "no" from a record lasts.
+            membership = DhtMembership(
+                dht,
+                refresh_interval=config.membership_interval,
+                missing_ttl_s=max(1, math.ceil(config.membership_interval)),
+            )
+        else:
             me = StoreNodeInfo(identity.peer_id, tuple(host.listen_addrs))
             membership = StaticMembership([me, *peers])
-            async with StoreNode(
-                host, store, membership=membership, settings=settings, registry=ctx.registry
-            ) as node:
-                ctx.ready(
-                    peer_id=str(identity.peer_id),
-                    listen=",".join(str(a) for a in host.addrs) or ",".join(config.listen),
-                    store_nodes=len(membership.store_nodes()),
-                    envelopes=store.envelope_count,
-                    inboxes=store.inbox_count,
-                )
-                if peers:
-                    # A node that (re)starts catches up with its replicas at once.
-                    await node.run_anti_entropy()
-                await anyio.sleep_forever()
+        Gauge(
+            "teia_store_nodes", "store nodes in the membership (this one included)",
+            registry=ctx.registry,
+        ).set_function(lambda: len(membership.store_nodes()))  # fmt: skip
+        node = await stack.enter_async_context(
+            StoreNode(host, store, membership=membership, settings=settings, registry=ctx.registry)
+        )
+        ctx.ready(
+            peer_id=str(identity.peer_id),
+            listen=",".join(str(a) for a in host.addrs) or ",".join(config.listen),
+            membership="dht" if dht is not None else "static",
+            store_nodes=len(membership.store_nodes()),
+            envelopes=store.envelope_count,
+            inboxes=store.inbox_count,
+        )
+        if dht is not None:
+            assert isinstance(membership, DhtMembership)
+            announce = [Multiaddr(a) for a in config.announce] or None
+            await _join_and_follow(ctx, dht, membership, list(config.bootstrap), announce)
+        else:
+            if peers:
+                # A node that (re)starts catches up with its replicas at once.
+                await node.run_anti_entropy()
+            await anyio.sleep_forever()
+
+
+async def _join_and_follow(
+    ctx: ServiceContext,
+    dht: DhtNode,
+    membership: DhtMembership,
+    bootstrap: list[str],
+    announce: list[Multiaddr] | None,
+) -> None:
+    """Join the DHT (retrying while no bootstrap node answers: they may start later), publish
+    this node's record, then re-check the store nodes every refresh interval, logging changes
+    (the store node's anti-entropy loop follows the membership's version)."""
+    while True:
+        try:
+            reached = await dht.bootstrap(bootstrap)
+        except DhtError as exc:
+            ctx.log.warning("DHT bootstrap failed; retrying", extra=fields(reason=str(exc)))
+            await anyio.sleep(_BOOTSTRAP_RETRY_S)
+            continue
+        ctx.log.info("joined the DHT", extra=fields(bootstrap_reached=reached))
+        break
+    stored = await dht.publish_record(announce)
+    ctx.log.info("record published", extra=fields(stored_on=stored))
+    seen = -1
+    while True:
+        nodes = await membership.refresh()
+        if membership.version != seen:
+            seen = membership.version
+            ctx.log.info(
+                "store nodes",
+                extra=fields(count=len(nodes), peers=sorted(str(n.peer_id) for n in nodes)),
+            )
+        await anyio.sleep(membership.refresh_interval)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -160,8 +272,9 @@ def register(sub: Any) -> None:
         help="run a store-and-forward node (inboxes for offline peers)",
         description="Hold end-to-end encrypted envelopes for offline peers in inboxes keyed by "
         "the recipient's key hash, for 7 to 14 days or until the recipient acknowledges them "
-        "(signed); hold prekey bundles; replicate each inbox on the R closest store nodes "
-        "(--bootstrap names the others) and reconcile them by anti-entropy.",
+        "(signed); hold prekey bundles; replicate each inbox on the R store nodes closest to "
+        "it and reconcile them by anti-entropy. Store nodes are found in the DHT (--bootstrap "
+        "names DHT nodes to join through) or listed (--peer names the other store nodes).",
     )
     add_arguments(parser, StoreConfig)
     parser.set_defaults(handler=_run)
