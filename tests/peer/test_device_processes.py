@@ -6,14 +6,17 @@ afterwards — still gets the other account's next message through the store, fa
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import anyio
 import pytest
+from anyio.streams.text import TextReceiveStream
 
 from .conftest import TIMEOUT, introduce, make_profile, online
 from .infra import store_nodes
-from .test_cli import teia
+from .test_cli import ENV, teia
 
 
 async def run(*args: str) -> list[dict[str, object]]:
@@ -67,3 +70,35 @@ async def test_linking_in_another_process_then_fan_out_through_the_store(tmp_pat
                 ]
                 assert rows[1]["path"] == "stored"
                 assert rows[1]["peer_id"] == str(bob)
+
+
+@pytest.mark.anyio
+async def test_code_shown_by_one_process_links_a_device_in_another(tmp_path: Path) -> None:
+    a1_dir = str(make_profile(tmp_path / "a1"))
+    a2_dir = make_profile(tmp_path / "a2")
+    with anyio.fail_after(TIMEOUT * 2):
+        (created,) = await run("device", "create", "--json", "--profile", a1_dir)
+        assert created["settled"] is True
+        assert created["version"] == 1
+        shower = await anyio.open_process(
+            [sys.executable, "-m", "teia", "device", "code", "--json", "--timeout", "30",
+             "--profile", a1_dir],
+            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        async with shower:
+            assert shower.stdout is not None
+            out = TextReceiveStream(shower.stdout)
+            seen = ""
+            while "\n" not in seen:
+                seen += await out.receive()
+            code = json.loads(seen.splitlines()[0])["code"]
+            async with online(a2_dir) as a2:
+                granted = await a2.devices.link(code)
+                assert str(granted.account) == created["account"]
+                assert await a2.devices.wait_history() == 0
+                async for chunk in out:
+                    seen += chunk
+                assert await shower.wait() == 0
+        report = json.loads(seen.splitlines()[-1])
+        assert report["linked"] == str(a2.peer_id)
+        assert report["version"] == 2
