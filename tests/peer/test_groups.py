@@ -355,3 +355,75 @@ async def test_offline_member_gets_group_messages_from_the_store(tmp_path: Path)
                     (str(bob.peer_id), "and from bob"),
                 ]
                 assert (await carol_again.groups.get(group)).joined
+
+
+@pytest.mark.anyio
+async def test_groups_and_keys_survive_a_restart(tmp_path: Path) -> None:
+    with anyio.fail_after(TIMEOUT * 2):
+        async with peers(tmp_path, 2) as (alice, bob):
+            group = await alice.groups.create("kept", [bob.peer_id])
+            await bob.groups.wait_keys(group, 1)
+            await alice.groups.wait_keys(group, 1)
+            await alice.groups.send(group, "first")
+            await receive(bob, group.conversation, 1)
+        async with peers(tmp_path, 2) as (alice, bob):
+            assert [g.name for g in await alice.groups.list()] == ["kept"]
+            await alice.groups.send(group, "after a restart")
+            await bob.groups.send(group, "me too")
+            assert (await receive(bob, group.conversation, 2))[1] == (
+                str(alice.peer_id),
+                "after a restart",
+            )
+            assert await receive(alice, group.conversation, 1) == [(str(bob.peer_id), "me too")]
+            assert await texts(alice, group) == ["first", "after a restart", "me too"]
+
+
+class Gate:
+    """Holds a peer's group payloads until opened (its dispatcher waits meanwhile)."""
+
+    def __init__(self, peer: Peer) -> None:
+        self.arrived = anyio.Event()
+        self.open = anyio.Event()
+        self._inner = peer.groups._handle
+        peer.on_app(GROUP_APP, self)
+
+    async def __call__(self, message: AppMessage) -> None:
+        self.arrived.set()
+        await self.open.wait()
+        await self._inner(message)
+
+
+@pytest.mark.anyio
+async def test_two_admins_changing_at_once_end_on_the_same_state(tmp_path: Path) -> None:
+    with anyio.fail_after(TIMEOUT * 2):
+        async with peers(tmp_path, 3) as (alice, bob, carol):
+            group = await alice.groups.create(
+                "g", [bob.peer_id, carol.peer_id], admins=[bob.peer_id]
+            )
+            for member in (bob, carol):
+                await member.groups.wait_version(group, 0)
+            # Alice's rename reaches Bob only after Bob made his own change of version 1.
+            gate = Gate(bob)
+            await alice.groups.rename(group, "alice's name")
+            await gate.arrived.wait()
+            await bob.groups.rename(group, "bob's name")  # his own version 1
+            gate.open.set()
+            for sender, receiver in ((alice, bob), (alice, carol), (bob, alice), (bob, carol)):
+                await flushed(sender, receiver)
+            held = [
+                await p.run_db(p.groups._tables.load, bytes.fromhex(group.group_id))
+                for p in (alice, bob, carol)
+            ]
+            states = [h.state for h in held if h is not None]
+            assert len(states) == 3
+            assert len({s.digest() for s in states}) == 1
+            winner = states[0]
+            assert winner.version == 1
+            assert winner.name in ("alice's name", "bob's name")
+            # The loser was refused where it came second, and the keys still work.
+            assert alice.groups.stats["refused"] + bob.groups.stats["refused"] >= 1
+            await carol.groups.send(group, "which name?")
+            for member in (alice, bob):
+                assert await receive(member, group.conversation, 1) == [
+                    (str(carol.peer_id), "which name?")
+                ]

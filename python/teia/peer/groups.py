@@ -51,7 +51,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import anyio
 
@@ -103,6 +103,7 @@ CREATE TABLE IF NOT EXISTS group_states (
     version INTEGER NOT NULL,
     member INTEGER NOT NULL,
     state BLOB NOT NULL,
+    previous BLOB,
     updated_ms INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS group_sender_keys (group_id BLOB PRIMARY KEY, key BLOB NOT NULL);
@@ -144,6 +145,10 @@ def conversation_of(group_id: bytes | str) -> str:
 
 def _state_ad(group_id: bytes) -> bytes:
     return b"group-state\0" + group_id
+
+
+def _previous_ad(group_id: bytes) -> bytes:
+    return b"group-previous\0" + group_id
 
 
 def _sender_ad(group_id: bytes) -> bytes:
@@ -208,6 +213,8 @@ class GroupSent:
 class _Held:
     state: GroupState
     joined: bool
+    previous: GroupState | None = None
+    """The version before ``state`` (to settle a concurrent change of the same version)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,22 +242,35 @@ class _Tables:
                 "DELETE FROM group_parked WHERE parked_ms < ?", (now_ms() - PARKED_TTL_MS,)
             )
 
-    def _held(self, group_id: bytes, member: int, sealed: bytes) -> _Held:
+    def _held(self, group_id: bytes, member: int, sealed: bytes, previous: Any) -> _Held:
         raw = self.db.cipher.open(_state_ad(group_id), sealed)
-        return _Held(GroupState.decode(raw), bool(member))
+        before = None
+        if previous is not None:
+            before = GroupState.decode(self.db.cipher.open(_previous_ad(group_id), previous))
+        return _Held(GroupState.decode(raw), bool(member), before)
 
     def load(self, group_id: bytes) -> _Held | None:
         rows = self.db.read(
-            "SELECT member, state FROM group_states WHERE group_id = ?", (group_id,)
+            "SELECT member, state, previous FROM group_states WHERE group_id = ?", (group_id,)
         )
-        return self._held(group_id, rows[0][0], bytes(rows[0][1])) if rows else None
+        return self._held(group_id, rows[0][0], bytes(rows[0][1]), rows[0][2]) if rows else None
 
     def all(self) -> list[_Held]:
-        rows = self.db.read("SELECT group_id, member, state FROM group_states ORDER BY rowid")
-        return [self._held(bytes(g), m, bytes(s)) for g, m, s in rows]
+        rows = self.db.read(
+            "SELECT group_id, member, state, previous FROM group_states ORDER BY rowid"
+        )
+        return [self._held(bytes(g), m, bytes(s), p) for g, m, s, p in rows]
 
     def count(self) -> int:
         return int(self.db.read("SELECT count(*) FROM group_states")[0][0])
+
+    def key_holders(self, group_id: bytes) -> int:
+        """How many members' chains we hold for a group."""
+        rows = self.db.read(
+            "SELECT count(DISTINCT peer_id) FROM group_receiver_keys WHERE group_id = ?",
+            (group_id,),
+        )
+        return int(rows[0][0])
 
     def sender_key(self, group_id: bytes) -> bytes | None:
         rows = self.db.read("SELECT key FROM group_sender_keys WHERE group_id = ?", (group_id,))
@@ -303,6 +323,7 @@ class _Tables:
         state: GroupState,
         joined: bool,
         *,
+        previous: GroupState | None,
         sender_key: bytes | None,
         forget_peers: Sequence[str],
         sends: Sequence[tuple[str, bytes]],
@@ -310,14 +331,18 @@ class _Tables:
         """A new state, with what it changes (our chain, chains dropped, payloads to send)."""
         group_id = state.group_id
         with self.db.transaction() as conn:
+            sealed_previous = None
+            if previous is not None:
+                sealed_previous = self.db.cipher.seal(_previous_ad(group_id), previous.encode())
             conn.execute(
                 "INSERT OR REPLACE INTO group_states (group_id, version, member, state, "
-                "updated_ms) VALUES (?, ?, ?, ?, ?)",
+                "previous, updated_ms) VALUES (?, ?, ?, ?, ?, ?)",
                 (
                     group_id,
                     state.version,
                     int(joined),
                     self.db.cipher.seal(_state_ad(group_id), state.encode()),
+                    sealed_previous,
                     now_ms(),
                 ),
             )
@@ -512,6 +537,7 @@ class Groups:
         self._tables = _Tables(peer.profile.db)
         self._lock = anyio.Lock()
         self._changed = anyio.Event()
+        self._held_cache: dict[bytes, _Held | None] = {}
         self.stats: dict[str, int] = {
             "changes": 0,
             "refused": 0,
@@ -563,14 +589,38 @@ class Groups:
         group_id = parse_group_id(group)
         while True:
             waiter = self._changed
-            held = await self._db(self._tables.load, group_id)
+            held = await self._load(group_id)
             if held is not None and held.state.version >= version:
                 return GroupInfo.of(held.state, held.joined)
             await waiter.wait()
 
+    async def _load(self, group_id: bytes) -> _Held | None:
+        """The state held (cached: only this process writes the profile while online)."""
+        if group_id in self._held_cache:
+            return self._held_cache[group_id]
+        held = await self._db(self._tables.load, group_id)
+        if held is not None:  # absent groups are not cached: a stranger could fill the cache
+            self._held_cache[group_id] = held
+        return held
+
+    async def wait_keys(self, group: GroupInfo | str, count: int) -> None:
+        """Wait until we hold the sending chains of ``count`` other members (each member's
+        chain arrives over its pairwise session after it joins); bound it with
+        ``anyio.fail_after``."""
+        group_id = parse_group_id(group)
+        while True:
+            waiter = self._changed
+            if await self._db(self._tables.key_holders, group_id) >= count:
+                return
+            await waiter.wait()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()
+
     async def _held(self, group: GroupInfo | str) -> _Held:
         group_id = parse_group_id(group)
-        held = await self._db(self._tables.load, group_id)
+        held = await self._load(group_id)
         if held is None:
             raise UnknownGroup(f"no group {group_id.hex()}")
         return held
@@ -780,9 +830,19 @@ class Groups:
 
     # --- the state machine --------------------------------------------------------------------
 
-    async def _commit(self, held: _Held | None, state: GroupState, *, announce: bool) -> None:
-        """Move a group to ``state`` (checked already): our chain, the chains of members who
+    async def _commit(
+        self,
+        held: _Held | None,
+        state: GroupState,
+        *,
+        announce: bool,
+        previous: GroupState | None = None,
+    ) -> None:
+        """Move a group from ``held`` to ``state`` (checked already; ``previous`` is the
+        version before it, by default the one held): our chain, the chains of members who
         left, and the payloads that follow from it, in one transaction; then send them."""
+        if previous is None and held is not None and state.prev_hash == held.state.digest():
+            previous = held.state
         me = self._peer.peer_id
         joined = me in state.members
         was_joined = held is not None and held.joined
@@ -816,13 +876,14 @@ class Groups:
             self._tables.commit_state,
             state,
             joined,
+            previous=previous,
             sender_key=sender_key,
             forget_peers=gone,
             sends=sends,
         )
+        self._held_cache[state.group_id] = _Held(state, joined, previous)
         self.stats["changes"] += 1
-        self._changed.set()
-        self._changed = anyio.Event()
+        self._notify()
         await self._flush(state.group_id)
 
     async def _handle(self, message: AppMessage) -> None:
@@ -842,7 +903,7 @@ class Groups:
     async def _drain(self, group_id: bytes) -> None:
         """Take again what was parked for a group whose state advanced (until nothing moves)."""
         while True:
-            held = await self._db(self._tables.load, group_id)
+            held = await self._load(group_id)
             if held is None:
                 return
             waiting = await self._db(self._tables.unpark, group_id, held.state.version)
@@ -868,12 +929,26 @@ class Groups:
         self.stats["parked"] += 1
 
     async def _take_state(self, incoming: _Incoming, state: GroupState) -> bool:
-        held = await self._db(self._tables.load, state.group_id)
+        held = await self._load(state.group_id)
         sender = incoming.sender
         me = self._peer.peer_id
         if held is not None and state.version <= held.state.version:
             if state.version == held.state.version and state.digest() == held.state.digest():
                 return False  # what we hold already (a payload handed again)
+            base = held.previous
+            if (
+                state.version == held.state.version
+                and base is not None
+                and state.prev_hash == base.digest()
+                and state.signer in base.admins
+                and (sender == state.signer or sender in base.members)
+            ):
+                # Two admins changed the same version at once: everyone keeps the state
+                # with the smaller hash, so every member ends on the same one.
+                if state.digest() < held.state.digest():
+                    await self._commit(held, state, announce=False, previous=base)
+                    return True
+                raise GroupChangeRefused("a concurrent change that loses to the one held")
             raise GroupChangeRefused("a group state older than the one held (replayed or forked)")
         if held is None or not held.joined:
             # Joining (or re-joining): from the admin who signed the state adding us.
@@ -904,7 +979,7 @@ class Groups:
         self, group_id: bytes, version: int, incoming: _Incoming
     ) -> GroupState | None:
         """The state a key or text from a member falls under; None when it was parked."""
-        held = await self._db(self._tables.load, group_id)
+        held = await self._load(group_id)
         if (
             held is not None
             and held.joined
@@ -930,6 +1005,7 @@ class Groups:
             key.to_bytes(),
         ):
             self.stats["keys"] += 1
+            self._notify()
 
     async def _take_text(self, incoming: _Incoming, body: GroupMessage) -> None:
         state = await self._placed(body.group_id, body.version, incoming)
