@@ -9,6 +9,7 @@ from typing import final
 
 __version__: str
 __all__ = [
+    "CpaceState",
     "GroupReceiverKey",
     "GroupSenderKey",
     "KadLookup",
@@ -290,6 +291,25 @@ class GroupReceiverKey:
     def to_bytes(self) -> bytes: ...
     @staticmethod
     def from_bytes(data: bytes) -> GroupReceiverKey: ...
+
+# --- PAKE for linking devices ------------------------------------------------------------------
+
+@final
+class CpaceState:
+    """One side of one CPace-style PAKE run over ristretto255 (the scalar stays in Rust,
+    zeroized on drop)."""
+
+    def __new__(cls, transcript: bytes) -> CpaceState:
+        """Generator hashed from ``transcript`` (SHA-512, ristretto255 hash-to-group), fresh
+        random scalar."""
+
+    @property
+    def share(self) -> bytes:
+        """The share to send (32 bytes)."""
+
+    def finish(self, theirs: bytes) -> bytes:
+        """The shared secret; `InvalidKey` for a share that does not decode, is our own, or
+        gives the identity."""
 
 # --- Kademlia ---------------------------------------------------------------------------------
 # Peer IDs and addresses are opaque bytes; keys are 32 bytes (SHA-256, see kad_key); times are

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from teia.errors import InvalidDeviceList, InvalidLinkCode
+from teia.errors import InvalidDeviceList, InvalidLinkCode, LinkRefused
 from teia.identity import Identity, PeerId
 from teia.peer.devicewire import (
     KIND_MESSAGE,
@@ -23,13 +23,13 @@ from teia.peer.devicewire import (
     HistoryRecord,
     LinkCode,
     ListPush,
-    link_generator,
+    link_pake,
+    link_shared,
 )
 from teia.peer.wire import MAX_APP_DATA, MAX_TEXT_BYTES
 
 ACCOUNT = Identity.from_seed(bytes(range(32)))
 DEVICES = [Identity.from_seed(bytes([i]) * 32).peer_id for i in range(1, MAX_DEVICES + 2)]
-P = 2**255 - 19
 
 device_sets = st.lists(st.sampled_from(DEVICES[:MAX_DEVICES]), min_size=1, max_size=MAX_DEVICES)
 lists = st.builds(
@@ -212,18 +212,28 @@ def test_link_code_typos_are_caught_locally() -> None:
 
 @settings(max_examples=50)
 @given(st.binary(min_size=5, max_size=5), st.binary(min_size=16, max_size=16))
-def test_link_generator_is_a_curve_point_bound_to_everything(secret: bytes, nonce: bytes) -> None:
+def test_the_link_pake_agrees_only_on_the_same_secret_devices_and_nonce(
+    secret: bytes, nonce: bytes
+) -> None:
     a, b = DEVICES[0], DEVICES[1]
-    point = link_generator(secret, a, b, nonce)
-    u = int.from_bytes(point, "little")
-    assert u < P
-    # On Curve25519 itself (not its twist): u^3 + A u^2 + u is a square.
-    rhs = (u**3 + 486662 * u**2 + u) % P
-    assert rhs == 0 or pow(rhs, (P - 1) // 2, P) == 1
-    others = {
-        link_generator(bytes(5) if secret != bytes(5) else b"\x01" * 5, a, b, nonce),
-        link_generator(secret, b, a, nonce),
-        link_generator(secret, a, DEVICES[2], nonce),
-        link_generator(secret, a, b, bytes(16) if nonce != bytes(16) else b"\x01" * 16),
-    }
-    assert point not in others
+    new, existing = link_pake(secret, a, b, nonce), link_pake(secret, a, b, nonce)
+    assert len(new.share) == 32
+    assert new.share != existing.share  # fresh scalars
+    agreed = link_shared(new, existing.share)
+    assert agreed == link_shared(existing, new.share)
+    other_secret = bytes(5) if secret != bytes(5) else b"\x01" * 5
+    other_nonce = bytes(16) if nonce != bytes(16) else b"\x01" * 16
+    for other in (
+        link_pake(other_secret, a, b, nonce),
+        link_pake(secret, b, a, nonce),
+        link_pake(secret, a, DEVICES[2], nonce),
+        link_pake(secret, a, b, other_nonce),
+    ):
+        assert link_shared(new, other.share) != link_shared(other, new.share)
+
+
+def test_the_link_pake_refuses_invalid_shares() -> None:
+    run = link_pake(b"12345", DEVICES[0], DEVICES[1], bytes(16))
+    for bad in (b"", bytes(31), bytes(32), b"\xff" * 32, run.share):
+        with pytest.raises(LinkRefused):
+            link_shared(run, bad)

@@ -29,20 +29,20 @@ the held one only if its version is higher; a list whose signature is not the ac
 older version, or one sent by a device that is not on it, is refused.
 
 Linking (``/teia/devices/link/1.0.0``): the primary shows a short code (`LinkCode`: a 40-bit
-one-time secret and the primary's UDP address, 20 characters of Crockford base32 in groups of
-four, with a check character). The new device dials that address and both run a balanced PAKE
-after CPace over X25519: the generator is hashed to the curve (Elligator 2) from the secret, both
-peer IDs as the connection proved them (libp2p TLS) and the new device's fresh nonce; each side
-sends ``X25519(y, G)``, derives the key from the other's share, and proves it with an HMAC over
-the transcript (the primary first). A wrong code, or anyone in the middle (who sees other peer
-IDs on each side), gets a key that does not match; the code cannot be tested offline from what
-crosses the wire, so an attacker gets one guess per attempt, and the primary allows 3 attempts
-per code (each run that reaches the primary's proof counts), then the code is dead: success odds
-at most 3 / 2^40. A code expires after ``ttl`` (10 minutes by default) and is spent by its first
-success (a replay finds no code). On success the primary signs the list with the new device
-added, hands it over on the stream, announces it, and sends the history to the new device as
-``teia.devices/history`` chunks over their pairwise session (end-to-end encrypted like any
-message).
+one-time secret and the primary's UDP address, 20 characters of Crockford base32 in groups of four,
+with a check character). The new device dials that address and both run a balanced PAKE after CPace
+over ristretto255 (in Rust, constant time, the scalar zeroized): the generator is hashed to the
+group from the secret, both peer IDs as the connection proved them (libp2p TLS) and the new
+device's fresh nonce; each side sends ``y·G``, derives the key from the other's share, and proves
+it with an HMAC over the transcript (the primary first). A wrong code, or anyone in the middle (who
+sees other peer IDs on each side), gets a key that does not match; the code cannot be tested
+offline from what crosses the wire, so an attacker gets one guess per attempt, and the primary
+allows 3 attempts per code (each run that reaches the primary's proof counts), then the code is
+dead: success odds at most 3 / 2^40. A code expires after ``ttl`` (10 minutes by default) and is
+spent by its first success (a replay finds no code). On success the primary signs the list with the
+new device added, hands it over on the stream, announces it, and sends the history to the new
+device as ``teia.devices/history`` chunks over their pairwise session (end-to-end encrypted like
+any message).
 
 Wire formats, the link code and the PAKE's pieces are in `teia.peer.devicewire`; the commands
 (``teia device …``) in `teia.peer.devicecli`. Nothing here logs content, keys or codes.
@@ -96,10 +96,10 @@ from teia.peer.devicewire import (
     LinkCode,
     ListPush,
     account_id,
-    link_generator,
     link_key,
+    link_pake,
     link_proof,
-    x25519,
+    link_shared,
 )
 
 if TYPE_CHECKING:
@@ -687,9 +687,9 @@ class Devices:
                 existing = await self._dial(parsed)
                 stream = await host.open_stream(existing, LINK_PROTOCOL)
                 try:
-                    nonce, scalar = secrets.token_bytes(16), secrets.token_bytes(32)
-                    generator = link_generator(parsed.secret, me, existing, nonce)
-                    share = x25519(scalar, generator)
+                    nonce = secrets.token_bytes(16)
+                    run = link_pake(parsed.secret, me, existing, nonce)
+                    share = run.share
                     await stream.send_message(nonce + share)
                     answer = await stream.receive_message(128)
                     if len(answer) != 64:
@@ -700,7 +700,7 @@ class Devices:
                     theirs, proof = answer[:32], answer[32:]
                     if theirs == share:
                         raise LinkRefused("the other device's key share is invalid")
-                    key = link_key(x25519(scalar, theirs), nonce, share, theirs)
+                    key = link_key(link_shared(run, theirs), nonce, share, theirs)
                     expected = link_proof(key, b"existing", nonce, share, theirs)
                     if not hmac.compare_digest(proof, expected):
                         raise LinkRefused(
@@ -762,11 +762,11 @@ class Devices:
                     return
                 code.attempts += 1  # counted before anything that depends on the code leaves
                 nonce, theirs = opening[:16], opening[16:]
-                scalar = secrets.token_bytes(32)
-                share = x25519(scalar, link_generator(code.secret, new, self._peer.peer_id, nonce))
+                run = link_pake(code.secret, new, self._peer.peer_id, nonce)
+                share = run.share
                 if theirs == share:
                     return
-                key = link_key(x25519(scalar, theirs), nonce, theirs, share)
+                key = link_key(link_shared(run, theirs), nonce, theirs, share)
                 await stream.send_message(
                     share + link_proof(key, b"existing", nonce, theirs, share)
                 )

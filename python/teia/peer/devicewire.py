@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final, get_args
 
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-
+from teia._native import CpaceState
 from teia.errors import (
+    CryptoError,
     DeviceError,
     InvalidChatMessage,
     InvalidDeviceList,
@@ -44,10 +44,10 @@ __all__ = [
     "LinkCode",
     "ListPush",
     "account_id",
-    "link_generator",
     "link_key",
+    "link_pake",
     "link_proof",
-    "x25519",
+    "link_shared",
 ]
 
 APP_LIST: Final = "teia.devices/list"
@@ -450,45 +450,28 @@ class LinkCode:
         )
 
 
-_P: Final = 2**255 - 19
-_A: Final = 486662
-
-
-def _is_square(x: int) -> bool:
-    return x == 0 or pow(x, (_P - 1) // 2, _P) == 1
-
-
-def _elligator2(r: int) -> int:
-    """Map a field element to the u-coordinate of a Curve25519 point (Elligator 2, Z = 2)."""
-    denominator = (1 + 2 * r * r) % _P
-    x1 = (-_A * pow(denominator, _P - 2, _P)) % _P if denominator else (-_A) % _P
-    if _is_square((x1 * x1 * x1 + _A * x1 * x1 + x1) % _P):
-        return x1
-    return (-x1 - _A) % _P
-
-
 def _lv(data: bytes) -> bytes:
     return len(data).to_bytes(2, "big") + data
 
 
-def link_generator(secret: bytes, new_device: PeerId, existing: PeerId, nonce: bytes) -> bytes:
-    """The PAKE generator: a point hashed from the secret, both devices and the session."""
-    digest = hashlib.sha512(
-        b"teia link CPace X25519 v1"
+def link_pake(secret: bytes, new_device: PeerId, existing: PeerId, nonce: bytes) -> CpaceState:
+    """One side's PAKE run (`teia._native.CpaceState`, ristretto255; its scalar never leaves
+    Rust) on the generator hashed from the secret, both devices and the session nonce;
+    ``.share`` is what to send."""
+    return CpaceState(
+        b"teia link CPace ristretto255 v1"
         + _lv(secret)
         + _lv(new_device.to_bytes())
         + _lv(existing.to_bytes())
         + _lv(nonce)
-    ).digest()
-    return _elligator2(int.from_bytes(digest, "little") % _P).to_bytes(32, "little")
+    )
 
 
-def x25519(scalar: bytes, point: bytes) -> bytes:
+def link_shared(run: CpaceState, theirs: bytes) -> bytes:
+    """The PAKE result with the other side's share; `LinkRefused` for an invalid share."""
     try:
-        return X25519PrivateKey.from_private_bytes(scalar).exchange(
-            X25519PublicKey.from_public_bytes(point)
-        )
-    except ValueError:  # a low-order point: the product is the identity
+        return run.finish(theirs)
+    except CryptoError:
         raise LinkRefused("the other device's key share is invalid") from None
 
 

@@ -5,6 +5,7 @@ use pyo3::prelude::*;
 mod errors;
 mod group;
 mod kad;
+mod pake;
 mod primitives;
 #[cfg(target_os = "linux")]
 mod relay;
@@ -17,6 +18,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     session::register(m)?;
     group::register(m)?;
     kad::register(m)?;
+    pake::register(m)?;
     #[cfg(target_os = "linux")]
     relay::register(m)?;
     Ok(())

@@ -1,7 +1,9 @@
-//! Signal-protocol crypto core: X3DH, the Double Ratchet and sender keys.
+//! Signal-protocol crypto core: X3DH, the Double Ratchet and sender keys (and a CPace-style
+//! PAKE for linking devices).
 //!
 //! Parameters and wire formats are specified in `docs/crypto.md`.
 
+pub mod cpace;
 pub mod double_ratchet;
 pub mod errors;
 pub mod kdf;
