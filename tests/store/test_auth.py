@@ -78,3 +78,21 @@ def test_nonces_are_forgotten_after_the_window_and_bounded() -> None:
     later = NOW + 61_000
     verifier.check(sign_request(owner, FetchRequest(inbox), later), later)
     assert verifier.remembered == 1
+
+
+def test_nonces_kept_elsewhere_are_refused_and_accepted_ones_say_until_when() -> None:
+    owner = Identity.generate()
+    inbox = inbox_for(owner.public_key)
+    used = sign_request(owner, FetchRequest(inbox), NOW)
+    assert used.auth is not None
+    first = OwnerAuthVerifier()
+    assert first.check(used, NOW + 5) == NOW + 60_000
+    # A verifier seeded with what the first one accepted (a node after a restart).
+    restarted = OwnerAuthVerifier(remembered=[(used.auth.nonce, NOW + 60_000)])
+    with pytest.raises(StoreAuthError, match="already used"):
+        restarted.check(used, NOW + 10)
+    assert restarted.check(sign_request(owner, FetchRequest(inbox), NOW), NOW + 10) == NOW + 60_000
+    # Seeding is bounded like the rest.
+    assert OwnerAuthVerifier(max_nonces=2, remembered=[(os.urandom(16), NOW)] * 5).remembered == 1
+    many = [(os.urandom(16), NOW) for _ in range(5)]
+    assert OwnerAuthVerifier(max_nonces=2, remembered=many).remembered == 2

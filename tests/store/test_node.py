@@ -260,6 +260,42 @@ async def test_restart_keeps_envelopes_and_tombstones(tmp_path: Path) -> None:
 
 
 @pytest.mark.anyio
+async def test_replays_are_refused_across_a_restart(tmp_path: Path) -> None:
+    clock = FakeClock()
+    identity = Identity.generate()
+    alice, inbox = owner()
+    with anyio.fail_after(TIMEOUT):
+        async with node_group() as tg, client_host(clock) as (host, client):
+            running = await start_node(tg, tmp_path, identity=identity, clock=clock)
+            assert running.node is not None
+            await host.connect(running.node.host.addrs[0])
+            await client.deposit(identity.peer_id, [envelope(inbox)])
+            used = sign_request(alice, FetchRequest(inbox), clock())
+            assert len((await client.exchange(identity.peer_id, used)).envelopes) == 1
+            # Signed just before the restart, sent after it.
+            clock.advance(3)
+            unsent = sign_request(alice, FetchRequest(inbox), clock())
+            await running.stop()
+        clock.advance(2)
+        async with node_group() as tg, client_host(clock) as (host, client):
+            running = await start_node(tg, tmp_path, identity=identity, clock=clock)
+            node = running.node
+            assert node is not None
+            await host.connect(node.host.addrs[0])
+            response = await client.exchange(identity.peer_id, used)
+            assert response.status == Status.REPLAYED
+            assert response.envelopes == ()
+            assert len((await client.exchange(identity.peer_id, unsent)).envelopes) == 1
+            assert (await client.exchange(identity.peer_id, unsent)).status == Status.REPLAYED
+            assert len((await client.fetch(identity.peer_id, alice)).envelopes) == 1
+            assert node.store.nonce_count == 3
+            # Once out of the window, the nonces are purged with the expired envelopes.
+            clock.advance(61)
+            await node.purge_expired()
+            assert node.store.nonce_count == 0
+
+
+@pytest.mark.anyio
 async def test_bundles_one_time_prekeys_once_and_owner_only(tmp_path: Path) -> None:
     clock = FakeClock()
     with anyio.fail_after(TIMEOUT):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import stat
 from pathlib import Path
 
@@ -191,3 +192,50 @@ def test_canary_plaintext_never_reaches_the_database(tmp_path: Path) -> None:
 
 def test_tombstone_type_round_trip() -> None:
     assert Tombstone(b"x" * 16, 5).expires_at_ms == 5
+
+
+def test_nonces_are_kept_refused_twice_purged_on_expiry_and_survive_a_restart(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "s.db"
+    first, second = os.urandom(16), os.urandom(16)
+    with InboxStore(path) as store:
+        assert store.nonces_complete is False  # a new database knows no earlier nonce
+        assert store.remember_nonce(first, T0 + 60_000, T0)
+        assert not store.remember_nonce(first, T0 + 60_000, T0 + 10)  # a replay
+        assert store.remember_nonce(second, T0 + 90_000, T0 + 10)
+    with InboxStore(path) as store:
+        assert store.nonces_complete is True
+        assert store.nonces(T0 + 20, 10) == [(second, T0 + 90_000), (first, T0 + 60_000)]
+        assert store.nonces(T0 + 20, 1) == [(second, T0 + 90_000)]
+        assert not store.remember_nonce(first, T0 + 60_000, T0 + 20)
+        # An expired nonce that was not purged yet does not count as a replay.
+        third = os.urandom(16)
+        assert store.remember_nonce(third, T0 + 30, T0 + 25)
+        assert store.remember_nonce(third, T0 + 100_000, T0 + 31)
+        assert store.nonce_count == 3
+        # Expired: no longer in force, gone at the next purge.
+        assert store.nonces(T0 + 60_001, 10) == [(third, T0 + 100_000), (second, T0 + 90_000)]
+        assert store.purge_expired(T0 + 60_001) == (0, 0)
+        assert store.nonce_count == 2
+        # Or on the way, at most once a second.
+        assert store.remember_nonce(os.urandom(16), T0 + 200_000, T0 + 95_000)
+        assert store.nonce_count == 2
+
+
+def test_a_version_1_database_is_upgraded_in_place(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    inbox = os.urandom(32)
+    with InboxStore(path) as store:
+        store.deposit_batch([env(inbox)])
+    with sqlite3.connect(path) as db:  # as version 1 left it
+        db.execute("DROP TABLE auth_nonces")
+        db.execute("PRAGMA user_version = 1")
+    db.close()
+    with InboxStore(path) as store:
+        assert store.nonces_complete is False  # the old node's nonces are unknown
+        assert store.usage(inbox)[0] == 1
+        assert store.remember_nonce(os.urandom(16), T0 + 1000, T0)
+    with InboxStore(path) as store:
+        assert store.nonces_complete is True
+        assert store.nonce_count == 1

@@ -11,15 +11,19 @@ over::
 so a signature is good for one operation, on one inbox, with these parameters (cursor and
 limit, or the exact message IDs, or the exact bundle), once. `OwnerAuthVerifier` accepts it
 when the key hashes to the inbox, the signature verifies, the timestamp is within ±`WINDOW_MS`
-of the node's clock and not older than the node's start (nonces are remembered in memory only,
-so a restart must not reopen the window for requests signed before it), and the nonce was not
-seen in the window. It reads no clock itself: callers pass ``now_ms``.
+of the node's clock and not older than ``not_before_ms``, and the nonce was not seen in the
+window. It reads no clock and does no I/O: callers pass ``now_ms``, seed it with the nonces
+they kept (``remembered``) and keep each nonce `OwnerAuthVerifier.check` accepts until the
+expiry it returns (the store node keeps them in its database, so a restart keeps refusing
+replays; ``not_before_ms``, the node's start, is for a database that could not keep them).
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import secrets
+from collections.abc import Iterable
 from dataclasses import replace
 from typing import Final
 
@@ -90,21 +94,34 @@ class OwnerAuthVerifier:
         not_before_ms: int = 0,
         window_ms: int = WINDOW_MS,
         max_nonces: int = DEFAULT_MAX_NONCES,
+        remembered: Iterable[tuple[bytes, int]] = (),
     ) -> None:
         self._not_before_ms = not_before_ms
         self._window_ms = window_ms
         self._max_nonces = max_nonces
         # nonce → when it may be forgotten (its timestamp can no longer pass the window).
         self._nonces: dict[bytes, int] = {}
+        for nonce, until in itertools.islice(remembered, max_nonces):
+            self._nonces[nonce] = until
         self._next_sweep_ms = 0
+
+    @property
+    def max_nonces(self) -> int:
+        """Nonces in force at most (more are refused as BUSY)."""
+        return self._max_nonces
 
     @property
     def remembered(self) -> int:
         """Nonces currently remembered."""
         return len(self._nonces)
 
-    def check(self, request: OwnerRequest, now_ms: int) -> None:
-        """Accept ``request`` (and remember its nonce) or raise `StoreAuthError`."""
+    def check(self, request: OwnerRequest, now_ms: int) -> int:
+        """Accept ``request`` (and remember its nonce) or raise `StoreAuthError`
+        (`StoreRequestRefused` with BUSY when ``max_nonces`` are in force).
+
+        Returns until when the nonce must be kept (after that its signature is out of the
+        window anyway).
+        """
         auth = request.auth
         if auth is None:
             raise StoreAuthError("owner operation without a signature", Status.UNAUTHORIZED)
@@ -132,7 +149,9 @@ class OwnerAuthVerifier:
             raise StoreRequestRefused(
                 "too many signed operations in the last minute; retry shortly", Status.BUSY
             )
-        self._nonces[auth.nonce] = auth.timestamp_ms + self._window_ms
+        until = auth.timestamp_ms + self._window_ms
+        self._nonces[auth.nonce] = until
+        return until
 
     def _sweep(self, now_ms: int) -> None:
         if now_ms < self._next_sweep_ms and len(self._nonces) < self._max_nonces:

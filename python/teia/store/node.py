@@ -30,6 +30,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from teia.errors import (
     InvalidStoreMessage,
     MessageTooLarge,
+    StoreAuthError,
     StoreDatabaseError,
     StoreError,
     StoreRequestRefused,
@@ -228,6 +229,7 @@ class StoreNode:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = _Metrics(self.registry, store)
         self.verifier = OwnerAuthVerifier(not_before_ms=clock())
+        """Replaced when the node starts by one seeded with the nonces the database kept."""
         self.client = StoreClient(host, timeout=self.settings.sync_timeout, clock=clock)
         self._deposit_limiter = RateLimiter(self.settings.deposit_rate, self.settings.deposit_burst)
         self._request_limiter = RateLimiter(self.settings.request_rate, self.settings.request_burst)
@@ -240,6 +242,16 @@ class StoreNode:
     # --- lifecycle --------------------------------------------------------------------------
 
     async def __aenter__(self) -> Self:
+        now = self.clock()
+        max_nonces = self.verifier.max_nonces
+        kept = await anyio.to_thread.run_sync(self.store.nonces, now, max_nonces)
+        self.verifier = OwnerAuthVerifier(
+            # A database that kept every nonce needs no start-time bound: a request signed
+            # before a restart passes once, its replays are refused.
+            not_before_ms=0 if self.store.nonces_complete else now,
+            max_nonces=max_nonces,
+            remembered=kept,
+        )
         self._send, self._receive = anyio.create_memory_object_stream[_DepositJob](
             self.settings.queue_size
         )
@@ -362,7 +374,13 @@ class StoreNode:
 
     async def _owner_operation(self, request: OwnerRequest) -> Response:
         now = self.clock()
-        self.verifier.check(request, now)
+        until = self.verifier.check(request, now)
+        assert request.auth is not None  # the verifier refuses a request without one
+        # Kept (committed) before the operation runs, so no restart can make it replayable.
+        if not await anyio.to_thread.run_sync(
+            self.store.remember_nonce, request.auth.nonce, until, now
+        ):
+            raise StoreAuthError("this signed operation was already used", Status.REPLAYED)
         match request:
             case FetchRequest():
                 limit = request.limit or self.settings.fetch_limit

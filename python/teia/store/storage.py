@@ -13,6 +13,9 @@ Schema (``PRAGMA user_version`` = `SCHEMA_VERSION`)::
     tombstones(inbox, message_id, expires_at_ms, PRIMARY KEY (inbox, message_id))
     bundles(inbox PRIMARY KEY, bundle, updated_ms)
     one_time_prekeys(id INTEGER PRIMARY KEY, inbox, prekey)
+    auth_nonces(nonce PRIMARY KEY, expires_at_ms)            -- since version 2
+
+Version 1 databases are upgraded in place (the nonce table is added).
 
 Payloads are stored exactly as deposited: opaque, end-to-end encrypted bytes. Quotas are
 kept from in-memory counters loaded at open and updated with each committed change.
@@ -45,7 +48,7 @@ __all__ = [
     "summary_digest",
 ]
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 
 _SCHEMA: Final = """
 CREATE TABLE envelopes (
@@ -77,6 +80,16 @@ CREATE TABLE one_time_prekeys (
     prekey BLOB NOT NULL
 );
 CREATE INDEX one_time_prekeys_inbox ON one_time_prekeys (inbox, id);
+"""
+
+# Version 2: the nonces of accepted owner signatures, until they can no longer pass the time
+# window, so that a restart keeps refusing replays (`teia.store.auth`).
+_SCHEMA_2: Final = """
+CREATE TABLE auth_nonces (
+    nonce BLOB PRIMARY KEY,
+    expires_at_ms INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX auth_nonces_expiry ON auth_nonces (expires_at_ms);
 """
 
 
@@ -157,6 +170,7 @@ class InboxStore:
             connection.close()
             raise
         self._connection = connection
+        self._next_nonce_purge_ms = 0
         self._usage: dict[bytes, list[int]] = {}
         self._total_bytes = 0
         self._total_envelopes = 0
@@ -171,12 +185,19 @@ class InboxStore:
         connection.execute("PRAGMA journal_mode=WAL")
         connection.execute("PRAGMA synchronous=NORMAL")
         version = connection.execute("PRAGMA user_version").fetchone()[0]
-        if version == SCHEMA_VERSION:
+        self.nonces_complete = version == SCHEMA_VERSION
+        """Whether the nonce table holds every nonce accepted before this open (False for a
+        new database, or one upgraded from version 1: the node then refuses signatures from
+        before its start, whose nonces it cannot know)."""
+        if version in (1, SCHEMA_VERSION):
             result = connection.execute("PRAGMA quick_check").fetchone()[0]
             if result != "ok":
                 raise StoreDatabaseError(
                     f"{self.path} failed SQLite's integrity check ({result}); move it aside"
                 )
+            if version == SCHEMA_VERSION:
+                return
+            self._create(connection, _SCHEMA_2)
             return
         if version > SCHEMA_VERSION:
             raise StoreDatabaseError(
@@ -186,9 +207,13 @@ class InboxStore:
         tables = connection.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
         if version != 0 or tables:
             raise StoreDatabaseError(f"{self.path} is some other SQLite database, not a store")
+        self._create(connection, _SCHEMA + _SCHEMA_2)
+
+    @staticmethod
+    def _create(connection: sqlite3.Connection, schema: str) -> None:
         connection.execute("BEGIN IMMEDIATE")
         try:
-            for statement in _SCHEMA.split(";"):
+            for statement in schema.split(";"):
                 if statement.strip():
                     connection.execute(statement)
             connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -410,8 +435,9 @@ class InboxStore:
         return removed
 
     def purge_expired(self, now_ms: int, *, limit: int = 10_000) -> tuple[int, int]:
-        """Delete up to ``limit`` expired envelopes and tombstones; returns (envelopes,
-        tombstones) deleted. Call again while it returns ``limit`` for either."""
+        """Delete up to ``limit`` expired envelopes and tombstones, and every expired nonce;
+        returns (envelopes, tombstones) deleted. Call again while it returns ``limit`` for
+        either."""
         freed: dict[bytes, list[int]] = {}
         with self._transaction() as db:
             rows = db.execute(
@@ -424,6 +450,7 @@ class InboxStore:
                 "message_id FROM tombstones WHERE expires_at_ms <= ? LIMIT ?)",
                 (now_ms, limit),
             ).rowcount
+            db.execute("DELETE FROM auth_nonces WHERE expires_at_ms < ?", (now_ms,))
         for inbox, size in rows:
             entry = freed.setdefault(inbox, [0, 0])
             entry[0] += 1
@@ -431,6 +458,43 @@ class InboxStore:
         for inbox, (count, size) in freed.items():
             self._add_usage(inbox, -count, -size)
         return len(rows), tombs
+
+    # --- nonces of owner signatures ---------------------------------------------------------
+
+    def remember_nonce(self, nonce: bytes, expires_at_ms: int, now_ms: int) -> bool:
+        """Keep ``nonce`` (of an accepted owner signature) until ``expires_at_ms``; False when
+        it is already held and in force (a replay). Committed when this returns.
+
+        Expired nonces are deleted on the way (at most once a second of ``now_ms``) and by
+        `purge_expired`, so the table holds little more than the verifier's window allows.
+        """
+        with self._transaction() as db:
+            if now_ms >= self._next_nonce_purge_ms:
+                self._next_nonce_purge_ms = now_ms + 1000
+                db.execute("DELETE FROM auth_nonces WHERE expires_at_ms < ?", (now_ms,))
+            cursor = db.execute(
+                "INSERT INTO auth_nonces (nonce, expires_at_ms) VALUES (?, ?) ON CONFLICT "
+                "(nonce) DO UPDATE SET expires_at_ms = excluded.expires_at_ms "
+                "WHERE auth_nonces.expires_at_ms < ?",
+                (nonce, expires_at_ms, now_ms),
+            )
+            return cursor.rowcount == 1
+
+    def nonces(self, now_ms: int, limit: int) -> list[tuple[bytes, int]]:
+        """Up to ``limit`` nonces in force at ``now_ms`` with their expiry, latest first."""
+        with self._reading() as db:
+            return db.execute(
+                "SELECT nonce, expires_at_ms FROM auth_nonces WHERE expires_at_ms >= ? "
+                "ORDER BY expires_at_ms DESC LIMIT ?",
+                (now_ms, limit),
+            ).fetchall()
+
+    @property
+    def nonce_count(self) -> int:
+        """Nonces held (expired ones count until purged)."""
+        with self._reading() as db:
+            count: int = db.execute("SELECT count(*) FROM auth_nonces").fetchone()[0]
+            return count
 
     # --- anti-entropy -----------------------------------------------------------------------
 
