@@ -427,3 +427,39 @@ async def test_two_admins_changing_at_once_end_on_the_same_state(tmp_path: Path)
                 assert await receive(member, group.conversation, 1) == [
                     (str(carol.peer_id), "which name?")
                 ]
+
+
+@pytest.mark.anyio
+async def test_a_fan_out_cut_short_is_finished_at_the_next_start(tmp_path: Path) -> None:
+    with anyio.fail_after(TIMEOUT * 2):
+        async with peers(tmp_path, 3) as (alice, bob, carol):
+            group = await alice.groups.create("g", [bob.peer_id, carol.peer_id])
+            for member in (bob, carol):
+                await flushed(alice, member)
+            reached, bob_queued = anyio.Event(), anyio.Event()
+            send_app = alice.send_app
+
+            async def stuck(to: Any, app: str, data: bytes) -> str:
+                if to == carol.peer_id and app == GROUP_APP:
+                    await bob_queued.wait()
+                    reached.set()
+                    await anyio.sleep_forever()
+                message_id = await send_app(to, app, data)
+                bob_queued.set()
+                return message_id
+
+            alice.send_app = stuck  # type: ignore[method-assign]
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(alice.groups.send, group, "half sent")
+                await reached.wait()
+                tg.cancel_scope.cancel()  # the process "dies" in the middle of the fan-out
+            alice.send_app = send_app  # type: ignore[method-assign]
+            assert await receive(bob, group.conversation, 1) == [(str(alice.peer_id), "half sent")]
+            assert await texts(carol, group) == []
+        async with peers(tmp_path, 3) as (alice, bob, carol):
+            assert await receive(carol, group.conversation, 1) == [
+                (str(alice.peer_id), "half sent")
+            ]
+            await flushed(alice, bob)  # Bob was handed it again, and kept one
+            assert await texts(bob, group) == ["half sent"]
+            assert await alice.run_db(alice.groups._tables.fanouts) == []

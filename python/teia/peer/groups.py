@@ -32,11 +32,11 @@ Group texts go into the normal history under the conversation ``group:<hex id>``
 `Peer.messages` yields them, `Groups.history` reads them, `Peer.search` finds them.
 
 At rest (the profile's database, same file): states, our sending chains, the chains received,
-the control payloads still to send and the parked payloads are sealed with the row cipher.
-State changes commit together with the key changes and the payloads they cause (an outbox of
-their own, emptied into `Peer.send_app` in order), so a crash never loses a rotation or an
-announcement. A group text is committed to our history and our chain before it is fanned out;
-a process dying during the fan-out leaves it undelivered to the members not reached yet.
+the control payloads still to send, unfinished fan-outs and the parked payloads are sealed with
+the row cipher. State changes commit together with the key changes and the payloads they cause
+(an outbox of their own, emptied into `Peer.send_app` in order), so a crash never loses a
+rotation or an announcement. A group text commits to our history with our advanced chain and
+its fan-out (payload, members to reach); a fan-out cut short is finished at the next start.
 
 Nothing here logs content, names or keys.
 """
@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import json
 import logging
 import secrets
 import sqlite3
@@ -122,6 +123,12 @@ CREATE TABLE IF NOT EXISTS group_outbox (
     token BLOB NOT NULL,
     payload BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS group_fanout (
+    message_id BLOB PRIMARY KEY,
+    group_id BLOB NOT NULL,
+    payload BLOB NOT NULL,
+    peers TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS group_parked (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     group_id BLOB NOT NULL,
@@ -161,6 +168,10 @@ def _receiver_ad(group_id: bytes, peer: str, chain_id: int) -> bytes:
 
 def _outbox_ad(group_id: bytes, peer: str, token: bytes) -> bytes:
     return b"group-outbox\0" + group_id + peer.encode() + b"\0" + token
+
+
+def _fanout_ad(message_id: bytes) -> bytes:
+    return b"group-fanout\0" + message_id
 
 
 def _parked_ad(peer: str, message_id: bytes) -> bytes:
@@ -416,11 +427,30 @@ class _Tables:
             )
 
     def sent_text(
-        self, group_id: bytes, me: str, message_id: bytes, key: bytes, text: str, sent_ms: int
+        self,
+        group_id: bytes,
+        me: str,
+        message_id: bytes,
+        key: bytes,
+        text: str,
+        sent_ms: int,
+        fanout: tuple[bytes, Sequence[str]],
     ) -> None:
-        """Our group text into history, with our chain advanced past it (before it leaves)."""
+        """Our group text into history, with our chain advanced past it and its fan-out
+        (payload, members) to do, before it leaves."""
+        payload, peers = fanout
         with self.db.transaction() as conn:
             self._put_sender_key(conn, group_id, key)
+            conn.execute(
+                "INSERT INTO group_fanout (message_id, group_id, payload, peers) "
+                "VALUES (?, ?, ?, ?)",
+                (
+                    message_id,
+                    group_id,
+                    self.db.cipher.seal(_fanout_ad(message_id), payload),
+                    json.dumps(list(peers)),
+                ),
+            )
             self.db.insert_history(
                 conn,
                 message_id=message_id,
@@ -431,6 +461,29 @@ class _Tables:
                 text=text,
                 state="sent",
             )
+
+    def fanouts(self) -> list[tuple[bytes, bytes, list[str]]]:
+        """Fan-outs of our texts not finished: (message ID, payload, members left)."""
+        rows = self.db.read("SELECT message_id, payload, peers FROM group_fanout LIMIT 1024")
+        return [
+            (
+                bytes(m),
+                self.db.cipher.open(_fanout_ad(bytes(m)), bytes(p)),
+                [str(x) for x in json.loads(peers)],
+            )
+            for m, p, peers in rows
+        ]
+
+    def fanned(self, message_id: bytes, left: Sequence[str]) -> None:
+        """A fan-out went as far as it could: done, or these members are left."""
+        with self.db.transaction() as conn:
+            if left:
+                conn.execute(
+                    "UPDATE group_fanout SET peers = ? WHERE message_id = ?",
+                    (json.dumps(list(left)), message_id),
+                )
+            else:
+                conn.execute("DELETE FROM group_fanout WHERE message_id = ?", (message_id,))
 
     def has_text(self, peer: str, message_id: bytes) -> bool:
         return self.db.message(peer, message_id, outgoing=False) is not None
@@ -555,6 +608,7 @@ class Groups:
         await self._db(self._tables.setup)
         async with self._lock:
             await self._flush(None)
+            await self._resume_fan_outs()
 
     async def _db(self, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
         return await self._peer.run_db(fn, *args, **kwargs)
@@ -739,6 +793,10 @@ class Groups:
             plaintext = GroupText(state.group_id, message_id, text).encode()
             ciphertext = key.encrypt(plaintext)
             sent_ms = now_ms()
+            payload = GroupPayload(
+                GroupMessage(state.group_id, state.version, message_id, ciphertext)
+            ).encode()
+            others = [m for m in state.members if m != me]
             await self._db(
                 self._tables.sent_text,
                 state.group_id,
@@ -747,14 +805,35 @@ class Groups:
                 key.to_bytes(),
                 text,
                 sent_ms,
+                (payload, [str(m) for m in others]),
             )
-            payload = GroupPayload(
-                GroupMessage(state.group_id, state.version, message_id, ciphertext)
-            ).encode()
-            others = [m for m in state.members if m != me]
-            deliveries = await self._fan_out([(m, payload) for m in others])
+            deliveries = await self._fan_out_text(message_id, payload, others)
             self.stats["sent"] += 1
         return GroupSent(message_id.hex(), deliveries)
+
+    async def _fan_out_text(
+        self, message_id: bytes, payload: bytes, members: Sequence[PeerId]
+    ) -> dict[PeerId, str]:
+        """Queue a text pairwise for ``members``, then record who is left (nobody, usually;
+        everyone when cancelled: the next start sends it again)."""
+        deliveries: dict[PeerId, str] = {}
+        try:
+            deliveries = await self._fan_out([(m, payload) for m in members])
+        finally:
+            with anyio.CancelScope(shield=True):
+                left = [str(m) for m in members if m not in deliveries]
+                await self._db(self._tables.fanned, message_id, left)
+        return deliveries
+
+    async def _resume_fan_outs(self) -> None:
+        """Finish the fan-outs a previous run left (members who got one already ignore the
+        second: it is in their history)."""
+        for message_id, payload, peers in await self._db(self._tables.fanouts):
+            members = []
+            for peer in peers:
+                with contextlib.suppress(TeiaError):
+                    members.append(PeerId.from_string(peer))
+            await self._fan_out_text(message_id, payload, members)
 
     async def _send(self, peer: PeerId, payload: bytes) -> str:
         message_id = await self._peer.send_app(peer, GROUP_APP, payload)
