@@ -278,3 +278,52 @@ async def test_forged_lists_and_devices_not_on_the_list_are_refused(tmp_path: Pa
             assert (await b.devices.device_list(alice)) == genuine
             assert await b.devices.device_list(fake.account) is None
             assert await b.devices.device_list(mallory.account) is None
+
+
+@pytest.mark.anyio
+async def test_a_fan_out_cut_short_is_finished_at_the_next_start(tmp_path: Path) -> None:
+    from typing import Any
+
+    from teia.peer.devices import _fanouts
+
+    names = ("a1", "b1", "b2")
+    dirs = {name: make_profile(tmp_path / name) for name in names}
+    with anyio.fail_after(TIMEOUT * 2):
+        async with AsyncExitStack() as stack:
+            p = {n: await stack.enter_async_context(online(d)) for n, d in dirs.items()}
+            for a, b in itertools.permutations(p.values(), 2):
+                await introduce(a, b)
+            a1, b1, b2 = p["a1"], p["b1"], p["b2"]
+            alice = await a1.devices.create_account()
+            bob = await b1.devices.create_account()
+            await link(b1, b2)
+            await a1.devices.introduce(b1.peer_id)
+            await a1.devices.wait_account(bob, version=2)
+            reached = anyio.Event()
+            send_app = a1.send_app
+
+            async def stuck(to: Any, app: str, data: bytes) -> str:
+                if to == b2.peer_id and app == APP_MESSAGE:
+                    reached.set()
+                    await anyio.sleep_forever()
+                return await send_app(to, app, data)
+
+            a1.send_app = stuck  # type: ignore[method-assign]
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(a1.devices.send, bob, "half sent")
+                await reached.wait()
+                tg.cancel_scope.cancel()  # the process "dies" in the middle of the fan-out
+            a1.send_app = send_app  # type: ignore[method-assign]
+            assert [t for _, t in await texts(a1, bob)] == ["half sent"]
+            assert len(await a1.run_db(_fanouts, a1.profile.db)) == 1
+            assert await texts(b2, alice) == []
+        async with AsyncExitStack() as stack:
+            p = {n: await stack.enter_async_context(online(d)) for n, d in dirs.items()}
+            a1, b1, b2 = p["a1"], p["b1"], p["b2"]
+            for a, b in itertools.permutations(p.values(), 2):
+                await introduce(a, b)  # new ports after the restart
+            for device in (b1, b2):
+                while not await texts(device, alice):
+                    await device.devices.changed()
+                assert await texts(device, alice) == [(False, "half sent")]
+            assert await a1.run_db(_fanouts, a1.profile.db) == []

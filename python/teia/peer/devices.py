@@ -53,6 +53,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import hmac
+import json
 import logging
 import secrets
 import time
@@ -66,6 +67,7 @@ from teia.errors import (
     DeviceError,
     DeviceNotListed,
     InvalidMultiaddr,
+    InvalidPeerId,
     LinkRefused,
     StaleDeviceList,
     TeiaError,
@@ -136,6 +138,12 @@ CREATE TABLE IF NOT EXISTS device_copies (
     device TEXT NOT NULL,
     copy_id BLOB NOT NULL,
     PRIMARY KEY (message_id, device)
+);
+CREATE TABLE IF NOT EXISTS device_fanout (
+    message_id BLOB PRIMARY KEY,
+    payload BLOB NOT NULL,
+    transcript BLOB NOT NULL,
+    pending TEXT NOT NULL
 );
 """
 
@@ -227,12 +235,47 @@ def _known_lists(db: PeerDatabase) -> list[DeviceList]:
     return [DeviceList.decode(bytes(r[0])) for r in db.read("SELECT list FROM device_lists")]
 
 
-def _record_copies(db: PeerDatabase, message_id: bytes, copies: list[tuple[str, bytes]]) -> None:
+def _fanout_ad(message_id: bytes, what: bytes) -> bytes:
+    return b"device-fanout\0" + what + b"\0" + message_id
+
+
+def _record_copies(
+    db: PeerDatabase,
+    message_id: bytes,
+    copies: list[tuple[str, bytes]],
+    left: Sequence[tuple[str, bool]] = (),
+) -> None:
+    """The copies queued for a message, and the fan-out left to do (none: forgotten)."""
     with db.transaction() as conn:
         conn.executemany(
             "INSERT OR REPLACE INTO device_copies (message_id, device, copy_id) VALUES (?, ?, ?)",
             [(message_id, device, copy) for device, copy in copies],
         )
+        if left:
+            conn.execute(
+                "UPDATE device_fanout SET pending = ? WHERE message_id = ?",
+                (json.dumps([[device, transcript] for device, transcript in left]), message_id),
+            )
+        else:
+            conn.execute("DELETE FROM device_fanout WHERE message_id = ?", (message_id,))
+
+
+def _fanouts(db: PeerDatabase) -> list[tuple[bytes, bytes, bytes, list[tuple[str, bool]]]]:
+    """Fan-outs a previous run did not finish: (message ID, payload, transcript, left)."""
+    out = []
+    for mid, payload, transcript, pending in db.read(
+        "SELECT message_id, payload, transcript, pending FROM device_fanout LIMIT 1024"
+    ):
+        message_id = bytes(mid)
+        out.append(
+            (
+                message_id,
+                db.cipher.open(_fanout_ad(message_id, b"m"), bytes(payload)),
+                db.cipher.open(_fanout_ad(message_id, b"t"), bytes(transcript)),
+                [(str(device), bool(transcript)) for device, transcript in json.loads(pending)],
+            )
+        )
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -517,9 +560,24 @@ class Devices:
         payload = message.encode()  # size check before anything is written
         transcript = replace(message, kind=KIND_TRANSCRIPT).encode()
         db = self._peer.profile.db
+        pending = [(str(device), False) for device in theirs.devices] + [
+            (str(device), True) for device in mine.devices if device != self._peer.peer_id
+        ]
 
         def record(conn_db: PeerDatabase) -> None:
+            # The text and the fan-out still to do, in one transaction: a crash before every
+            # copy is queued leaves the rest for the next start (`resume`).
             with conn_db.transaction() as conn:
+                conn.execute(
+                    "INSERT INTO device_fanout (message_id, payload, transcript, pending) "
+                    "VALUES (?, ?, ?, ?)",
+                    (
+                        message_id,
+                        conn_db.cipher.seal(_fanout_ad(message_id, b"m"), payload),
+                        conn_db.cipher.seal(_fanout_ad(message_id, b"t"), transcript),
+                        json.dumps([[device, is_transcript] for device, is_transcript in pending]),
+                    ),
+                )
                 conn_db.insert_history(
                     conn,
                     message_id=message_id,
@@ -532,16 +590,40 @@ class Devices:
                 )
 
         await self._peer.run_db(record, db)
-        copies: list[tuple[str, bytes]] = []
-        for device in theirs.devices:
-            copy = await self._send_app(device, APP_MESSAGE, payload)
-            copies.append((str(device), bytes.fromhex(copy)))
-        for device in mine.devices:
-            if device != self._peer.peer_id:
-                copy = await self._send_app(device, APP_MESSAGE, transcript)
-                copies.append((str(device), bytes.fromhex(copy)))
-        await self._peer.run_db(_record_copies, db, message_id, copies)
+        await self._fan_out(message_id, payload, transcript, pending)
         return message_id.hex()
+
+    async def _fan_out(
+        self, message_id: bytes, payload: bytes, transcript: bytes, pending: list[tuple[str, bool]]
+    ) -> None:
+        """Queue each copy pairwise, then record the copies and what is left (nothing, unless
+        cancelled or a device's ID is unusable)."""
+        copies: list[tuple[str, bytes]] = []
+        left = list(pending)
+        try:
+            for device, is_transcript in pending:
+                with contextlib.suppress(InvalidPeerId):
+                    copy = await self._send_app(
+                        PeerId.from_string(device),
+                        APP_MESSAGE,
+                        transcript if is_transcript else payload,
+                    )
+                    copies.append((device, bytes.fromhex(copy)))
+                left.remove((device, is_transcript))
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._peer.run_db(
+                    _record_copies, self._peer.profile.db, message_id, copies, left
+                )
+
+    async def resume(self) -> None:
+        """Finish the fan-outs of messages a previous run recorded but did not queue for every
+        device (a device that already has its copy keeps one: copies are deduplicated by the
+        logical message ID)."""
+        for message_id, payload, transcript, left in await self._peer.run_db(
+            _fanouts, self._peer.profile.db
+        ):
+            await self._fan_out(message_id, payload, transcript, left)
 
     async def wait_sent(self, message_id: str) -> dict[PeerId, MessageRow]:
         """Wait until every copy of a message sent with `send` is delivered or stored; each

@@ -387,6 +387,7 @@ class Peer:
         assert self._task_group is not None
         await self.attachments.start()
         await self.groups.start()
+        await self.devices.resume()
         self._task_group.start_soon(self._dispatch_apps)
         if self._store is not None:
             await self._publish_bundle()
