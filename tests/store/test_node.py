@@ -10,12 +10,13 @@ from pathlib import Path
 import anyio
 import pytest
 
-from teia.errors import StoreAuthError, StoreRateLimited
+from teia.errors import StoreAuthError, StoreRateLimited, StoreRequestRefused
 from teia.host.protobuf import encode_uvarint
 from teia.identity import Identity
 from teia.store import StoreClient, StoreLimits
 from teia.store.auth import sign_request
 from teia.store.messages import (
+    MAX_PAYLOAD,
     MAX_REQUEST_SIZE,
     PROTOCOL,
     AckRequest,
@@ -203,6 +204,53 @@ async def test_rate_limit_per_source_and_quota(tmp_path: Path) -> None:
             _, third = owner()
             assert await b.deposit(node.peer_id, [envelope(third)]) == [Status.OK]
             assert metric(node, "teia_store_deposits_refused_total", {"reason": "inbox_full"}) == 3
+
+
+@pytest.mark.anyio
+async def test_concurrent_deposits_are_coalesced_and_each_caller_gets_its_results(
+    tmp_path: Path,
+) -> None:
+    with anyio.fail_after(TIMEOUT):
+        async with node_group() as tg, client_host() as (host, _):
+            node = (await start_node(tg, tmp_path)).node
+            assert node is not None
+            await host.connect(node.host.addrs[0])
+            client = StoreClient(host, timeout=5.0, max_deposits_in_flight=1)
+            _, inbox = owner()
+            items = [envelope(inbox, os.urandom(40)) for _ in range(300)]
+            bad = dataclasses.replace(envelope(inbox), payload=b"x" * (MAX_PAYLOAD + 1))
+            got: dict[int, list[Status]] = {}
+            refused: list[Exception] = []
+
+            async def one(index: int) -> None:
+                got[index] = await client.deposit(node.peer_id, [items[index]])
+
+            async def malformed() -> None:
+                try:
+                    await client.deposit(node.peer_id, [bad])
+                except StoreRequestRefused as exc:
+                    refused.append(exc)
+
+            try:
+                async with anyio.create_task_group() as callers:
+                    for index in range(len(items)):
+                        callers.start_soon(one, index)
+                    callers.start_soon(malformed)
+                # A duplicate in a coalesced request is that caller's own result.
+                assert await client.deposit(node.peer_id, [items[0]]) == [Status.DUPLICATE]
+            finally:
+                await client.aclose()
+            assert got == {index: [Status.OK] for index in range(len(items))}
+            # The malformed deposit went alone: refused, nobody else's with it.
+            assert len(refused) == 1
+            assert refused[0].status == Status.BAD_REQUEST
+            assert node.store.usage(inbox)[0] == len(items)
+            requests = metric(
+                node, "teia_store_requests_total", {"kind": "deposit", "status": "OK"}
+            )
+            # One request in flight at a time: the callers waiting meanwhile left together
+            # (at most 256 envelopes a request).
+            assert 2 <= requests <= 10
 
 
 @pytest.mark.anyio

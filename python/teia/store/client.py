@@ -2,7 +2,11 @@
 
 A client rides on a `Host` (connected to the node, or able to dial it from its address
 book). Each exchange takes an idle stream to that node from a small pool (or opens one), so
-concurrent calls run on parallel streams. Refusals come back as typed errors
+concurrent calls run on parallel streams. Deposits are coalesced: at most
+``max_deposits_in_flight`` deposit requests go to one node at a time, and the deposits that
+wait meanwhile leave together in the next request (up to 256 envelopes and 1 MiB of payload),
+each caller still getting its own results; many callers depositing one envelope each cost a
+few large requests rather than one request apiece. Refusals come back as typed errors
 (`StoreAuthError`, `StoreQuotaExceeded`, `StoreRateLimited`, other `StoreRequestRefused`);
 a malformed answer is `InvalidStoreMessage`; a broken stream is a `TransportError` or anyio's
 stream errors. Owner operations are signed here with the caller's `Identity`.
@@ -11,8 +15,9 @@ stream errors. Owner operations are signed here with the caller's `Identity`.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import anyio
 
@@ -28,7 +33,11 @@ from teia.host.streams import NegotiatedStream
 from teia.identity import Identity, PeerId
 from teia.store.auth import inbox_for, sign_request
 from teia.store.messages import (
+    INBOX_SIZE,
+    MAX_DEPOSIT_ENVELOPES,
+    MAX_PAYLOAD,
     MAX_RESPONSE_SIZE,
+    MESSAGE_ID_SIZE,
     PROTOCOL,
     AckRequest,
     DeleteRequest,
@@ -47,6 +56,11 @@ from teia.store.messages import (
 __all__ = ["BundleAnswer", "FetchPage", "StoreClient", "raise_for_status", "wall_clock_ms"]
 
 _MAX_IDLE_STREAMS = 8
+_COALESCED_BYTES = 1024 * 1024
+"""Payload bytes one coalesced deposit request carries at most (requests stay under the
+node's 1.25 MiB limit; a single deposit larger than this goes alone)."""
+_ENVELOPE_OVERHEAD = 96
+"""Bytes an envelope's fields and framing add to its payload, at most."""
 
 
 def wall_clock_ms() -> int:
@@ -79,6 +93,43 @@ _ERRORS: dict[Status, type[StoreRequestRefused]] = {
 }
 
 
+@dataclass(slots=True)
+class _Deposit:
+    """One caller's deposit, waiting to leave in a request."""
+
+    envelopes: tuple[Envelope, ...]
+    size: int
+    taken: bool = False
+    """In a request on its way (sent by whichever caller took it)."""
+    done: anyio.Event = field(default_factory=anyio.Event)
+    results: list[Status] = field(default_factory=list)
+    error: Exception | None = None
+
+
+@dataclass(slots=True)
+class _NodeDeposits:
+    """The deposits waiting for one node, and its requests in flight."""
+
+    waiting: deque[_Deposit] = field(default_factory=deque)
+    in_flight: int = 0
+    changed: anyio.Event = field(default_factory=anyio.Event)
+    """Set (and replaced) whenever a request ends: waiters look again."""
+
+
+def _coalescible(envelopes: Sequence[Envelope]) -> bool:
+    """Whether these can share a request with others: well-formed, so that the node cannot
+    refuse the whole request because of them."""
+    return 1 <= len(envelopes) <= MAX_DEPOSIT_ENVELOPES and all(
+        len(e.inbox) == INBOX_SIZE
+        and len(e.message_id) == MESSAGE_ID_SIZE
+        and len(e.payload) <= MAX_PAYLOAD
+        and 0 <= e.ttl_s < 2**32
+        and 0 <= e.timestamp_ms < 2**63
+        and 0 <= e.expires_at_ms < 2**63
+        for e in envelopes
+    )
+
+
 def raise_for_status(status: Status, error: str = "") -> None:
     """Raise the typed error for a refusal; return for OK and the stored deposit results."""
     if status.stored:
@@ -96,11 +147,16 @@ class StoreClient:
         *,
         timeout: float = 10.0,
         clock: Callable[[], int] = wall_clock_ms,
+        max_deposits_in_flight: int = 4,
     ) -> None:
+        if max_deposits_in_flight < 1:
+            raise ValueError("max_deposits_in_flight must be at least 1")
         self.host = host
         self.timeout = timeout
         self.clock = clock
+        self.max_deposits_in_flight = max_deposits_in_flight
         self._idle: dict[PeerId, list[NegotiatedStream]] = {}
+        self._deposits: dict[PeerId, _NodeDeposits] = {}
         self._closed = False
 
     # --- plumbing ---------------------------------------------------------------------------
@@ -175,10 +231,76 @@ class StoreClient:
         the answer); others say why not (INBOX_FULL, STORE_FULL). A refusal of the whole
         request (rate limit, malformed) raises.
         """
-        response = await self._checked(peer, DepositRequest(tuple(envelopes)))
+        if not _coalescible(envelopes):
+            return await self._deposit_now(peer, tuple(envelopes))
+        size = sum(len(e.payload) + _ENVELOPE_OVERHEAD for e in envelopes)
+        job = _Deposit(tuple(envelopes), size)
+        node = self._deposits.setdefault(peer, _NodeDeposits())
+        node.waiting.append(job)
+        try:
+            while not job.done.is_set():
+                if not job.taken and node.in_flight < self.max_deposits_in_flight:
+                    await self._send_waiting(peer, node)
+                else:
+                    await node.changed.wait()
+        finally:
+            if not job.done.is_set() and job in node.waiting:
+                node.waiting.remove(job)  # the caller gave up before its deposit left
+            if not node.waiting and not node.in_flight:
+                self._deposits.pop(peer, None)
+        if job.error is not None:
+            raise job.error
+        return job.results
+
+    async def _deposit_now(self, peer: PeerId, envelopes: tuple[Envelope, ...]) -> list[Status]:
+        response = await self._checked(peer, DepositRequest(envelopes))
         if len(response.results) != len(envelopes):
             raise InvalidStoreMessage("deposit answer has the wrong number of results")
         return list(response.results)
+
+    async def _send_waiting(self, peer: PeerId, node: _NodeDeposits) -> None:
+        """Send the deposits at the head of the queue as one request; hand out the results."""
+        batch: list[_Deposit] = []
+        node.in_flight += 1
+        try:
+            count = size = 0
+            while node.waiting:
+                head = node.waiting[0]
+                if batch and (
+                    count + len(head.envelopes) > MAX_DEPOSIT_ENVELOPES
+                    or size + head.size > _COALESCED_BYTES
+                ):
+                    break
+                batch.append(node.waiting.popleft())
+                head.taken = True
+                count += len(head.envelopes)
+                size += head.size
+            if not batch:
+                return
+            try:
+                results = await self._deposit_now(
+                    peer, tuple(e for job in batch for e in job.envelopes)
+                )
+            except Exception as exc:  # each caller gets the refusal or failure
+                for job in batch:
+                    job.error = exc
+                    job.done.set()
+            else:
+                offset = 0
+                for job in batch:
+                    job.results = results[offset : offset + len(job.envelopes)]
+                    offset += len(job.envelopes)
+                    job.done.set()
+        finally:
+            node.in_flight -= 1
+            # Cancelled on the way: the others' deposits go back to the head of the queue
+            # (deposits are idempotent by message ID, so sending them again is safe).
+            unsent = [job for job in batch if not job.done.is_set()]
+            for job in unsent:
+                job.taken = False
+            node.waiting.extendleft(reversed(unsent))
+            node.changed.set()
+            node.changed = anyio.Event()
 
     async def fetch(
         self, peer: PeerId, owner: Identity, cursor: bytes = b"", limit: int = 0

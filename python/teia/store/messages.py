@@ -263,24 +263,48 @@ class Response:
 
 # --- encoding ---------------------------------------------------------------------------------
 
+# Deposits carry hundreds of envelopes per request and a node answers each with a result: the
+# common one-byte varints and field keys are looked up rather than computed.
+_SMALL: Final = tuple(bytes((i,)) for i in range(0x80))
+
+
+def _varint(value: int) -> bytes:
+    if type(value) is not int or not 0 <= value <= _UINT_MAX:
+        return encode_uvarint(value)  # raises the codec's error
+    if value < 0x80:
+        return _SMALL[value]
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
 
 def _uint(number: int, value: int) -> bytes:
-    return encode_uvarint(number << 3) + encode_uvarint(value)
+    return _varint(number << 3) + _varint(value)
 
 
 def _bytes(number: int, value: bytes) -> bytes:
+    if number < 16:
+        return _SMALL[number << 3 | 2] + _varint(len(value)) + value
     return encode_bytes_field(number, value)
 
 
 def _envelope(env: Envelope) -> bytes:
-    out = _bytes(1, env.inbox) + _bytes(2, env.message_id) + _bytes(3, env.payload)
+    inbox, message_id, payload = env.inbox, env.message_id, env.payload
+    parts = [
+        b"\x0a", _varint(len(inbox)), inbox,
+        b"\x12", _varint(len(message_id)), message_id,
+        b"\x1a", _varint(len(payload)), payload,
+    ]  # fmt: skip
     if env.timestamp_ms:
-        out += _uint(4, env.timestamp_ms)
+        parts += (b"\x20", _varint(env.timestamp_ms))
     if env.ttl_s:
-        out += _uint(5, env.ttl_s)
+        parts += (b"\x28", _varint(env.ttl_s))
     if env.expires_at_ms:
-        out += _uint(6, env.expires_at_ms)
-    return out
+        parts += (b"\x30", _varint(env.expires_at_ms))
+    return b"".join(parts)
 
 
 def _auth(auth: OwnerAuth | None) -> bytes:
@@ -346,6 +370,9 @@ def signed_params(request: Request) -> bytes:
     return bytes([kind]) + body
 
 
+_RESULTS: Final = {status: b"\x18" + _varint(int(status)) for status in Status}
+
+
 def encode_response(response: Response) -> bytes:
     """The wire form of ``response``."""
     out = b""
@@ -353,7 +380,7 @@ def encode_response(response: Response) -> bytes:
         out += _uint(1, int(response.status))
     if response.error:
         out += _bytes(2, response.error.encode()[:MAX_ERROR_TEXT])
-    out += b"".join(_uint(3, int(r)) for r in response.results)
+    out += b"".join(_RESULTS[r] if r in _RESULTS else _uint(3, int(r)) for r in response.results)
     out += b"".join(_bytes(4, _envelope(e)) for e in response.envelopes)
     if response.cursor:
         out += _bytes(5, response.cursor)
@@ -558,10 +585,162 @@ def _decode_kind(kind: int, body: bytes) -> Request:
     raise InvalidStoreMessage(f"Request: unknown kind {kind}")
 
 
+# --- fast paths --------------------------------------------------------------------------------
+# Deposits, their results and fetched pages are most of the traffic. For them a direct parser
+# reads the canonical form (known fields, one-byte keys, each singular field once); anything
+# else, well-formed or not, raises `_Slow` and is parsed again by the general reader above,
+# which alone decides what is accepted and every error message. So the fast paths only ever
+# return what the general reader returns (the codec tests check it on arbitrary input).
+
+
+class _Slow(Exception):
+    """Not in the form the fast path reads: use the general reader."""
+
+
+def _varint_at(data: bytes, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    for index in range(9):
+        if pos >= len(data):
+            raise _Slow
+        byte = data[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            if byte == 0 and index:
+                raise _Slow  # not minimal
+            return result, pos
+        shift += 7
+    raise _Slow
+
+
+def _envelope_fast(data: bytes) -> Envelope:
+    end = len(data)
+    pos = seen = 0
+    inbox = message_id = payload = b""
+    timestamp = ttl = expires = 0
+    while pos < end:
+        key = data[pos]
+        pos += 1
+        if key > 0x30 or key & 7 not in (0, 2):
+            raise _Slow
+        bit = 1 << (key >> 3)
+        if seen & bit:
+            raise _Slow
+        seen |= bit
+        if key < 0x80 and pos < end and data[pos] < 0x80:
+            value = data[pos]
+            pos += 1
+        else:
+            value, pos = _varint_at(data, pos)
+        if key == 0x0A or key == 0x12 or key == 0x1A:
+            stop = pos + value
+            if stop > end:
+                raise _Slow
+            chunk = data[pos:stop]
+            pos = stop
+            if key == 0x0A:
+                inbox = chunk
+            elif key == 0x12:
+                message_id = chunk
+            else:
+                payload = chunk
+        elif key == 0x20:
+            timestamp = value
+        elif key == 0x28:
+            ttl = value
+        elif key == 0x30:
+            expires = value
+        else:
+            raise _Slow
+    if (
+        len(inbox) != INBOX_SIZE
+        or len(message_id) != MESSAGE_ID_SIZE
+        or len(payload) > MAX_PAYLOAD
+        or ttl > 2**32 - 1
+    ):
+        raise _Slow
+    return Envelope(inbox, message_id, payload, timestamp, ttl, expires)
+
+
+def _envelopes_fast(body: bytes, limit: int) -> tuple[Envelope, ...]:
+    end = len(body)
+    pos = 0
+    out: list[Envelope] = []
+    while pos < end:
+        if body[pos] != 0x0A or len(out) >= limit:
+            raise _Slow
+        length, pos = _varint_at(body, pos + 1)
+        stop = pos + length
+        if stop > end:
+            raise _Slow
+        out.append(_envelope_fast(body[pos:stop]))
+        pos = stop
+    if not out:
+        raise _Slow
+    return tuple(out)
+
+
+_STATUS_BY_CODE: Final = {int(status): status for status in Status}
+
+
+def _response_fast(data: bytes) -> Response:
+    end = len(data)
+    pos = 0
+    results: list[Status] = []
+    envelopes: list[Envelope] = []
+    cursor = b""
+    more = seen_cursor = seen_more = False
+    while pos < end:
+        key = data[pos]
+        if key == 0x18:  # result
+            if pos + 1 >= end or len(results) >= MAX_DEPOSIT_ENVELOPES:
+                raise _Slow
+            status = _STATUS_BY_CODE.get(data[pos + 1])
+            if status is None:
+                raise _Slow
+            results.append(status)
+            pos += 2
+        elif key == 0x22 or key == 0x2A:  # envelope, cursor
+            length, pos = _varint_at(data, pos + 1)
+            stop = pos + length
+            if stop > end:
+                raise _Slow
+            if key == 0x22:
+                if len(envelopes) >= MAX_FETCH_LIMIT:
+                    raise _Slow
+                envelopes.append(_envelope_fast(data[pos:stop]))
+            else:
+                if seen_cursor or length > MAX_CURSOR:
+                    raise _Slow
+                seen_cursor = True
+                cursor = data[pos:stop]
+            pos = stop
+        elif key == 0x30:  # more
+            if seen_more or pos + 1 >= end or data[pos + 1] > 1:
+                raise _Slow
+            seen_more = True
+            more = data[pos + 1] == 1
+            pos += 2
+        else:
+            raise _Slow
+    return Response(results=tuple(results), envelopes=tuple(envelopes), cursor=cursor, more=more)
+
+
 def decode_request(data: bytes) -> Request:
     """Parse one request; `InvalidStoreMessage` on anything malformed or over a limit."""
     if len(data) > MAX_REQUEST_SIZE:
         raise InvalidStoreMessage(f"request of {len(data)} bytes is over {MAX_REQUEST_SIZE}")
+    if data[:1] == b"\x0a":  # a deposit
+        try:
+            length, pos = _varint_at(data, 1)
+            if pos + length == len(data):
+                return DepositRequest(_envelopes_fast(data[pos:], MAX_DEPOSIT_ENVELOPES))
+        except _Slow:
+            pass
+    return _decode_request_general(data)
+
+
+def _decode_request_general(data: bytes) -> Request:
     try:
         fields = list(iter_fields(data))
     except InvalidProtobuf as exc:
@@ -578,6 +757,13 @@ def decode_response(data: bytes) -> Response:
     """Parse one response; `InvalidStoreMessage` on anything malformed or over a limit."""
     if len(data) > MAX_RESPONSE_SIZE:
         raise InvalidStoreMessage(f"response of {len(data)} bytes is over {MAX_RESPONSE_SIZE}")
+    try:
+        return _response_fast(data)
+    except _Slow:
+        return _decode_response_general(data)
+
+
+def _decode_response_general(data: bytes) -> Response:
     r = _Reader(data, "Response")
     status = r.uint(1, "status", maximum=255)
     try:
