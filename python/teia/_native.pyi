@@ -5,6 +5,7 @@ Errors raised are the classes of :mod:`teia.errors` (``InvalidKey``, ``InvalidSi
 ``InvalidSessionState``). Wire formats and parameters: ``docs/crypto.md``.
 """
 
+from collections.abc import Sequence
 from typing import final
 
 __version__: str
@@ -434,8 +435,10 @@ class RelayDataPlane:
     socket per allocation, and forwards ChannelData, Send and Data indications on its own
     thread without the GIL. Other STUN messages go up through :meth:`recv_control`.
 
-    Forwarding needs a live permission for the peer IP (and, for ChannelData, a live channel);
-    everything else is dropped and counted in :meth:`stats` under ``dropped_<reason>``
+    Forwarding needs a live permission for the peer IP (and, for ChannelData, a live channel),
+    and a peer on one of the relay's own addresses (``own_ips``) must be a live relayed
+    allocation of this data plane (the kernel delivers to it locally); everything else is
+    dropped and counted in :meth:`stats` under ``dropped_<reason>``
     (``malformed``, ``no_allocation``, ``unknown_channel``, ``no_permission``,
     ``forbidden_peer``, ``quota``, ``control_queue_full``, ``tcp_queue_full``,
     ``send_error``)."""
@@ -449,11 +452,15 @@ class RelayDataPlane:
         relay_port_min: int = 0,
         relay_port_max: int = 0,
         control_queue: int = 4096,
+        own_ips: Sequence[str] | None = None,
     ) -> RelayDataPlane:
         """Bind ``host:port`` for clients and start the worker. Relayed sockets bind
         ``relay_ip`` (default ``host``) on a port in ``relay_port_min..relay_port_max``
         (inclusive; 0 and 0: the OS chooses). ``control_queue`` bounds the queue of STUN
-        messages waiting for :meth:`recv_control` (and, apart, of TCP-client data)."""
+        messages waiting for :meth:`recv_control` (and, apart, of TCP-client data).
+        ``own_ips``: the relay's own addresses, at which peers may be only live relayed
+        allocations, never another port (an unspecified address also stands for loopback);
+        default: ``relay_ip`` and ``host``; ``[]`` when the operator allow-lists them."""
 
     @property
     def port(self) -> int:
@@ -462,6 +469,9 @@ class RelayDataPlane:
     def recv_control(self, timeout_ms: int) -> list[tuple[bytes, str, int]]:
         """STUN messages for the control plane as ``(datagram, client_host, client_port)``:
         waits up to ``timeout_ms`` with the GIL released; ``[]`` on timeout or once closed."""
+
+    def waiting_receivers(self) -> int:
+        """Threads blocked in :meth:`recv_control` or :meth:`recv_relayed_for_tcp` now."""
 
     def recv_relayed_for_tcp(self, timeout_ms: int) -> list[tuple[bytes, str, int]]:
         """Peer data for allocations made with ``tcp=True``, already framed for the client's

@@ -88,7 +88,9 @@ def binding_request() -> bytes:
 
 @pytest.fixture
 def plane() -> Iterator[RelayDataPlane]:
-    p = RelayDataPlane("127.0.0.1")
+    # Peers share the relay's IP here, as if the operator allow-listed loopback (own_ips=[]);
+    # test_own_address_only_at_live_allocations checks the default.
+    p = RelayDataPlane("127.0.0.1", own_ips=[])
     try:
         yield p
     finally:
@@ -448,6 +450,43 @@ def test_relay_port_range(udp: Callable[..., socket.socket]) -> None:
         plane.close()
 
 
+def test_own_address_only_at_live_allocations(udp: Callable[..., socket.socket]) -> None:
+    """By default the relay's own IP is reachable only at live relayed allocations: two clients
+    of one relay talk through their relayed addresses; a local service on the relay's IP, the
+    listening port and a freed allocation's port are refused both ways, whatever the
+    permission for the IP says."""
+    plane = RelayDataPlane("127.0.0.2")
+    try:
+        server = ("127.0.0.2", plane.port)
+        a, b, c = udp("127.0.0.3"), udp("127.0.0.3"), udp("127.0.0.3")
+        service = udp("127.0.0.2")
+        ra, rb, rc = (plane.allocate(*address(s)) for s in (a, b, c))
+        for s in (a, b, c):
+            plane.add_permission(*address(s), "127.0.0.2", MINUTE_MS)
+
+        a.sendto(send_indication(*rb, b"a to b"), server)
+        assert parse_data_indication(b.recvfrom(65536)[0]) == (ra, b"a to b")
+        plane.bind_channel(*address(b), 0x4000, *ra, MINUTE_MS)
+        b.sendto(channel_data(0x4000, b"b to a"), server)
+        assert parse_data_indication(a.recvfrom(65536)[0]) == (rb, b"b to a")
+
+        with pytest.raises(ValueError, match="not a live relayed allocation"):
+            plane.bind_channel(*address(a), 0x4001, *address(service), MINUTE_MS)
+        a.sendto(send_indication(*address(service), b"to a local service"), server)
+        service.sendto(b"from a local service", ra)
+        assert plane.release(*address(b))
+        a.sendto(send_indication(*rb, b"to a freed port"), server)
+        # In order behind the refused ones: once this arrives, they have been dropped.
+        a.sendto(send_indication(*rc, b"sync"), server)
+        assert parse_data_indication(c.recvfrom(65536)[0]) == (ra, b"sync")
+        stats = wait_for(plane, lambda s: s["dropped_forbidden_peer"] == 3)
+        assert stats["dropped_no_permission"] == 0
+        nothing_arrives(service)
+        nothing_arrives(a)
+    finally:
+        plane.close()
+
+
 # --- quotas, TCP clients, shutdown --------------------------------------------------------
 
 
@@ -527,7 +566,10 @@ def test_close_returns_promptly_and_wakes_receivers(udp: Callable[..., socket.so
     results: list[list[tuple[bytes, str, int]]] = []
     waiter = threading.Thread(target=lambda: results.append(plane.recv_control(30_000)))
     waiter.start()
-    time.sleep(0.05)
+    deadline = time.monotonic() + WAIT
+    while plane.waiting_receivers() == 0:  # the waiter is blocked inside recv_control
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
     started = time.monotonic()
     plane.close()
     assert time.monotonic() - started < 1.0

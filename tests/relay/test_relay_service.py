@@ -119,9 +119,30 @@ class TurnTestClient:
         answer = await self.exchange(self.build(Method.CHANNEL_BIND, attrs, tid, key=self.key), tid)
         return answer
 
-    async def permit(self, peer_ip: str) -> StunMessage:
+    async def send(self, peer: tuple[str, int], data: bytes) -> None:
+        """A Send indication (no answer comes)."""
         tid = os.urandom(12)
-        attrs = [(Attr.XOR_PEER_ADDRESS, stun.encode_xor_address(peer_ip, 9, tid))]
+        builder = MessageBuilder(Method.SEND, MessageClass.INDICATION, tid)
+        builder.add(Attr.XOR_PEER_ADDRESS, stun.encode_xor_address(*peer, tid))
+        builder.add(Attr.DATA, data)
+        await self.socket.sendto(builder.finish(), *self.server)
+
+    async def receive_data(self) -> tuple[tuple[str, int], bytes]:
+        """The next Data indication: (peer, data)."""
+        with anyio.fail_after(5):
+            while True:
+                datagram, _ = await self.socket.receive()
+                if not stun.is_stun(datagram):
+                    continue
+                message = stun.parse(datagram)
+                if message.cls == MessageClass.INDICATION and message.method == Method.DATA:
+                    raw_peer = message.get(Attr.XOR_PEER_ADDRESS) or b""
+                    peer = stun.decode_xor_address(raw_peer, message.transaction_id)
+                    return peer, message.get(Attr.DATA) or b""
+
+    async def permit(self, peer_ip: str, port: int = 9) -> StunMessage:
+        tid = os.urandom(12)
+        attrs = [(Attr.XOR_PEER_ADDRESS, stun.encode_xor_address(peer_ip, port, tid))]
         return await self.exchange(
             self.build(Method.CREATE_PERMISSION, attrs, tid, key=self.key), tid
         )
@@ -327,6 +348,67 @@ async def test_bad_input_is_answered_or_dropped_while_an_honest_allocation_flows
     # The flooder got its quota (plus a burst), not the 3 MB it pushed.
     assert flood_stats["bytes_to_peers"] < 3000 * 1000 / 2
     assert server.core.responses[("create_permission", 403)] == 4
+
+
+# --- two clients of one relay ------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_two_clients_of_one_relay_reach_each_other_without_allow_listing_it(
+    tmp_path: Path,
+) -> None:
+    """The relay on 127.0.0.2 allow-lists only 127.0.0.3/32: not loopback, not itself. Its
+    clients still reach each other's relayed addresses, both ways; its other ports (listening
+    port, a local service, a freed allocation) are refused with 403, and data to or from them
+    is dropped although the permission for the IP holds."""
+    async with (
+        running_relay(tmp_path, listen="127.0.0.2:0", allow_peer=["127.0.0.3/32"]) as server,
+        await anyio.create_udp_socket(local_host="127.0.0.3") as a_socket,
+        await anyio.create_udp_socket(local_host="127.0.0.3") as b_socket,
+        await anyio.create_udp_socket(local_host="127.0.0.3") as c_socket,
+        await anyio.create_udp_socket(local_host="127.0.0.2") as service,
+    ):
+        relay = ("127.0.0.2", server.port)
+        service_address = ("127.0.0.2", service.extra(anyio.abc.SocketAttribute.local_port))
+        a = TurnTestClient(a_socket, relay, "alice")
+        b = TurnTestClient(b_socket, relay, "bob")
+        c = TurnTestClient(c_socket, relay, "alice")
+        with anyio.fail_after(TIMEOUT):
+            ra, rb, rc = await a.allocate(), await b.allocate(), await c.allocate()
+            assert {ra[0], rb[0], rc[0]} == {"127.0.0.2"}
+            for port in (server.port, service_address[1]):
+                assert code(await a.permit("127.0.0.2", port)) == 403
+                assert code(await a.bind(0x4001, ("127.0.0.2", port))) == 403
+            assert code(await a.permit(*rb)) is None
+            assert code(await b.permit(*ra)) is None
+            assert code(await c.permit(*ra)) is None
+
+            await a.send(rb, b"a to b")
+            assert await b.receive_data() == (ra, b"a to b")
+            assert code(await b.bind(0x4000, ra)) is None
+            await b_socket.sendto(stun.encode_channel_data(0x4000, b"b to a"), *relay)
+            assert await a.receive_data() == (rb, b"b to a")
+
+            # B's allocation ends: its port is refused again.
+            assert code(await b.request(Method.REFRESH, [(Attr.LIFETIME, bytes(4))])) is None
+            assert code(await a.permit(*rb)) == 403
+            assert code(await c.bind(0x4002, rb)) == 403
+            # A holds a permission for 127.0.0.2, but only live allocations are reachable there.
+            # Each refused datagram is followed on its path by one that passes: once that one
+            # arrives, the data plane has dropped the other (sockets and the worker keep order).
+            await service.sendto(b"from a local service", *ra)
+            await c.send(ra, b"behind it on A's relayed socket")
+            assert await a.receive_data() == (rc, b"behind it on A's relayed socket")
+            await a.send(rb, b"to a freed port")
+            await a.send(service_address, b"to a local service")
+            await a.send(rc, b"behind them from A")
+            assert await c.receive_data() == (ra, b"behind them from A")
+            data_plane: Any = server.data_plane
+        stats: dict[str, int] = data_plane.stats()
+        assert stats["dropped_forbidden_peer"] == 3
+        assert stats["dropped_no_permission"] == 0
+        assert server.core.responses[("create_permission", 403)] == 3
+        assert server.core.responses[("channel_bind", 403)] == 3
 
 
 # --- the command ---------------------------------------------------------------------------

@@ -34,13 +34,19 @@ MEGABYTE = 1024 * 1024
 
 
 @contextlib.asynccontextmanager
-async def running_relay(tmp_path: Path, port: int = 0) -> AsyncIterator[RelayServer]:
+async def running_relay(
+    tmp_path: Path,
+    port: int = 0,
+    *,
+    ip: str = "127.0.0.1",
+    allow: tuple[str, ...] = ("127.0.0.0/8",),
+) -> AsyncIterator[RelayServer]:
     config = RelayConfig(
-        listen=f"127.0.0.1:{port}",
+        listen=f"{ip}:{port}",
         realm=REALM,
         user=["alice:wonderland"],
         auth_secret=REST_SECRET,
-        allow_peer=["127.0.0.0/8"],
+        allow_peer=list(allow),
         data_dir=tmp_path / "relay",
         tcp=False,
     )
@@ -48,9 +54,9 @@ async def running_relay(tmp_path: Path, port: int = 0) -> AsyncIterator[RelaySer
         yield server
 
 
-def long_term(port: int, **overrides: Any) -> RelayClientConfig:
+def long_term(port: int, ip: str = "127.0.0.1", **overrides: Any) -> RelayClientConfig:
     settings: dict[str, Any] = {
-        "address": f"127.0.0.1:{port}",
+        "address": f"{ip}:{port}",
         "username": "alice",
         "password": "wonderland",
         "keepalive": 0.5,
@@ -61,9 +67,9 @@ def long_term(port: int, **overrides: Any) -> RelayClientConfig:
     return RelayClientConfig(**settings)
 
 
-def rest(port: int) -> RelayClientConfig:
+def rest(port: int, ip: str = "127.0.0.1") -> RelayClientConfig:
     return RelayClientConfig(
-        address=f"127.0.0.1:{port}",
+        address=f"{ip}:{port}",
         rest_secret=REST_SECRET,
         rest_user="bob",
         keepalive=0.5,
@@ -133,18 +139,27 @@ def relayed_bytes(server: RelayServer) -> tuple[int, int]:
     return stats["bytes_to_peers"], stats["bytes_to_clients"]
 
 
-@pytest.mark.parametrize("anyio_backend", ["trio", "asyncio"])
+@pytest.mark.parametrize(
+    ("anyio_backend", "relay_ip", "allow"),
+    [
+        ("trio", "127.0.0.1", ("127.0.0.0/8",)),
+        ("asyncio", "127.0.0.1", ("127.0.0.0/8",)),
+        # Neither loopback nor the relay's own IP allow-listed: the hosts reach each other's
+        # relayed addresses because they are live allocations of that relay.
+        ("trio", "127.0.0.2", ("127.0.0.3/32",)),
+    ],
+)
 @pytest.mark.anyio
 async def test_two_hosts_talk_through_the_relay_end_to_end(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, relay_ip: str, allow: tuple[str, ...]
 ) -> None:
     sniffer = Sniffer(monkeypatch)
     with anyio.fail_after(TIMEOUT):
-        async with running_relay(tmp_path) as server:
+        async with running_relay(tmp_path, ip=relay_ip, allow=allow) as server:
             changes: list[list[Multiaddr]] = []
             async with (
-                Host(Identity.generate(), relays=[long_term(server.port)]) as a,
-                Host(Identity.generate(), relays=[rest(server.port)]) as b,
+                Host(Identity.generate(), relays=[long_term(server.port, relay_ip)]) as a,
+                Host(Identity.generate(), relays=[rest(server.port, relay_ip)]) as b,
             ):
                 b.on_relayed_addrs_change(changes.append)
                 b.set_handler(SINK, serve_sink)
@@ -154,7 +169,7 @@ async def test_two_hosts_talk_through_the_relay_end_to_end(
                 assert b_relayed in b.addrs
                 assert b_relayed.peer_id == b.peer_id
                 host, port = b_relayed.to_udp_address()
-                assert host == "127.0.0.1"
+                assert host == relay_ip
                 assert port not in (server.port, b.listen_addrs[0].to_udp_address()[1])
 
                 await exchange(a, b, b_relayed)
@@ -168,6 +183,7 @@ async def test_two_hosts_talk_through_the_relay_end_to_end(
                 assert server.core.responses[("channel_bind", 200)] >= 2  # ChannelData both ways
                 assert sniffer.total() > 2 * MEGABYTE
                 assert not sniffer.saw(MARKER)  # QUIC encrypted it end to end
+                assert server.core.responses[("create_permission", 403)] == 0
 
 
 class RelayIncarnation:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import struct
 from dataclasses import dataclass, field
@@ -538,6 +539,63 @@ def test_allow_listed_loopback_can_be_relayed_to() -> None:
     client = Client(make_core(allow_peers=parse_networks(["127.0.0.0/8"])))
     client.login(T0)
     assert error_code(permission(client, ("127.0.0.1", 9), T0)) is None
+
+
+def test_the_relays_own_address_is_a_peer_only_at_live_allocations() -> None:
+    """Two clients of one relay reach each other's relayed addresses without the relay's IP
+    being allow-listed; any other port there, and a freed allocation's, is refused (403), and
+    a TCP client's data to one is dropped although its permission (per IP) holds."""
+    own = "192.0.2.10"  # the fake data plane's relayed IP
+    core = make_core(relay_addresses=frozenset({ipaddress.ip_address(own)}))
+    a = Client(core)
+    b = Client(core, address=("198.51.100.8", 50000), _next_port=50000)
+    tcp = Client(core, address=("198.51.100.9", 50000), transport="tcp", _next_port=51000)
+    for client in (a, b, tcp):
+        assert error_code(client.login(T0)) is None
+    assert a.relayed is not None
+    assert b.relayed is not None
+    assert error_code(permission(a, b.relayed, T0)) is None
+    assert error_code(channel_bind(b, 0x4000, a.relayed, T0)) is None
+    assert error_code(permission(tcp, b.relayed, T0)) is None
+    for port in (3478, 9, a.relayed[1] + 100):
+        assert error_code(permission(a, (own, port), T0)) == 403
+        assert error_code(channel_bind(a, 0x4001, (own, port), T0)) == 403
+
+    def send(peer: Address) -> list[Action]:
+        tid = os.urandom(12)
+        data = (
+            MessageBuilder(Method.SEND, MessageClass.INDICATION, tid)
+            .add(*peer_attr(peer, tid))
+            .add(Attr.DATA, b"x")
+            .finish()
+        )
+        return core.handle(data, tcp.address, "tcp", T0 + 1)
+
+    assert send(b.relayed) == [SendToPeer(tcp.address, b.relayed, b"x")]
+    assert send((own, 3478)) == []
+    assert core.dropped["forbidden-peer"] == 7
+
+    assert error_code(refresh(b, T0 + 2, lifetime=0)) is None  # B's allocation is freed
+    assert error_code(permission(a, b.relayed, T0 + 2)) == 403
+    assert send(b.relayed) == []
+    assert core.dropped["forbidden-peer"] == 9
+    # Deny-listed, even a live allocation is refused; allow-listed, any port is fine.
+    denied = make_core(
+        relay_addresses=frozenset({ipaddress.ip_address(own)}), deny_peers=parse_networks([own])
+    )
+    c, d = Client(denied), Client(denied, address=("198.51.100.8", 50000), _next_port=50000)
+    assert error_code(c.login(T0)) is None
+    assert error_code(d.login(T0)) is None
+    assert d.relayed is not None
+    assert error_code(permission(c, d.relayed, T0)) == 403
+    allowed = make_core(
+        relay_addresses=frozenset({ipaddress.ip_address(own)}), allow_peers=parse_networks([own])
+    )
+    e = Client(allowed)
+    assert error_code(e.login(T0)) is None
+    assert error_code(permission(e, (own, 3478), T0)) is None
+    assert allowed.policy.guarded_own_ips() == []
+    assert core.policy.guarded_own_ips() == [own]
 
 
 def test_permission_request_rules() -> None:

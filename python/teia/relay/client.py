@@ -20,7 +20,8 @@ The client's rules:
   the allocation and the NAT binding alive, and it is how a lost allocation is noticed: a
   refresh answered 437 (a restarted relay) or not answered at all ends the allocation
   (`AllocationLost`). Any request timing out after the allocation is made ends it too.
-- Permissions are kept for every IP asked for (`add_permission`), refreshed together every
+- Permissions are kept for every IP asked for (`add_permission`; the relay's own IP is asked
+  for at our relayed port, the one port a relay admits there), refreshed together every
   240 s (they last 300 s). ChannelBind is asked for a peer the first time data is sent to it;
   until the relay confirms, data goes in Send indications, after it as ChannelData (4 bytes of
   overhead instead of about 36). Channels used since their last refresh are refreshed every
@@ -416,7 +417,16 @@ class TurnClient:
         self._send(_Transaction("refresh", Method.REFRESH, attributes, ()), now)
 
     def _request_permissions(self, ips: Iterable[str], now: float) -> None:
-        peers = tuple((ip, 0) for ip in ips)
+        # A permission is per IP, so the port is 0, except on the relay's own address: a relay
+        # admits that only at a live allocation of its own (no other port there), so we name
+        # ours (the permission then covers every allocation on it, as any permission would).
+        relayed = self.relayed
+        peers = tuple(
+            (ip, relayed[1])
+            if relayed is not None and str(ipaddress.ip_address(ip)) == relayed[0]
+            else (ip, 0)
+            for ip in ips
+        )
         self._send(_Transaction("permission", Method.CREATE_PERMISSION, [], peers), now)
 
     def _request_channel(self, peer: Address, now: float, channel: int | None = None) -> None:

@@ -6,6 +6,12 @@ link-local, shared CGNAT space, documentation and reserved ranges), is not multi
 one of the relay's own addresses, and does not smuggle a forbidden IPv4 address inside IPv6
 (IPv4-mapped, 6to4, NAT64) — unless the operator allow-lists it with a CIDR (tests allow
 127.0.0.0/8 this way). Permissions in TURN are per IP address, so the policy is too.
+
+One exception needs the port: a peer that is a live relayed allocation of this very relay
+(two clients of one relay reaching each other's relayed addresses) is allowed on the relay's
+own address without allow-listing it — and no other port there, which is why the caller, who
+knows the allocations, says so (``relayed_here``), and the data plane checks the port of every
+datagram to or from the relay's own addresses (``RelayPolicy.guarded_own_ips``).
 """
 
 from __future__ import annotations
@@ -62,8 +68,10 @@ class RelayPolicy:
     bandwidth_per_allocation: int = 0
     """Bytes per second each allocation may relay (both directions); 0 = unlimited."""
 
-    def peer_allowed(self, ip: str) -> bool:
-        """Whether the relay may send to (and accept from) ``ip``."""
+    def peer_allowed(self, ip: str, *, relayed_here: bool = False) -> bool:
+        """Whether the relay may send to (and accept from) ``ip``. ``relayed_here``: the peer
+        (IP and port) is a live relayed allocation of this relay, which admits it unless
+        deny-listed."""
         try:
             address = ipaddress.ip_address(ip)
         except ValueError:
@@ -77,8 +85,21 @@ class RelayPolicy:
                 candidates.append(embedded)
         if any(c in network for c in candidates for network in self.deny_peers):
             return False
-        if any(c in network for c in candidates for network in self.allow_peers):
+        if relayed_here or any(c in network for c in candidates for network in self.allow_peers):
             return True
         return all(
             c.is_global and not c.is_multicast and c not in self.relay_addresses for c in candidates
         )
+
+    def guarded_own_ips(self) -> list[str]:
+        """The relay's own addresses that peers may be at only as live relayed allocations:
+        those the operator did not allow-list (an unspecified one, standing for every local
+        address, counts as allow-listed when its family's loopback is)."""
+        guarded = []
+        for address in sorted(self.relay_addresses, key=str):
+            probe = address
+            if address.is_unspecified:
+                probe = ipaddress.ip_address("127.0.0.1" if address.version == 4 else "::1")
+            if not any(probe in network for network in self.allow_peers):
+                guarded.append(str(address))
+        return guarded

@@ -23,6 +23,10 @@ drive it with an explicit ``now``. Its rules, in the order the RFCs apply them:
 - Refresh, CreatePermission, ChannelBind need the allocation (437) and the user who made it
   (441). Refresh with lifetime 0 deletes. Permissions last 300 s, channels 600 s (and
   refresh their peer's permission); peers the policy forbids → 403, another family → 443.
+  The relay's own addresses are forbidden too unless allow-listed, except at a port that is
+  a live relayed allocation of this relay (two clients of one relay reach each other; the
+  kernel delivers locally): a permission is per IP, so TCP clients' data to another port
+  there is dropped here, and the data plane checks every UDP datagram the same way.
   A channel is bound to one peer and a peer to one channel, until 5 minutes after the
   binding expires (else 400); numbers outside 0x4000-0x4FFF → 400.
 - Allocations, permissions and channels expire when ``expire(now)`` is called past their
@@ -243,6 +247,9 @@ class TurnServerCore:
         self.policy = policy or RelayPolicy()
         self.settings = settings or TurnSettings()
         self.allocations: dict[Address, RelayAllocation] = {}
+        self._relayed: dict[Address, Address] = {}
+        """Live relayed address → its client (for peers on the relay's own addresses)."""
+        self._guarded = frozenset(self.policy.guarded_own_ips())
         self.responses: Counter[tuple[str, int]] = Counter()
         """Answers sent, by (method name, code); 200 is success."""
         self.dropped: Counter[str] = Counter()
@@ -306,7 +313,9 @@ class TurnServerCore:
         allocation = self.allocations.get(client)
         if allocation is None or allocation.relayed is not None:
             return [ReleaseRelay(client, "udp" if allocation is None else allocation.transport)]
+        relayed = (str(ipaddress.ip_address(relayed[0])), relayed[1])
         allocation.relayed = relayed
+        self._relayed[relayed] = client
         builder = self._builder(Method.ALLOCATE, MessageClass.SUCCESS, allocation.transaction_id)
         builder.add_xor_address(Attr.XOR_RELAYED_ADDRESS, *relayed)
         builder.add_u32(Attr.LIFETIME, max(0, round(allocation.expires - now)))
@@ -337,7 +346,7 @@ class TurnServerCore:
         actions: list[Action] = []
         for client, allocation in list(self.allocations.items()):
             if allocation.expires <= now:
-                del self.allocations[client]
+                self._remove(client)
                 actions.append(ReleaseRelay(client, allocation.transport))
                 log.info("allocation expired", extra=fields(client=_show(client)))
                 continue
@@ -355,11 +364,25 @@ class TurnServerCore:
         allocation = self.allocations.get(client)
         if allocation is None or allocation.transport != transport:
             return []
-        del self.allocations[client]
+        self._remove(client)
         return [ReleaseRelay(client, transport)]
 
     def next_deadline(self) -> float | None:
         return min((a.expires for a in self.allocations.values()), default=None)
+
+    def relayed_here(self, peer: Address) -> bool:
+        """Whether ``peer`` is the relayed address of a live allocation on this relay."""
+        client = self._relayed.get(peer)
+        if client is None:
+            return False
+        allocation = self.allocations.get(client)
+        return allocation is not None and allocation.relayed == peer
+
+    def _remove(self, client: Address) -> None:
+        allocation = self.allocations.pop(client, None)
+        relayed = allocation.relayed if allocation is not None else None
+        if relayed is not None and self._relayed.get(relayed) == client:
+            del self._relayed[relayed]
 
     # --- answers ------------------------------------------------------------------------------
 
@@ -536,7 +559,7 @@ class TurnServerCore:
         lifetime = self._lifetime(message)
         lifetime_attr = [(int(Attr.LIFETIME), lifetime.to_bytes(4, "big"))]
         if lifetime == 0:
-            del self.allocations[client]
+            self._remove(client)
             log.info("allocation deleted", extra=fields(client=_show(client)))
             return [
                 ReleaseRelay(client, transport),
@@ -553,8 +576,8 @@ class TurnServerCore:
         for ip, _ in peers:
             if _family(ip) != allocation.family:
                 raise _Reply(443)
-        for ip, _ in peers:
-            if not self.policy.peer_allowed(ip):
+        for ip, port in peers:
+            if not self.policy.peer_allowed(ip, relayed_here=self.relayed_here((ip, port))):
                 self.dropped["forbidden-peer"] += 1
                 log.info(
                     "forbidden peer refused",
@@ -633,14 +656,17 @@ class TurnServerCore:
 
     # --- data from TCP clients ----------------------------------------------------------------
 
-    def _permitted(self, client: Address, peer_ip: str, now: float) -> RelayAllocation | None:
+    def _permitted(self, client: Address, peer: Address, now: float) -> RelayAllocation | None:
         allocation = self.allocations.get(client)
         if allocation is None or allocation.relayed is None:
             self.dropped["no-allocation"] += 1
             return None
-        until = allocation.permissions.get(peer_ip)
+        until = allocation.permissions.get(peer[0])
         if until is None or until <= now:
             self.dropped["no-permission"] += 1
+            return None
+        if peer[0] in self._guarded and not self.relayed_here(peer):
+            self.dropped["forbidden-peer"] += 1  # the permission's IP is ours: not this port
             return None
         return allocation
 
@@ -655,7 +681,7 @@ class TurnServerCore:
         except InvalidStunMessage:
             self.dropped["malformed"] += 1
             return []
-        if self._permitted(client, peer[0], now) is None:
+        if self._permitted(client, peer, now) is None:
             return []
         return [SendToPeer(client, peer, data)]
 
@@ -671,7 +697,7 @@ class TurnServerCore:
             self.dropped["unbound-channel"] += 1
             return []
         peer = bound[0]
-        if self._permitted(client, peer[0], now) is None:
+        if self._permitted(client, peer, now) is None:
             return []
         return [SendToPeer(client, peer, payload)]
 

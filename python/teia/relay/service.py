@@ -238,6 +238,7 @@ def build_server(config: RelayConfig) -> RelayServer:
             relay_ip=config.relay_ip or None,
             relay_port_min=config.relay_port_min,
             relay_port_max=config.relay_port_max,
+            own_ips=policy.guarded_own_ips(),
         )
     except OSError as exc:
         raise ConfigError(f"cannot listen on {config.listen}: {exc.strerror or exc}") from None

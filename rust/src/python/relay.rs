@@ -77,7 +77,8 @@ pub struct RelayDataPlane {
 #[pymethods]
 impl RelayDataPlane {
     #[new]
-    #[pyo3(signature = (host, port = 0, *, relay_ip = None, relay_port_min = 0, relay_port_max = 0, control_queue = 4096))]
+    #[pyo3(signature = (host, port = 0, *, relay_ip = None, relay_port_min = 0, relay_port_max = 0, control_queue = 4096, own_ips = None))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
         host: &str,
@@ -86,9 +87,13 @@ impl RelayDataPlane {
         relay_port_min: i64,
         relay_port_max: i64,
         control_queue: i64,
+        own_ips: Option<Vec<String>>,
     ) -> PyResult<Self> {
         let mut config = Config::new(addr(host, port, "listening")?);
         config.relay_ip = relay_ip.map(|r| ip(r, "relay_ip")).transpose()?;
+        config.own_ips = own_ips
+            .map(|ips| ips.iter().map(|text| ip(text, "own_ips entry")).collect())
+            .transpose()?;
         config.relay_ports = (
             self::port(relay_port_min, "relay_port_min")?,
             self::port(relay_port_max, "relay_port_max")?,
@@ -118,6 +123,11 @@ impl RelayDataPlane {
         let timeout = Duration::from_millis(timeout_ms.max(0) as u64);
         let items = py.detach(|| self.inner.recv_control(timeout, MAX_BATCH));
         Ok(datagrams(py, items))
+    }
+
+    /// Threads blocked in ``recv_control`` or ``recv_relayed_for_tcp`` now.
+    fn waiting_receivers(&self) -> usize {
+        self.inner.waiting_receivers()
     }
 
     /// Peer data for TCP-transport allocations, framed for the TCP stream (padded ChannelData

@@ -15,7 +15,7 @@ use std::fmt;
 use std::io;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -51,6 +51,12 @@ pub struct Config {
     pub relay_ports: (u16, u16),
     /// Capacity of the control queue and of the TCP-client queue (datagrams).
     pub control_queue: usize,
+    /// The relay's own addresses that peers may be at only as a live relayed allocation of this
+    /// data plane (two clients of one relay reaching each other's relayed addresses), never at
+    /// another port; `None`: the relay IP and the listening IP. An unspecified address stands
+    /// for every loopback address of its family too. The control plane leaves out what its
+    /// operator allow-listed.
+    pub own_ips: Option<Vec<IpAddr>>,
 }
 
 impl Config {
@@ -60,6 +66,7 @@ impl Config {
             relay_ip: None,
             relay_ports: (0, 0),
             control_queue: 4096,
+            own_ips: None,
         }
     }
 }
@@ -168,6 +175,8 @@ struct State {
     slots: Vec<Slot>,
     free: Vec<usize>,
     by_client: HashMap<SocketAddr, usize>,
+    /// Live relayed ports (every relayed socket binds the one relay IP) → slot.
+    by_port: HashMap<u16, usize>,
     stats: GlobalStats,
     rng: SplitMix,
     closed: bool,
@@ -195,6 +204,8 @@ struct Queue {
     ready: Condvar,
     capacity: usize,
     closed: AtomicBool,
+    /// Threads inside `pop` now (tests wait on it instead of sleeping).
+    waiters: AtomicUsize,
 }
 
 impl Queue {
@@ -204,6 +215,7 @@ impl Queue {
             ready: Condvar::new(),
             capacity,
             closed: AtomicBool::new(false),
+            waiters: AtomicUsize::new(0),
         }
     }
 
@@ -219,6 +231,13 @@ impl Queue {
     }
 
     fn pop(&self, timeout: Duration, max: usize) -> Vec<(Vec<u8>, SocketAddr)> {
+        self.waiters.fetch_add(1, Ordering::AcqRel);
+        let popped = self.pop_inner(timeout, max);
+        self.waiters.fetch_sub(1, Ordering::AcqRel);
+        popped
+    }
+
+    fn pop_inner(&self, timeout: Duration, max: usize) -> Vec<(Vec<u8>, SocketAddr)> {
         let deadline = Instant::now() + timeout;
         let mut items = lock(&self.items);
         loop {
@@ -263,6 +282,7 @@ struct Shared {
     client_socket: RwLock<Option<Arc<UdpSocket>>>,
     listen: SocketAddr,
     relay_ip: IpAddr,
+    own_ips: Vec<IpAddr>,
     relay_ports: (u16, u16),
     epoch: Instant,
     epoch_unix_ms: u64,
@@ -279,6 +299,34 @@ impl Shared {
         ip == listen
             || ip.is_unspecified()
             || (listen.is_unspecified() && (ip.is_loopback() || ip == self.relay_ip))
+    }
+
+    /// Whether `ip` is one of the relay's own addresses that only live allocations may be
+    /// reached at.
+    #[inline]
+    fn guards(&self, ip: IpAddr) -> bool {
+        self.own_ips.iter().any(|&own| {
+            own == ip
+                || (own.is_unspecified()
+                    && own.is_ipv4() == ip.is_ipv4()
+                    && (ip.is_loopback() || ip.is_unspecified()))
+        })
+    }
+
+    /// The address policy for data: a peer at one of the relay's guarded addresses is allowed
+    /// only as a live relayed allocation (whose socket the kernel then delivers to locally);
+    /// the listening address never.
+    #[inline]
+    fn peer_allowed(&self, by_port: &HashMap<u16, usize>, peer: SocketAddr) -> bool {
+        if self.is_own_listener(peer) {
+            return false;
+        }
+        if !self.guards(peer.ip()) {
+            return true;
+        }
+        by_port.contains_key(&peer.port())
+            && (peer.ip() == self.relay_ip
+                || (self.relay_ip.is_unspecified() && self.relay_ip.is_ipv4() == peer.is_ipv4()))
     }
 
     fn unix_ms(&self, at: Instant) -> u64 {
@@ -308,6 +356,13 @@ impl DataPlane {
             ));
         }
         let relay_ip = config.relay_ip.unwrap_or(config.listen.ip());
+        let own_ips = config.own_ips.clone().unwrap_or_else(|| {
+            let mut own = vec![relay_ip];
+            if config.listen.ip() != relay_ip {
+                own.push(config.listen.ip());
+            }
+            own
+        });
         let socket = UdpSocket::bind(config.listen)
             .map_err(io_error(format!("binding the relay to {}", config.listen)))?;
         socket
@@ -329,6 +384,7 @@ impl DataPlane {
                 slots: Vec::new(),
                 free: Vec::new(),
                 by_client: HashMap::new(),
+                by_port: HashMap::new(),
                 stats: GlobalStats::default(),
                 rng: SplitMix(u64::from_le_bytes(seed)),
                 closed: false,
@@ -340,6 +396,7 @@ impl DataPlane {
             client_socket: RwLock::new(Some(Arc::clone(&socket))),
             listen: local,
             relay_ip,
+            own_ips,
             relay_ports: config.relay_ports,
             epoch: Instant::now(),
             epoch_unix_ms: SystemTime::now()
@@ -366,6 +423,12 @@ impl DataPlane {
     /// STUN messages for the control plane, waiting up to `timeout`; at most `max` at once.
     pub fn recv_control(&self, timeout: Duration, max: usize) -> Vec<(Vec<u8>, SocketAddr)> {
         self.shared.control.pop(timeout, max)
+    }
+
+    /// Threads waiting in [`DataPlane::recv_control`] or [`DataPlane::recv_tcp`] now.
+    pub fn waiting_receivers(&self) -> usize {
+        self.shared.control.waiters.load(Ordering::Acquire)
+            + self.shared.tcp.waiters.load(Ordering::Acquire)
     }
 
     /// Peer data for TCP-transport clients, already framed for the TCP stream (padded
@@ -444,6 +507,7 @@ impl DataPlane {
             last_activity: now,
         });
         state.by_client.insert(client, index);
+        state.by_port.insert(relayed.port(), index);
         state.stats.allocations += 1;
         state.stats.allocations_created += 1;
         Ok(relayed)
@@ -491,9 +555,11 @@ impl DataPlane {
         let Some(index) = state.by_client.remove(&client) else {
             return false;
         };
-        let slot = &mut state.slots[index];
+        let State { slots, by_port, .. } = &mut *state;
+        let slot = &mut slots[index];
         if let Some(allocation) = slot.allocation.take() {
             self.shared.poller.remove(allocation.socket.as_raw_fd());
+            by_port.remove(&allocation.relayed.port());
         }
         slot.generation = slot.generation.wrapping_add(1);
         state.free.push(index);
@@ -555,6 +621,12 @@ impl DataPlane {
             )));
         }
         let mut state = lock(&self.shared.state);
+        if !state.closed && !self.shared.peer_allowed(&state.by_port, peer) {
+            return Err(RelayError::Invalid(format!(
+                "refusing to bind a channel to {peer}: the relay's own address, not a live \
+                 relayed allocation"
+            )));
+        }
         let allocation = state.allocation(client)?;
         Self::check_peer_family(allocation, peer.ip())?;
         let now = Instant::now();
@@ -587,15 +659,16 @@ impl DataPlane {
         peer: SocketAddr,
         data: &[u8],
     ) -> Result<bool, RelayError> {
-        let own = self.shared.is_own_listener(peer);
         let mut guard = lock(&self.shared.state);
         let State {
             slots,
             by_client,
+            by_port,
             stats,
             closed,
             ..
         } = &mut *guard;
+        let own = !self.shared.peer_allowed(by_port, peer);
         if *closed {
             return Err(RelayError::Closed);
         }
@@ -667,6 +740,7 @@ impl DataPlane {
             let mut state = lock(&self.shared.state);
             state.closed = true;
             state.by_client.clear();
+            state.by_port.clear();
             state.free.clear();
             for slot in state.slots.drain(..) {
                 if let Some(allocation) = slot.allocation {
@@ -784,6 +858,7 @@ impl Worker {
         let State {
             slots,
             by_client,
+            by_port,
             stats,
             ..
         } = &mut *guard;
@@ -833,7 +908,7 @@ impl Worker {
                 }
             }
             .and_then(|peer| {
-                if shared.is_own_listener(peer) {
+                if !shared.peer_allowed(by_port, peer) {
                     Err(DropReason::ForbiddenPeer)
                 } else if !allocation.permissions.allows(peer.ip(), now) {
                     Err(DropReason::NoPermission)
@@ -911,7 +986,11 @@ impl Worker {
             let shared = &*self.shared;
             let mut guard = lock(&shared.state);
             let State {
-                slots, stats, rng, ..
+                slots,
+                by_port,
+                stats,
+                rng,
+                ..
             } = &mut *guard;
             let Some(slot) = slots.get_mut(index) else {
                 return;
@@ -936,6 +1015,9 @@ impl Worker {
                     None => Err(DropReason::Malformed),
                     Some(from) if !allocation.permissions.allows(from.ip(), now) => {
                         Err(DropReason::NoPermission)
+                    }
+                    Some(from) if !shared.peer_allowed(by_port, from) => {
+                        Err(DropReason::ForbiddenPeer)
                     }
                     Some(_) if !codec::fits_indication(datagram.len()) => {
                         Err(DropReason::SendError)

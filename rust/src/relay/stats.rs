@@ -11,7 +11,8 @@ pub enum DropReason {
     UnknownChannel,
     /// To or from a peer IP without a live permission.
     NoPermission,
-    /// To the relay's own listening address (a forwarding loop).
+    /// To or from the relay's own listening address (a forwarding loop), or one of its own
+    /// addresses at a port that is not a live relayed allocation.
     ForbiddenPeer,
     /// Over the allocation's byte rate.
     Quota,

@@ -14,8 +14,16 @@ fn socket() -> UdpSocket {
     s
 }
 
+/// A config whose own addresses are not guarded: as if the operator allow-listed loopback, so
+/// peers may sit on the relay's IP.
+fn open_config(listen: &str) -> Config {
+    let mut config = Config::new(listen.parse().unwrap());
+    config.own_ips = Some(Vec::new());
+    config
+}
+
 fn plane() -> DataPlane {
-    DataPlane::start(Config::new("127.0.0.1:0".parse().unwrap())).unwrap()
+    DataPlane::start(open_config("127.0.0.1:0")).unwrap()
 }
 
 fn recv(s: &UdpSocket) -> (Vec<u8>, SocketAddr) {
@@ -461,6 +469,96 @@ fn relayed_to_relayed_between_two_allocations() {
 }
 
 #[test]
+fn own_address_reachable_only_at_live_allocations() {
+    // The relay on 127.0.0.2 with its own addresses guarded (the default): clients elsewhere on
+    // loopback; a "local service" on the relay's IP that is not an allocation.
+    let Ok(plane) = DataPlane::start(Config::new("127.0.0.2:0".parse().unwrap())) else {
+        return; // 127.0.0.2 not routable to loopback here
+    };
+    let server = plane.local_addr();
+    let on = |host: &str| {
+        let s = UdpSocket::bind(format!("{host}:0")).unwrap();
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        s
+    };
+    let (a, b, c) = (on("127.0.0.3"), on("127.0.0.3"), on("127.0.0.3"));
+    let service = on("127.0.0.2");
+    let (a_addr, b_addr, c_addr) = (
+        a.local_addr().unwrap(),
+        b.local_addr().unwrap(),
+        c.local_addr().unwrap(),
+    );
+    let ra = plane.allocate(a_addr, 0, false).unwrap();
+    let rb = plane.allocate(b_addr, 0, false).unwrap();
+    let rc = plane.allocate(c_addr, 0, false).unwrap();
+    let minute = Duration::from_secs(60);
+    for client in [a_addr, b_addr, c_addr] {
+        plane.add_permission(client, server.ip(), minute).unwrap();
+    }
+    let send = |from: &UdpSocket, to: SocketAddr, data: &[u8]| {
+        from.send_to(&codec::encode_send_indication(&[6; 12], to, data), server)
+            .unwrap();
+    };
+
+    // Allocation to allocation, both ways, Send indications and channels.
+    send(&a, rb, b"a to b");
+    let (message, _) = recv(&b);
+    assert_eq!(
+        codec::decode_data_indication(&message).unwrap(),
+        (ra, &b"a to b"[..])
+    );
+    plane.bind_channel(b_addr, 0x4000, ra, minute).unwrap();
+    b.send_to(
+        &codec::encode_channel_data(0x4000, b"b to a", false),
+        server,
+    )
+    .unwrap();
+    let (message, _) = recv(&a);
+    assert_eq!(
+        codec::decode_data_indication(&message).unwrap(),
+        (rb, &b"b to a"[..])
+    );
+
+    // Any other port on the relay's IP is refused, whatever the permission says: the listening
+    // port, a local service, both ways.
+    let service_addr = service.local_addr().unwrap();
+    assert!(plane
+        .bind_channel(a_addr, 0x4001, service_addr, minute)
+        .is_err());
+    assert!(plane.bind_channel(a_addr, 0x4001, server, minute).is_err());
+    send(&a, service_addr, b"to the service");
+    send(&a, server, b"to the listener");
+    service.send_to(b"from the service", ra).unwrap();
+    wait_stats(&plane, |s| dropped(s, DropReason::ForbiddenPeer) == 3);
+    nothing_arrives(&service);
+
+    // A freed allocation's port is refused again (its channel stays bound, its data does not
+    // pass), and a TCP client's sends follow the same rule.
+    plane.bind_channel(c_addr, 0x4002, rb, minute).unwrap();
+    assert!(plane.release(b_addr));
+    let rebound = UdpSocket::bind(rb).unwrap(); // someone else takes the port
+    rebound.set_read_timeout(Some(WAIT)).unwrap();
+    send(&a, rb, b"to a freed port");
+    c.send_to(&codec::encode_channel_data(0x4002, b"freed", false), server)
+        .unwrap();
+    wait_stats(&plane, |s| dropped(s, DropReason::ForbiddenPeer) == 5);
+    assert!(plane.bind_channel(a_addr, 0x4003, rb, minute).is_err());
+    nothing_arrives(&rebound);
+    let tcp_client: SocketAddr = "127.0.0.3:9".parse().unwrap();
+    let rt = plane.allocate(tcp_client, 0, true).unwrap();
+    plane
+        .add_permission(tcp_client, server.ip(), minute)
+        .unwrap();
+    assert!(!plane.send_from_relay(tcp_client, rb, b"x").unwrap());
+    assert!(plane.send_from_relay(tcp_client, rc, b"y").unwrap());
+    let (message, _) = recv(&c);
+    assert_eq!(
+        codec::decode_data_indication(&message).unwrap(),
+        (rt, &b"y"[..])
+    );
+}
+
+#[test]
 fn sustained_burst_is_relayed_without_loss() {
     // A paced burst through a channel, measuring what the worker keeps up with.
     let plane = plane();
@@ -643,7 +741,7 @@ fn ipv6_end_to_end() {
     client.set_read_timeout(Some(WAIT)).unwrap();
     let peer = UdpSocket::bind("[::1]:0").unwrap();
     peer.set_read_timeout(Some(WAIT)).unwrap();
-    let plane = DataPlane::start(Config::new("[::1]:0".parse().unwrap())).unwrap();
+    let plane = DataPlane::start(open_config("[::1]:0")).unwrap();
     let server = plane.local_addr();
     let (client_addr, peer_addr) = (client.local_addr().unwrap(), peer.local_addr().unwrap());
     let relayed = plane.allocate(client_addr, 0, false).unwrap();
