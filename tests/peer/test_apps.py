@@ -12,7 +12,7 @@ import pytest
 from teia.errors import DeliveryError, InvalidChatMessage, TeiaError
 from teia.identity import Identity
 from teia.peer import AppMessage, Profile
-from teia.peer.wire import MAX_APP_DATA, Kind, Plaintext
+from teia.peer.wire import MAX_APP_DATA, MAX_TEXT_BYTES, Kind, Plaintext
 
 from .conftest import PASSPHRASE, TIMEOUT, introduce, make_profile, online
 from .infra import store_nodes
@@ -149,6 +149,12 @@ async def test_payloads_for_an_offline_peer_go_through_the_store(tmp_path: Path)
                 sent = await alice.send_app(bob_id, "test.stored", b"while you were away")
                 row = await alice.wait_delivered(sent)
                 assert row.state == "stored"
+                # The largest payload and the largest text fit a store envelope too.
+                biggest = os.urandom(MAX_APP_DATA)
+                big = await alice.send_app(bob_id, "test.stored", biggest)
+                long_text = await alice.send(bob_id, "é" * (MAX_TEXT_BYTES // 2))
+                for message_id in (big, long_text):
+                    assert (await alice.wait_delivered(message_id)).state == "stored"
                 from teia.peer import Peer
 
                 async with Peer.open(
@@ -157,8 +163,9 @@ async def test_payloads_for_an_offline_peer_go_through_the_store(tmp_path: Path)
                     listen=["/ip4/127.0.0.1/udp/0/quic-v1"],
                     apps={"test.stored": got},
                 ):
-                    (message,) = await got.wait_for(1)
+                    message, largest = await got.wait_for(2)
                     assert message.data == b"while you were away"
+                    assert largest.data == biggest
                     assert message.path == "stored"
                     assert message.sender == alice.peer_id
                     # The receipt flows back: Alice's payload becomes delivered.

@@ -115,7 +115,8 @@ MAX_FILE_SIZE: Final = 100 * 1024 * 1024
 """Largest file sent (100 MiB)."""
 CHUNK_SIZE: Final = 60 * 1024
 """Plaintext bytes per chunk: a pushed chunk, sealed to the recipient, fits one store envelope
-(64 KiB). Chunks are pulled many at a time, so their size does not bound throughput."""
+(with room to spare since stores take whole 256 KiB peer envelopes). Chunks are pulled many at
+a time, so their size does not bound throughput."""
 MIN_CHUNK_SIZE: Final = 1024
 MAX_CHUNK_SIZE: Final = 160 * 1024
 """Bounds on the chunk size an offer may name (a pushed chunk must fit an app payload)."""

@@ -6,7 +6,7 @@ framed, at most `MAX_REQUEST_SIZE` bytes), the node answers with one `Response` 
 
     Request   { 1 Deposit | 2 Fetch | 3 Ack | 4 Delete | 5 PutBundle | 6 GetBundle
                 | 7 SyncDigests | 8 SyncInbox | 9 SyncPush }            (exactly one)
-    Envelope  { 1 inbox (32) 2 message_id (16) 3 payload (≤ 64 KiB) 4 timestamp_ms 5 ttl_s
+    Envelope  { 1 inbox (32) 2 message_id (16) 3 payload (≤ 256.25 KiB) 4 timestamp_ms 5 ttl_s
                 6 expires_at_ms (node-to-node only) }
     Deposit   { 1 repeated Envelope (1..256) }
     Fetch     { 1 inbox 2 cursor (≤ 16) 3 limit 15 OwnerAuth }
@@ -74,7 +74,9 @@ PROTOCOL: Final = "/teia/store/1.0.0"
 
 INBOX_SIZE: Final = 32
 MESSAGE_ID_SIZE: Final = 16
-MAX_PAYLOAD: Final = 64 * 1024
+MAX_PAYLOAD: Final = 256 * 1024 + 256
+"""The largest payload: a peer's largest envelope (256 KiB, `teia.peer.wire`) sealed for its
+recipient fits."""
 MAX_CURSOR: Final = 16
 MAX_DEPOSIT_ENVELOPES: Final = 256
 MAX_FETCH_LIMIT: Final = 256
@@ -91,7 +93,8 @@ SIGNATURE_SIZE: Final = 64
 DIGEST_SIZE: Final = 32
 
 MAX_REQUEST_SIZE: Final = 1_310_720
-"""A framed request over this (1.25 MiB: a deposit of 16 full 64 KiB envelopes fits) is refused."""
+"""A framed request over this (1.25 MiB: a deposit of 4 envelopes of the largest size fits) is
+refused."""
 MAX_RESPONSE_SIZE: Final = 1_310_720
 """A node keeps every response under this; fetch pages stop early to fit."""
 
