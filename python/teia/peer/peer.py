@@ -43,9 +43,10 @@ import itertools
 import logging
 import secrets
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
@@ -230,6 +231,109 @@ class _Incoming:
     path: Path_
 
 
+class _Call:
+    """A database call queued for `_DatabaseThread`."""
+
+    __slots__ = ("error", "finished", "fn", "result", "wake")
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self.fn = fn
+        self.wake = anyio.Event()
+        self.finished = False
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+
+class _DatabaseThread:
+    """The peer's database calls, one at a time and in the order they were queued, on a worker
+    thread (never on the event loop: the architecture's rule).
+
+    A hand-over to a thread and back costs far more than a small commit on a busy machine, so
+    the calls queued while others run go in the same hand-over: whoever finds nobody driving
+    the queue drives it (`to_thread.run_sync` on everything pending, again until it is empty)
+    and the others wait for their call to be done. A call is queued synchronously
+    (`submit`), so its place in the order is fixed before the caller yields: a commit queued
+    before an event is emitted is in the database for any call made after seeing the event.
+
+    Cancellation works as with one `to_thread.run_sync` per call: a call not started yet is
+    withdrawn, a started one is waited for.
+    """
+
+    _MAX_PER_HANDOVER = 64
+
+    def __init__(self) -> None:
+        self._pending: deque[_Call] = deque()
+        self._limiter = anyio.CapacityLimiter(1)
+        self._driving = False
+
+    def submit(self, fn: Callable[[], Any]) -> _Call:
+        call = _Call(fn)
+        self._pending.append(call)
+        return call
+
+    async def run(self, fn: Callable[[], T]) -> T:
+        call = self.submit(fn)
+        await self.wait(call)
+        if call.error is not None:
+            raise call.error
+        return call.result  # type: ignore[no-any-return]
+
+    async def wait(self, call: _Call) -> None:
+        """Until ``call`` ran (its outcome is in ``call``)."""
+        try:
+            await self._wait(call)
+        except BaseException:
+            if not call.finished:
+                try:
+                    self._pending.remove(call)  # not started: it never runs
+                except ValueError:
+                    with anyio.CancelScope(shield=True):
+                        await self._wait(call)  # running now: as to_thread does, wait for it
+                else:
+                    self._hand_over()
+            raise
+
+    async def _wait(self, call: _Call) -> None:
+        while not call.finished:
+            if not self._driving:
+                await self._drive(call)
+                continue
+            call.wake = anyio.Event()
+            await call.wake.wait()
+
+    async def _drive(self, mine: _Call) -> None:
+        """Run the queue until ``mine`` is done, then let the next waiter drive."""
+        self._driving = True
+        try:
+            while not mine.finished:
+                done = await anyio.to_thread.run_sync(self._run_pending, limiter=self._limiter)
+                for call in done:
+                    call.wake.set()
+        finally:
+            self._driving = False
+            self._hand_over()
+
+    def _hand_over(self) -> None:
+        if not self._driving and self._pending:
+            self._pending[0].wake.set()
+
+    def _run_pending(self) -> list[_Call]:
+        """On the worker thread: run queued calls in order."""
+        done: list[_Call] = []
+        while len(done) < self._MAX_PER_HANDOVER:
+            try:
+                call = self._pending.popleft()
+            except IndexError:
+                break
+            try:
+                call.result = call.fn()
+            except BaseException as exc:
+                call.error = exc
+            call.finished = True
+            done.append(call)
+        return done
+
+
 # --- the peer -------------------------------------------------------------------------------
 
 
@@ -241,7 +345,7 @@ class Peer:
         self.host = host
         self.identity = profile.identity
         self.config: PeerConfig = profile.config
-        self._limiter = anyio.CapacityLimiter(1)
+        self._database = _DatabaseThread()
         self._sessions: dict[PeerId, list[Session]] = {}
         self._locks: dict[PeerId, anyio.Lock] = {}
         self._wake: dict[PeerId, anyio.Event] = {}
@@ -250,11 +354,15 @@ class Peer:
         self._unsaved: dict[PeerId, list[dict[str, Any]]] = {}
         self._saving: dict[PeerId, anyio.Event] = {}
         self._names: dict[str, PeerId] = {}
+        self._texts: dict[PeerId, str] = {}
         self._versions: dict[PeerId, int] = {}
-        self._recording: dict[PeerId, set[anyio.Event]] = {}
+        self._stale: set[PeerId] = set()
+        """Peers whose outbox may hold what their delivery task's memory queue does not."""
         self._links: dict[PeerId, tuple[NegotiatedStream, Any]] = {}
         self._queued_at: dict[bytes, float] = {}
         self._delivered_waiters: dict[bytes, anyio.Event] = {}
+        self._acked: dict[bytes, tuple[str | None, float | None]] = {}
+        """Acknowledged, the commit saying so still running: (path, latency ms)."""
         self._new_message = anyio.Event()
         self._subscribers: list[MemoryObjectSendStream[PeerEvent]] = []
         self._task_group: anyio.abc.TaskGroup | None = None
@@ -371,7 +479,7 @@ class Peer:
                             await peer._store.client.aclose()
 
     async def _db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        return await anyio.to_thread.run_sync(partial(fn, *args, **kwargs), limiter=self._limiter)
+        return await self._database.run(partial(fn, *args, **kwargs))
 
     async def _start(self) -> None:
         db = self.profile.db
@@ -403,6 +511,10 @@ class Peer:
                 peer = PeerId.from_string(peer_id)
                 if peer not in self._workers:
                     self._kick(peer)
+                else:
+                    # Maybe queued by another process: the running task reads the database
+                    # once its memory queue is empty.
+                    self._stale.add(peer)
 
     async def _watch_outbox(self) -> None:
         """Pick up what other processes queued (``teia send`` while this peer runs)."""
@@ -441,7 +553,7 @@ class Peer:
             Multiaddr(addr)  # validate
         self._names.clear()
         contact, previous = await self._db(
-            self.profile.db.upsert_contact, str(peer_id), key, name=name, addrs=addrs
+            self.profile.db.upsert_contact, self._text(peer_id), key, name=name, addrs=addrs
         )
         if addrs:
             self.host.peerstore.add(
@@ -461,7 +573,7 @@ class Peer:
         if found is None:
             with contextlib.suppress(InvalidPeerId):
                 peer_id = who if isinstance(who, PeerId) else PeerId.from_string(who)
-                found = await self._db(db.contact, str(peer_id))
+                found = await self._db(db.contact, self._text(peer_id))
         if found is None:
             raise UnknownContact(f"no contact {who}")
         return found
@@ -504,7 +616,7 @@ class Peer:
         """The conversation with ``who``, oldest first."""
         peer_id = await self.resolve(who)
         return await self._db(
-            self.profile.db.history, str(peer_id), limit=limit, before_seq=before_seq
+            self.profile.db.history, self._text(peer_id), limit=limit, before_seq=before_seq
         )
 
     async def search(self, query: str, *, limit: int = 100) -> list[MessageRow]:
@@ -523,7 +635,7 @@ class Peer:
         """
         peer_id = await self._recipient(to)
         plaintext = Plaintext(text).encode()  # size check before anything is written
-        return await self._queue(peer_id, Kind.TEXT, plaintext, text, str(peer_id))
+        return await self._queue(peer_id, Kind.TEXT, plaintext, text, self._text(peer_id))
 
     async def send_app(self, to: PeerId | str, app: str, data: bytes) -> str:
         """Queue an application payload for ``to``: ``data`` (at most `MAX_APP_DATA` bytes)
@@ -607,7 +719,9 @@ class Peer:
                     states = None
                     if any(r["envelope"] is not None for r in batch):
                         states = self._snapshot(peer)
-                await self._db(self.profile.db.queue_many, str(peer), str(peer), batch, states)
+                await self._db(
+                    self.profile.db.queue_many, self._text(peer), self._text(peer), batch, states
+                )
             except BaseException as exc:
                 async with self._lock(peer):
                     # Envelopes made after this batch came from the state that was not saved:
@@ -623,7 +737,7 @@ class Peer:
                     r["saved"] = None
                     queue.append(
                         OutboxItem(
-                            str(peer),
+                            self._text(peer),
                             r["message_id"],
                             r["kind"],
                             None if r["envelope"] else r["plaintext"],
@@ -647,6 +761,16 @@ class Peer:
             row = await self._db(self.profile.db.outgoing_message, raw)
             if row is None:
                 raise DeliveryError(f"no outgoing message {message_id}")
+            acked = self._acked.get(raw)
+            if acked is not None and row.state not in ("delivered", "stored"):
+                # Acknowledged, its commit queued but not done when the row was read.
+                path, latency = acked
+                row = replace(
+                    row,
+                    state="delivered",
+                    path=path or row.path,
+                    latency_ms=row.latency_ms if latency is None else latency,
+                )
             if row.state in ("delivered", "stored"):
                 self._delivered_waiters.pop(raw, None)
                 return row
@@ -660,40 +784,52 @@ class Peer:
 
     async def _deliver_loop(self, peer: PeerId) -> None:
         """Empty the outbox for ``peer``: what `send` handed over in memory while things go
-        well, the database's outbox at the start and after any failure."""
+        well, the database's outbox at the start, after any failure and when something was
+        queued around the memory (`_stale`)."""
         db = self.profile.db
         queue = self._queues.setdefault(peer, [])
         from_db = not queue
+        # IDs read from the database since the last time the memory queue was used: the queue
+        # may hold them too (committed before that read, handed over after it).
         taken: set[bytes] = set()
+        reading = False
         try:
             while True:
                 self._wake[peer] = anyio.Event()
                 if from_db:
-                    # Deliveries still being recorded would be read back as undelivered.
-                    for recording in list(self._recording.get(peer, ())):
-                        await recording.wait()
-                    items = await self._db(db.outbox, str(peer), limit=_BATCH)
-                    queue.clear()
-                    taken = {item.message_id for item in items}
-                    from_db = False
+                    if not reading:
+                        queue[:] = [item for item in queue if item.message_id not in taken]
+                        taken = set()
+                        reading = True
+                    self._stale.discard(peer)
+                    # Acknowledged deliveries were queued for commit before this read (calls
+                    # run in order), so they are not read back as undelivered.
+                    page = await self._db(db.outbox, self._text(peer), limit=_BATCH)
+                    items = [item for item in page if item.message_id not in taken]
+                    taken.update(item.message_id for item in items)
+                    # A full page: read on until the database has nothing older than the queue.
+                    from_db = reading = len(page) >= _BATCH
                     if not items:
-                        return
+                        continue
                 else:
                     items = [item for item in queue[:_BATCH] if item.message_id not in taken]
                     del queue[:_BATCH]
-                    taken.update(item.message_id for item in items)
                     if not items:
-                        from_db = not queue  # make sure nothing is left behind
-                        continue
+                        if queue:
+                            continue
+                        if peer in self._stale:
+                            from_db = True
+                            continue
+                        return
                 try:
                     await self._deliver(peer, items)
                     continue
                 except (DeliveryError, TeiaError, *_STREAM_ERRORS) as exc:
                     _log.info("delivery to %s deferred: %s", peer, type(exc).__name__)
-                    from_db = True
+                    from_db, reading = True, False  # read again what failed
                     await self._db(
                         db.note_attempt,
-                        str(peer),
+                        self._text(peer),
                         [i.message_id for i in items],
                         type(exc).__name__,
                     )
@@ -748,7 +884,7 @@ class Peer:
                 done.append(item.with_envelope(envelope))
             try:
                 await self._db(
-                    self.profile.db.set_envelopes, str(peer), envelopes, self._snapshot(peer)
+                    self.profile.db.set_envelopes, self._text(peer), envelopes, self._snapshot(peer)
                 )
             except BaseException:
                 self._sessions.pop(peer, None)  # reload the committed state next time
@@ -819,39 +955,56 @@ class Peer:
                     await self._record_deliveries(peer, deliveries)
             raise
         if deliveries and self._task_group is not None:
-            # The next batch need not wait for this commit: database calls run in order, and
-            # an envelope sent twice is acknowledged once more, not stored twice.
-            done = anyio.Event()
-            self._recording.setdefault(peer, set()).add(done)  # seen before the task starts
-            self._task_group.start_soon(self._record_deliveries, peer, deliveries, done)
+            # Neither the next batch nor the `Delivered` events wait for this commit: the
+            # commit is queued first, so whoever reads the database after an event sees it.
+            self._task_group.start_soon(
+                self._finish_recording, *self._recording_call(peer, deliveries)
+            )
         elif deliveries:
             await self._record_deliveries(peer, deliveries)
         if refused:
             # The recipient could not read them (it lost its session, say): drop the envelopes
             # so the texts are encrypted again, in a new session, on the next attempt.
-            await self._db(self.profile.db.reset_envelopes, str(peer), refused)
+            await self._db(self.profile.db.reset_envelopes, self._text(peer), refused)
             async with self._lock(peer):
                 self._sessions[peer] = []
                 self._changed(peer)
-                await self._db(self.profile.db.save_sessions, str(peer), self._snapshot(peer))
+                await self._db(
+                    self.profile.db.save_sessions, self._text(peer), self._snapshot(peer)
+                )
             raise DeliveryError(f"{len(refused)} envelope(s) refused by {peer}")
 
     async def _record_deliveries(
-        self,
-        peer: PeerId,
-        deliveries: list[tuple[bytes, str | None, float | None]],
-        done: anyio.Event | None = None,
+        self, peer: PeerId, deliveries: list[tuple[bytes, str | None, float | None]]
     ) -> None:
-        recording = self._recording.setdefault(peer, set())
-        if done is None:
-            done = anyio.Event()
-            recording.add(done)
+        await self._finish_recording(*self._recording_call(peer, deliveries))
+
+    def _recording_call(
+        self, peer: PeerId, deliveries: list[tuple[bytes, str | None, float | None]]
+    ) -> tuple[list[bytes], _Call]:
+        """Queue the commit of acknowledged deliveries, then tell waiters and subscribers at
+        once (`_finish_recording` waits for the commit). The sender's own bookkeeping is not
+        on the latency path: should the process die first, the envelopes stay in the outbox
+        and are sent again, and the recipient acknowledges them again without a duplicate.
+        Database calls run in order, so any read queued after this sees the commit."""
+        call = self._database.submit(
+            partial(self.profile.db.mark_delivered, self._text(peer), deliveries)
+        )
+        ids = [message_id for message_id, _, _ in deliveries]
+        for message_id, path, latency in deliveries:
+            self._acked[message_id] = (path, latency)
+        self._after_delivery(peer, deliveries)
+        return ids, call
+
+    async def _finish_recording(self, ids: list[bytes], call: _Call) -> None:
         try:
-            await self._db(self.profile.db.mark_delivered, str(peer), deliveries)
-            self._after_delivery(peer, deliveries)
+            with anyio.CancelScope(shield=True):  # a short commit, wanted even at shutdown
+                await self._database.wait(call)
+            if call.error is not None:
+                raise call.error
         finally:
-            recording.discard(done)
-            done.set()
+            for message_id in ids:
+                self._acked.pop(message_id, None)
 
     def _latency(self, item: OutboxItem) -> float:
         started = self._queued_at.pop(item.message_id, None)
@@ -882,7 +1035,7 @@ class Peer:
         if self.host.is_connected(peer):
             return self._path_of(peer)
         known: list[Multiaddr] = []
-        contact = await self._db(self.profile.db.contact, str(peer))
+        contact = await self._db(self.profile.db.contact, self._text(peer))
         if contact is not None:
             known += [Multiaddr(a) for a in contact.addrs]
         known += self.host.peerstore.addrs(peer, now=anyio.current_time())
@@ -990,7 +1143,7 @@ class Peer:
         results: list[bool] = [False] * len(envelopes)
         if not envelopes:
             return results
-        if not self.config.accept_unknown and await self._db(db.contact, str(peer)) is None:
+        if not self.config.accept_unknown and await self._db(db.contact, self._text(peer)) is None:
             self.stats["refused"] += len(envelopes)
             return results
         records: list[dict[str, Any]] = []
@@ -1015,7 +1168,7 @@ class Peer:
                     opened = plaintext = None
                 if opened is None or plaintext is None:
                     # Not readable: an envelope we already hold (a retry, a replay), or bad.
-                    if await self._db(db.has_incoming, str(peer), envelope.message_id):
+                    if await self._db(db.has_incoming, self._text(peer), envelope.message_id):
                         self.stats["duplicates"] += 1
                         results[index] = True
                     else:
@@ -1027,7 +1180,7 @@ class Peer:
                 records.append(
                     {
                         "message_id": envelope.message_id,
-                        "conversation": str(peer),
+                        "conversation": self._text(peer),
                         "sent_ms": envelope.timestamp_ms,
                         "text": plaintext.text if is_text else None,
                         "receipts": plaintext.receipts if envelope.kind is Kind.RECEIPT else (),
@@ -1049,7 +1202,7 @@ class Peer:
             try:
                 seqs = await self._db(
                     db.record_incoming,
-                    peer_id=str(peer),
+                    peer_id=self._text(peer),
                     identity_key=peer.public_key or b"",
                     records=records,
                     sessions=self._snapshot(peer),
@@ -1106,7 +1259,7 @@ class Peer:
         if any(s.to_bytes()[_SESSION_BASE_KEY] == base_key for s in sessions):
             return None  # a replay of a session we already hold
         db = self.profile.db
-        if await self._db(db.seen_base_key, str(peer), base_key):
+        if await self._db(db.seen_base_key, self._text(peer), base_key):
             return None  # a replay of an older session
         spk = await self._db(db.signed_prekey, info.signed_prekey_id)
         opk_id = info.one_time_prekey_id
@@ -1119,7 +1272,7 @@ class Peer:
     async def _load_sessions(self, peer: PeerId) -> list[Session]:
         cached = self._sessions.get(peer)
         if cached is None:
-            states, version = await self._db(self._read_sessions, str(peer))
+            states, version = await self._db(self._read_sessions, self._text(peer))
             cached = self._sessions[peer] = [Session.from_bytes(s) for s in states]
             self._versions[peer] = max(version, self._versions.get(peer, 0))
         return cached
@@ -1134,6 +1287,15 @@ class Peer:
 
     def _snapshot(self, peer: PeerId) -> SessionSnapshot:
         return self._versions.get(peer, 0), [s.to_bytes() for s in self._sessions.get(peer, [])]
+
+    def _text(self, peer: PeerId) -> str:
+        """``str(peer)``, remembered: base58 is costly on every message's path."""
+        text = self._texts.get(peer)
+        if text is None:
+            if len(self._texts) >= 10_000:
+                self._texts.clear()
+            text = self._texts[peer] = str(peer)
+        return text
 
     def _lock(self, peer: PeerId) -> anyio.Lock:
         lock = self._locks.get(peer)
@@ -1400,7 +1562,7 @@ class Peer:
             await self._store.deposit(envelopes)
         latency = [self._latency(item) for item in items]
         await self._db(
-            self.profile.db.mark_stored, str(peer), [i.message_id for i in items], latency
+            self.profile.db.mark_stored, self._text(peer), [i.message_id for i in items], latency
         )
         self._after_delivery(
             peer, [(i.message_id, "stored", lat) for i, lat in zip(items, latency, strict=True)]
@@ -1452,14 +1614,15 @@ class Peer:
     async def _queue_receipt(self, peer: PeerId, message_ids: list[bytes]) -> None:
         await self._db(
             self.profile.db.queue_outgoing,
-            peer_id=str(peer),
-            conversation=str(peer),
+            peer_id=self._text(peer),
+            conversation=self._text(peer),
             message_id=secrets.token_bytes(16),
             sent_ms=self.profile.db.next_timestamp(),
             text=None,
             kind=int(Kind.RECEIPT),
             plaintext=Plaintext(receipts=tuple(message_ids)).encode(),
         )
+        self._stale.add(peer)
         self._kick(peer)
 
 
