@@ -7,6 +7,7 @@ address-change events); and the bad paths."""
 from __future__ import annotations
 
 import contextlib
+import socket
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -20,6 +21,7 @@ from teia.errors import ConfigError, RelayUnavailable
 from teia.host.host import Host
 from teia.host.streams import NegotiatedStream
 from teia.identity import Identity, Multiaddr
+from teia.peer.profile import PeerConfig
 from teia.relay.auth import rest_password
 from teia.relay.client import RelayClientConfig, TurnSession
 from teia.relay.server import RelayServer
@@ -140,26 +142,32 @@ def relayed_bytes(server: RelayServer) -> tuple[int, int]:
 
 
 @pytest.mark.parametrize(
-    ("anyio_backend", "relay_ip", "allow"),
+    ("anyio_backend", "relay_ip", "allow", "relay_host"),
     [
-        ("trio", "127.0.0.1", ("127.0.0.0/8",)),
-        ("asyncio", "127.0.0.1", ("127.0.0.0/8",)),
+        ("trio", "127.0.0.1", ("127.0.0.0/8",), "127.0.0.1"),
+        ("asyncio", "127.0.0.1", ("127.0.0.0/8",), "127.0.0.1"),
         # Neither loopback nor the relay's own IP allow-listed: the hosts reach each other's
         # relayed addresses because they are live allocations of that relay.
-        ("trio", "127.0.0.2", ("127.0.0.3/32",)),
+        ("trio", "127.0.0.2", ("127.0.0.3/32",), "127.0.0.2"),
+        # The hosts name the relay (resolved from /etc/hosts, never a DNS query).
+        ("trio", "127.0.0.1", ("127.0.0.0/8",), "localhost"),
     ],
 )
 @pytest.mark.anyio
 async def test_two_hosts_talk_through_the_relay_end_to_end(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, relay_ip: str, allow: tuple[str, ...]
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    relay_ip: str,
+    allow: tuple[str, ...],
+    relay_host: str,
 ) -> None:
     sniffer = Sniffer(monkeypatch)
     with anyio.fail_after(TIMEOUT):
         async with running_relay(tmp_path, ip=relay_ip, allow=allow) as server:
             changes: list[list[Multiaddr]] = []
             async with (
-                Host(Identity.generate(), relays=[long_term(server.port, relay_ip)]) as a,
-                Host(Identity.generate(), relays=[rest(server.port, relay_ip)]) as b,
+                Host(Identity.generate(), relays=[long_term(server.port, relay_host)]) as a,
+                Host(Identity.generate(), relays=[rest(server.port, relay_host)]) as b,
             ):
                 b.on_relayed_addrs_change(changes.append)
                 b.set_handler(SINK, serve_sink)
@@ -278,3 +286,29 @@ def test_rest_credentials_match_the_relays_formula() -> None:
     username, password = rest(3478).credentials(time.time())
     assert username.endswith(":bob")
     assert password == rest_password(REST_SECRET.encode(), username)
+
+
+def test_a_relay_may_be_named() -> None:
+    """A name is resolved by the system resolver when the configuration is made (``localhost``
+    from /etc/hosts here); IPv4 first; the text stays as written."""
+    relay = RelayClientConfig(address="localhost:3478", username="a", password="b")
+    assert relay.server == ("127.0.0.1", 3478)
+    assert relay.address == "localhost:3478"
+    profile = PeerConfig.from_toml(
+        {"relays": [{"address": "localhost:3480", "username": "a", "password": "b"}]}, "test"
+    )
+    assert [r.server for r in profile.relay_configs()] == [("127.0.0.1", 3480)]
+    for bad in ("local_host:3478", "-localhost:3478", ":3478", "localhost:0", "localhost"):
+        with pytest.raises(ConfigError, match="relay address"):
+            RelayClientConfig(address=bad, username="a", password="b")
+
+
+def test_a_relay_name_that_does_not_resolve_is_a_config_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def fail(*args: object, **kwargs: object) -> list[Any]:
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", fail)  # no query leaves the machine
+    with pytest.raises(ConfigError, match="cannot resolve 'localhost': Name or service"):
+        RelayClientConfig(address="localhost:1", username="a", password="b")

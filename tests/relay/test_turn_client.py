@@ -157,9 +157,9 @@ def test_rest_credentials_from_a_shared_secret() -> None:
     assert wire.core.allocations[CLIENT].username == username
 
 
-def test_config_needs_an_ip_address_and_credentials() -> None:
-    with pytest.raises(ConfigError, match="IP address"):
-        RelayClientConfig(address="relay.example:3478", username="a", password="b")
+def test_config_needs_an_address_and_credentials() -> None:
+    with pytest.raises(ConfigError, match="neither an IP address nor a name"):
+        RelayClientConfig(address="relay_example:3478", username="a", password="b")
     with pytest.raises(ConfigError, match="HOST:PORT"):
         RelayClientConfig(address="203.0.113.1", username="a", password="b")
     with pytest.raises(ConfigError, match="operator"):

@@ -56,7 +56,8 @@ class PeerConfig:
     store_nodes: list[str] = field(default_factory=list)
     """Store nodes (``…/quic-v1/p2p/<id>``) for prekey bundles and messages to offline peers."""
     relays: list[dict[str, Any]] = field(default_factory=list)
-    """Relays to allocate on: tables of `teia.relay.client.RelayClientConfig` fields."""
+    """Relays to allocate on: tables of `teia.relay.client.RelayClientConfig` fields (``address``
+    is ``IP:PORT`` or ``NAME:PORT``, a name resolved at start)."""
     direct: bool = True
     """Try direct dials; false sends everything through the relays (networks that block UDP
     between peers, and the demo's forced relay path)."""

@@ -37,6 +37,9 @@ import enum
 import ipaddress
 import math
 import os
+import re
+import socket
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -74,18 +77,63 @@ _MAX_STALE_RETRIES = 2
 _REST_VALIDITY = 24 * 3600
 
 
+_HOST_NAME = re.compile(
+    r"(?=.{1,253}\.?$)[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*\.?",
+    re.IGNORECASE,
+)
+_resolved: dict[Address, Address] = {}
+_resolved_lock = threading.Lock()
+
+
 def _parse_address(text: str) -> Address:
+    """``IP:PORT``, ``[V6]:PORT`` or ``NAME:PORT`` → ``(ip, port)``; a name is resolved (once
+    per process, see `resolve_relay_name`)."""
     host, sep, port = text.rpartition(":")
     host = host.strip("[]")
-    if not sep or not port.isdigit() or not 0 < int(port) <= 65535:
-        raise ConfigError(f"relay address {text!r} must be HOST:PORT (e.g. 203.0.113.7:3478)")
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
+    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
         raise ConfigError(
-            f"relay address {text!r} must name an IP address, not a host name"
+            f"relay address {text!r} must be HOST:PORT (e.g. 203.0.113.7:3478 or "
+            "relay.example.org:3478)"
+        )
+    try:
+        return str(ipaddress.ip_address(host)), int(port)
+    except ValueError:
+        pass
+    if not _HOST_NAME.fullmatch(host):
+        raise ConfigError(f"relay address {text!r}: {host!r} is neither an IP address nor a name")
+    return resolve_relay_name(host, int(port))
+
+
+def resolve_relay_name(name: str, port: int) -> Address:
+    """The address a relay's DNS name stands for, from the system resolver (``getaddrinfo``:
+    /etc/hosts, DNS …): its first IPv4 address, else its first IPv6 one (a host talks to a
+    relay from the listen socket of the relay's IP version, and most listen on IPv4; write
+    ``[V6]:PORT`` to choose IPv6). Resolved once per process, when the first configuration
+    naming it is made (at start), then reused: every part of a peer sees the same relay IP,
+    which is what its permissions and relayed addresses are about. A name that does not
+    resolve is a `ConfigError`."""
+    key = (name.lower().rstrip("."), port)
+    with _resolved_lock:
+        known = _resolved.get(key)
+    if known is not None:
+        return known
+    try:
+        infos = socket.getaddrinfo(name, port, type=socket.SOCK_DGRAM, proto=socket.IPPROTO_UDP)
+    except (OSError, UnicodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError(
+            f"relay address {name}:{port}: cannot resolve {name!r}: {reason}"
         ) from None
-    return str(ip), int(port)
+    ips = [
+        ipaddress.ip_address(info[4][0])
+        for info in infos
+        if info[0] in (socket.AF_INET, socket.AF_INET6)
+    ]
+    if not ips:
+        raise ConfigError(f"relay address {name}:{port}: {name!r} has no IP address")
+    ip = next((ip for ip in ips if ip.version == 4), ips[0])
+    with _resolved_lock:
+        return _resolved.setdefault(key, (str(ip), port))
 
 
 @dataclass(frozen=True)
@@ -101,7 +149,8 @@ class RelayClientConfig:
     """
 
     address: str
-    """``IP:PORT`` of the relay's STUN/TURN port (``[V6]:PORT`` for IPv6)."""
+    """``IP:PORT`` of the relay's STUN/TURN port (``[V6]:PORT`` for IPv6), or ``NAME:PORT``
+    with a DNS name, resolved when the configuration is made (`resolve_relay_name`)."""
     username: str = ""
     password: str = field(default="", repr=False)
     rest_secret: str = field(default="", repr=False)
@@ -115,8 +164,10 @@ class RelayClientConfig:
     """Initial retransmission timeout of a request (RFC 8489: 0.5 s)."""
     max_transmissions: int = 7
 
+    _server: Address = field(init=False, repr=False, compare=False)
+
     def __post_init__(self) -> None:
-        _parse_address(self.address)
+        object.__setattr__(self, "_server", _parse_address(self.address))
         if not self.rest_secret and not (self.username and self.password):
             raise ConfigError(
                 f"relay {self.address}: give username and password (from the relay's operator), "
@@ -129,7 +180,8 @@ class RelayClientConfig:
 
     @property
     def server(self) -> Address:
-        return _parse_address(self.address)
+        """``(ip, port)`` of the relay (a name already resolved)."""
+        return self._server
 
     def credentials(self, wall_clock: float) -> tuple[str, str]:
         """``(username, password)`` for a new allocation (REST ones minted now, valid 24 h)."""
