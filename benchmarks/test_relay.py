@@ -73,6 +73,10 @@ TOOL_SECONDS = 900
 STEP_TIMEOUT = 60.0
 START_TIMEOUT = 30.0
 COTURN_THREADS = os.environ.get("TEIA_BENCH_COTURN_THREADS", "1")
+TEIA_NO_GSO = "teia, no GSO"
+COMPARE_GSO = os.environ.get("TEIA_BENCH_RELAY_NO_GSO", "1") != "0"
+"""Also run teia with ``--no-udp-gso`` (one datagram per sendmmsg message, as the bare forwarder
+sends), to show what GSO is worth in the same run; ``TEIA_BENCH_RELAY_NO_GSO=0`` skips it."""
 
 UDP_TRANSPORT = bytes([17, 0, 0, 0])
 
@@ -179,16 +183,17 @@ def _wait_until(predicate: Any, what: str, target: Target) -> None:
         time.sleep(0.1)
 
 
-def _start_teia(work: Path) -> Target:
-    log = work / "teia-relay.log"
+def _start_teia(work: Path, *, gso: bool = True) -> Target:
+    name = "teia" if gso else TEIA_NO_GSO
+    log = work / f"{name.replace(' ', '-').replace(',', '')}-relay.log"
     command = [sys.executable, "-m", "teia", "relay", "--listen", "127.0.0.1:0",
                "--realm", REALM, "--user", f"{USER}:{PASSWORD}", "--allow-peer", "127.0.0.0/8",
                "--data-dir", str(work / "teia-relay"), "--log-format", "json",
                "--max-allocations-per-user", "64", "--max-allocations-per-ip", "64",
-               "--no-tcp"]  # fmt: skip
+               "--no-tcp", *([] if gso else ["--no-udp-gso"])]  # fmt: skip
     with log.open("wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-    target = Target("teia", 0, process, log, turn=True)
+    target = Target(name, 0, process, log, turn=True)
 
     def ready() -> bool:
         for line in log.read_text(errors="replace").splitlines():
@@ -381,7 +386,10 @@ def _running_targets(work: Path) -> Iterator[list[Target]]:
     tool = _load_tool()
     targets: list[Target] = []
     try:
-        for start in (_start_teia, _start_coturn):
+        starts: list[Callable[[Path], Target]] = [_start_teia, _start_coturn]
+        if COMPARE_GSO:
+            starts.insert(1, lambda work: _start_teia(work, gso=False))
+        for start in starts:
             target = start(work)
             targets.append(target)
             sockets = _sockets()
@@ -571,7 +579,7 @@ def _ratio_lines(figures: dict[str, Capacity]) -> list[str]:
         return ["  (a relay had no step under 1 % loss: no ratios)"]
     cpu = {name: c.median("cpu_per_packet_us") for name, c in (("teia", teia),
            ("coturn", coturn), ("bare", bare))}  # fmt: skip
-    return [
+    lines = [
         f"  teia / coturn: per core {teia.best.per_core_pps / coturn.best.per_core_pps:.2f}x"
         f" (goal >= 2x); packets/s under 1 % loss {teia.best.pps / coturn.best.pps:.2f}x;"
         f" CPU per packet at saturation {cpu['coturn'] / cpu['teia']:.2f}x less",
@@ -583,6 +591,15 @@ def _ratio_lines(figures: dict[str, Capacity]) -> list[str]:
         f" {cpu['coturn'] / cpu['bare']:.2f}x; CPU per packet above the bare forwarder's:"
         f" teia {cpu['teia'] - cpu['bare']:.2f} µs, coturn {cpu['coturn'] - cpu['bare']:.2f} µs",
     ]
+    plain = figures.get(TEIA_NO_GSO)
+    if plain and plain.best:
+        lines.append(
+            f"  teia without GSO: / coturn per core"
+            f" {plain.best.per_core_pps / coturn.best.per_core_pps:.2f}x, CPU per packet at"
+            f" saturation {cpu['coturn'] / plain.median('cpu_per_packet_us'):.2f}x less;"
+            f" / bare forwarder per core {plain.best.per_core_pps / bare.best.per_core_pps:.0%}"
+        )
+    return lines
 
 
 def _figures_lines() -> list[str]:

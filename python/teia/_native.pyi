@@ -453,6 +453,7 @@ class RelayDataPlane:
         relay_port_max: int = 0,
         control_queue: int = 4096,
         own_ips: Sequence[str] | None = None,
+        udp_gso: bool = True,
     ) -> RelayDataPlane:
         """Bind ``host:port`` for clients and start the worker. Relayed sockets bind
         ``relay_ip`` (default ``host``) on a port in ``relay_port_min..relay_port_max``
@@ -460,7 +461,9 @@ class RelayDataPlane:
         messages waiting for :meth:`recv_control` (and, apart, of TCP-client data).
         ``own_ips``: the relay's own addresses, at which peers may be only live relayed
         allocations, never another port (an unspecified address also stands for loopback);
-        default: ``relay_ip`` and ``host``; ``[]`` when the operator allow-lists them."""
+        default: ``relay_ip`` and ``host``; ``[]`` when the operator allow-lists them.
+        ``udp_gso``: send runs of equal-sized datagrams to one address as one UDP GSO buffer
+        (the kernel cuts it back into those datagrams); it turns itself off if refused."""
 
     @property
     def port(self) -> int:

@@ -450,6 +450,32 @@ def test_relay_port_range(udp: Callable[..., socket.socket]) -> None:
         plane.close()
 
 
+@pytest.mark.parametrize("udp_gso", [True, False])
+def test_bursts_arrive_whole_and_in_order(udp: Callable[..., socket.socket], udp_gso: bool) -> None:
+    """Bursts of equal-sized datagrams (sent as GSO buffers when on) and odd sizes between
+    them arrive one by one, whole and in order, both ways."""
+    plane = RelayDataPlane("127.0.0.1", own_ips=[], udp_gso=udp_gso)
+    try:
+        server = ("127.0.0.1", plane.port)
+        client, peer = udp(), udp()
+        relayed = plane.allocate(*address(client))
+        plane.bind_channel(*address(client), 0x4000, *address(peer), MINUTE_MS)
+        sizes = [170] * 100 + [7, 1200, 1200, 1200, 1199, 1500, 1500] * 10
+        frames = [channel_data(0x4000, bytes([i % 251]) * size) for i, size in enumerate(sizes)]
+        for start in range(0, len(frames), 32):
+            for frame in frames[start : start + 32]:
+                client.sendto(frame, server)
+            for frame in frames[start : start + 32]:
+                assert peer.recvfrom(65536) == (frame[4:], relayed)
+        for i, size in enumerate(sizes[:64]):
+            peer.sendto(bytes([i]) * size, relayed)
+        for i, size in enumerate(sizes[:64]):
+            assert client.recvfrom(65536)[0] == channel_data(0x4000, bytes([i]) * size)
+        assert plane.stats()["dropped"] == 0
+    finally:
+        plane.close()
+
+
 def test_own_address_only_at_live_allocations(udp: Callable[..., socket.socket]) -> None:
     """By default the relay's own IP is reachable only at live relayed allocations: two clients
     of one relay talk through their relayed addresses; a local service on the relay's IP, the

@@ -140,6 +140,9 @@ class RelayConfig(ServiceConfig):
         DEFAULT_NONCE_LIFETIME, "seconds before a nonce is stale (438)", check=_positive
     )
     tcp: bool = setting(True, "also serve TURN over TCP on the listen port")
+    udp_gso: bool = setting(
+        True, "send runs of equal-sized datagrams to one peer as one UDP GSO buffer"
+    )
 
     def validate(self) -> None:
         self.rest_secret()
@@ -239,6 +242,7 @@ def build_server(config: RelayConfig) -> RelayServer:
             relay_port_min=config.relay_port_min,
             relay_port_max=config.relay_port_max,
             own_ips=policy.guarded_own_ips(),
+            udp_gso=config.udp_gso,
         )
     except OSError as exc:
         raise ConfigError(f"cannot listen on {config.listen}: {exc.strerror or exc}") from None

@@ -77,7 +77,7 @@ pub struct RelayDataPlane {
 #[pymethods]
 impl RelayDataPlane {
     #[new]
-    #[pyo3(signature = (host, port = 0, *, relay_ip = None, relay_port_min = 0, relay_port_max = 0, control_queue = 4096, own_ips = None))]
+    #[pyo3(signature = (host, port = 0, *, relay_ip = None, relay_port_min = 0, relay_port_max = 0, control_queue = 4096, own_ips = None, udp_gso = true))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -88,12 +88,14 @@ impl RelayDataPlane {
         relay_port_max: i64,
         control_queue: i64,
         own_ips: Option<Vec<String>>,
+        udp_gso: bool,
     ) -> PyResult<Self> {
         let mut config = Config::new(addr(host, port, "listening")?);
         config.relay_ip = relay_ip.map(|r| ip(r, "relay_ip")).transpose()?;
         config.own_ips = own_ips
             .map(|ips| ips.iter().map(|text| ip(text, "own_ips entry")).collect())
             .transpose()?;
+        config.gso = udp_gso;
         config.relay_ports = (
             self::port(relay_port_min, "relay_port_min")?,
             self::port(relay_port_max, "relay_port_max")?,

@@ -1,5 +1,6 @@
 //! The few system calls std does not offer: epoll readiness and batched datagram I/O
-//! (recvmmsg/sendmmsg with scatter-gather, so headers are prepended without copying payloads).
+//! (recvmmsg/sendmmsg with scatter-gather, so headers are prepended without copying payloads,
+//! and UDP GSO for runs of equal-sized datagrams to one address).
 //!
 //! Linux only; every unsafe block is a plain libc call on buffers this module owns and sizes.
 
@@ -238,13 +239,47 @@ pub struct Outgoing<'a> {
     pub to: SocketAddr,
 }
 
+impl Outgoing<'_> {
+    /// The datagram's size on the wire.
+    #[inline]
+    pub fn wire_len(&self) -> usize {
+        self.head.len() + self.body.len() + self.pad.min(3)
+    }
+}
+
 static ZEROS: [u8; 4] = [0; 4];
+
+/// The most datagrams one GSO send carries (the kernel's `UDP_MAX_SEGMENTS` is at least 64).
+pub const GSO_MAX_SEGMENTS: usize = 64;
+/// Datagrams larger than this are never sent with GSO: a segment must fit the path MTU
+/// (1500-byte Ethernet less IPv6 and UDP headers), or the kernel refuses the whole send.
+pub const GSO_MAX_SEGMENT: usize = 1452;
+/// The most payload bytes in one GSO send (one UDP datagram's worth, with room for headers).
+const GSO_MAX_BYTES: usize = 65_000;
+const IOV_PER_DATAGRAM: usize = 3;
+
+/// One sendmmsg message: `count` datagrams from `first`, sent as one GSO buffer when more
+/// than one.
+#[derive(Clone, Copy)]
+struct Group {
+    first: usize,
+    count: usize,
+}
 
 /// Scratch space for [`SendBatch::send`].
 pub struct SendBatch {
     headers: Vec<libc::mmsghdr>,
-    iovecs: Vec<[libc::iovec; 3]>,
+    iovecs: Vec<libc::iovec>,
     names: Vec<libc::sockaddr_storage>,
+    /// One `UDP_SEGMENT` control message per header (u64s: cmsghdr alignment).
+    controls: Vec<[u64; 4]>,
+    groups: Vec<Group>,
+    retry: Vec<Group>,
+    /// Cleared for good the first time the kernel says it cannot do UDP GSO.
+    gso: bool,
+    /// Largest datagram sent with GSO: lowered below a size the kernel refused (EINVAL: the
+    /// segment does not fit a route's MTU, e.g. a tunnel's), so it is not tried again.
+    gso_max_segment: usize,
 }
 
 impl SendBatch {
@@ -254,68 +289,197 @@ impl SendBatch {
             iov_len: 0,
         };
         SendBatch {
-            // SAFETY: all-zero is a valid value of these plain C structs.
             headers: (0..capacity).map(|_| unsafe { zeroed() }).collect(),
-            iovecs: vec![[empty; 3]; capacity],
-            // SAFETY: as above.
+            iovecs: vec![empty; capacity * IOV_PER_DATAGRAM],
             names: (0..capacity).map(|_| unsafe { zeroed() }).collect(),
+            controls: vec![[0; 4]; capacity],
+            groups: Vec::with_capacity(capacity),
+            retry: Vec::new(),
+            gso: true,
+            gso_max_segment: GSO_MAX_SEGMENT,
         }
     }
 
-    /// Send `messages` on `fd` with as few system calls as the kernel allows; calls `failed(i)`
-    /// for each message that could not be sent (a full socket buffer, an unreachable address).
+    /// Whether GSO is still in use (the kernel has not refused it).
+    #[cfg(test)]
+    pub fn gso(&self) -> bool {
+        self.gso
+    }
+
+    /// Turn GSO off (an operator's choice, or a comparison).
+    pub fn disable_gso(&mut self) {
+        self.gso = false;
+    }
+
+    /// How many datagrams from `first` go out as one GSO buffer: consecutive ones to the same
+    /// address, all of the first one's size but the last (which may be shorter): the kernel
+    /// cuts the buffer into `size`-byte datagrams. Order is kept, so each flow's too.
+    fn group_len(&self, messages: &[Outgoing<'_>], first: usize, room: usize) -> usize {
+        let size = messages[first].wire_len();
+        if !self.gso || size == 0 || size > self.gso_max_segment {
+            return 1;
+        }
+        let limit = room.min(GSO_MAX_SEGMENTS).min(GSO_MAX_BYTES / size);
+        let to = messages[first].to;
+        let mut count = 1;
+        while count < limit {
+            let Some(next) = messages.get(first + count) else {
+                break;
+            };
+            if next.to != to || next.wire_len() > size || next.wire_len() == 0 {
+                break;
+            }
+            count += 1;
+            if next.wire_len() < size {
+                break;
+            }
+        }
+        count
+    }
+
+    /// Send `messages` from `fd` with as few system calls as it takes: one sendmmsg per
+    /// `capacity` messages, runs to one address as one GSO buffer each. Calls `failed(i)` for
+    /// each datagram the kernel refused (full buffer, unreachable …); never blocks.
     pub fn send(&mut self, fd: RawFd, messages: &[Outgoing<'_>], mut failed: impl FnMut(usize)) {
-        let mut done = 0;
-        while done < messages.len() {
-            let chunk = &messages[done..(done + self.headers.len()).min(messages.len())];
-            for (i, m) in chunk.iter().enumerate() {
-                let namelen = to_sockaddr(m.to, &mut self.names[i]);
-                let iov = &mut self.iovecs[i];
-                iov[0] = libc::iovec {
-                    iov_base: m.head.as_ptr() as *mut libc::c_void,
-                    iov_len: m.head.len(),
-                };
-                iov[1] = libc::iovec {
-                    iov_base: m.body.as_ptr() as *mut libc::c_void,
-                    iov_len: m.body.len(),
-                };
-                iov[2] = libc::iovec {
-                    iov_base: ZEROS.as_ptr() as *mut libc::c_void,
-                    iov_len: m.pad.min(3),
-                };
+        let capacity = self.headers.len();
+        let mut next = 0;
+        while next < messages.len() {
+            // Fill up to `capacity` headers (and datagrams: the iovecs are sized for them).
+            self.groups.clear();
+            let mut datagrams = 0;
+            while next < messages.len() && self.groups.len() < capacity && datagrams < capacity {
+                let count = self.group_len(messages, next, capacity - datagrams);
+                self.groups.push(Group { first: next, count });
+                next += count;
+                datagrams += count;
+            }
+            let mut iov_at = 0;
+            for (i, group) in self.groups.iter().enumerate() {
+                let first = &messages[group.first];
+                let namelen = to_sockaddr(first.to, &mut self.names[i]);
+                let iov_start = iov_at;
+                for m in &messages[group.first..group.first + group.count] {
+                    for (base, len) in [
+                        (m.head.as_ptr(), m.head.len()),
+                        (m.body.as_ptr(), m.body.len()),
+                        (ZEROS.as_ptr(), m.pad.min(3)),
+                    ] {
+                        if len > 0 {
+                            self.iovecs[iov_at] = libc::iovec {
+                                iov_base: base as *mut libc::c_void,
+                                iov_len: len,
+                            };
+                            iov_at += 1;
+                        }
+                    }
+                }
                 let header = &mut self.headers[i].msg_hdr;
                 header.msg_name = (&mut self.names[i] as *mut libc::sockaddr_storage).cast();
                 header.msg_namelen = namelen;
-                header.msg_iov = iov.as_mut_ptr();
-                header.msg_iovlen = 3;
-                header.msg_control = ptr::null_mut();
-                header.msg_controllen = 0;
+                header.msg_iov = self.iovecs[iov_start..].as_mut_ptr();
+                header.msg_iovlen = iov_at - iov_start;
                 header.msg_flags = 0;
+                if group.count > 1 {
+                    let control = &mut self.controls[i];
+                    let space = unsafe { libc::CMSG_SPACE(size_of::<u16>() as u32) } as usize;
+                    header.msg_control = control.as_mut_ptr().cast();
+                    header.msg_controllen = space;
+                    unsafe {
+                        let cmsg = libc::CMSG_FIRSTHDR(header);
+                        (*cmsg).cmsg_level = libc::SOL_UDP;
+                        (*cmsg).cmsg_type = libc::UDP_SEGMENT;
+                        (*cmsg).cmsg_len = libc::CMSG_LEN(size_of::<u16>() as u32) as usize;
+                        let size = first.wire_len() as u16;
+                        ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<u16>(), size);
+                    }
+                } else {
+                    header.msg_control = ptr::null_mut();
+                    header.msg_controllen = 0;
+                }
             }
+            let total = self.groups.len();
             let mut sent = 0;
-            while sent < chunk.len() {
-                // SAFETY: headers[sent..chunk.len()] were filled above and point at `messages`
-                // (borrowed for the call), ZEROS, and self's own buffers.
+            while sent < total {
                 let n = unsafe {
                     libc::sendmmsg(
                         fd,
                         self.headers[sent..].as_mut_ptr(),
-                        (chunk.len() - sent) as libc::c_uint,
+                        (total - sent) as libc::c_uint,
                         libc::MSG_DONTWAIT,
                     )
                 };
-                if n < 0 {
-                    if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
-                        continue;
-                    }
-                    // The first remaining message failed; skip it and go on.
-                    failed(done + sent);
-                    sent += 1;
-                } else {
+                if n >= 0 {
                     sent += n as usize;
+                    continue;
+                }
+                let error = io::Error::last_os_error();
+                if error.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                let group = self.groups[sent];
+                let refused_gso = matches!(
+                    error.raw_os_error(),
+                    Some(libc::EIO | libc::EINVAL | libc::EOPNOTSUPP | libc::ENOPROTOOPT)
+                );
+                if group.count > 1 && refused_gso {
+                    // No GSO here (EIO, EOPNOTSUPP: the device or kernel cannot; EINVAL: this
+                    // buffer): send that run one by one after this batch.
+                    if error.raw_os_error() == Some(libc::EINVAL) {
+                        let size = messages[group.first].wire_len();
+                        self.gso_max_segment = self.gso_max_segment.min(size - 1);
+                    } else {
+                        self.gso = false;
+                    }
+                    self.retry.push(group);
+                } else {
+                    for k in 0..group.count {
+                        failed(group.first + k);
+                    }
+                }
+                sent += 1;
+            }
+            while let Some(group) = self.retry.pop() {
+                let run = &messages[group.first..group.first + group.count];
+                for (k, m) in run.iter().enumerate() {
+                    if !send_one(fd, m) {
+                        failed(group.first + k);
+                    }
                 }
             }
-            done += chunk.len();
+        }
+    }
+}
+
+/// One datagram with sendmsg; false if the kernel refused it.
+fn send_one(fd: RawFd, m: &Outgoing<'_>) -> bool {
+    let mut name: libc::sockaddr_storage = unsafe { zeroed() };
+    let namelen = to_sockaddr(m.to, &mut name);
+    let mut iov = [
+        libc::iovec {
+            iov_base: m.head.as_ptr() as *mut libc::c_void,
+            iov_len: m.head.len(),
+        },
+        libc::iovec {
+            iov_base: m.body.as_ptr() as *mut libc::c_void,
+            iov_len: m.body.len(),
+        },
+        libc::iovec {
+            iov_base: ZEROS.as_ptr() as *mut libc::c_void,
+            iov_len: m.pad.min(3),
+        },
+    ];
+    let mut header: libc::msghdr = unsafe { zeroed() };
+    header.msg_name = (&mut name as *mut libc::sockaddr_storage).cast();
+    header.msg_namelen = namelen;
+    header.msg_iov = iov.as_mut_ptr();
+    header.msg_iovlen = iov.len();
+    loop {
+        let n = unsafe { libc::sendmsg(fd, &header, libc::MSG_DONTWAIT) };
+        if n >= 0 {
+            return true;
+        }
+        if io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+            return false;
         }
     }
 }
@@ -394,6 +558,85 @@ mod tests {
         let mut failed = Vec::new();
         send.send(a.as_raw_fd(), &[v6], |i| failed.push(i));
         assert_eq!(failed, vec![0]);
+    }
+
+    /// Everything `b` receives until `count` datagrams arrived, with their sources.
+    fn receive_all(b: &UdpSocket, count: usize) -> Vec<(Vec<u8>, SocketAddr)> {
+        let mut recv = RecvBatch::new(64, 2048);
+        let mut got = Vec::new();
+        b.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+            .unwrap();
+        while got.len() < count {
+            let mut probe = [0u8; 1];
+            b.peek_from(&mut probe).unwrap();
+            let n = recv.recv(b);
+            for i in 0..n {
+                let (data, from) = recv.get(i);
+                got.push((data.to_vec(), from.unwrap()));
+            }
+        }
+        assert_eq!(recv.recv(b), 0, "more datagrams than sent");
+        got
+    }
+
+    #[test]
+    fn gso_runs_arrive_as_the_datagrams_they_were() {
+        // Runs to one address (equal sizes, the last shorter, some longer than GSO takes)
+        // interleaved with another address: every datagram arrives whole and in order, with
+        // GSO and without.
+        for gso in [true, false] {
+            let a = UdpSocket::bind("127.0.0.1:0").unwrap();
+            let (b, c) = (
+                UdpSocket::bind("127.0.0.1:0").unwrap(),
+                UdpSocket::bind("127.0.0.1:0").unwrap(),
+            );
+            let (to_b, to_c) = (b.local_addr().unwrap(), c.local_addr().unwrap());
+            let mut plan: Vec<(Vec<u8>, SocketAddr)> = Vec::new();
+            for i in 0..150u32 {
+                plan.push((vec![i as u8; 170], to_b));
+            }
+            plan.push((vec![1; 60], to_b));
+            plan.push((vec![2; 60], to_c));
+            for i in 0..5u8 {
+                plan.push((vec![i; 1200], to_c));
+                plan.push((vec![i; 1200], to_c));
+                plan.push((vec![i; 1500], to_c)); // over GSO_MAX_SEGMENT: alone
+            }
+            let messages: Vec<Outgoing<'_>> = plan
+                .iter()
+                .map(|(body, to)| Outgoing {
+                    head: &body[..4],
+                    body: &body[4..body.len() - 1],
+                    pad: 1,
+                    to: *to,
+                })
+                .collect();
+            let mut send = SendBatch::new(64);
+            if !gso {
+                send.disable_gso();
+            }
+            let mut failures = 0;
+            send.send(a.as_raw_fd(), &messages, |_| failures += 1);
+            assert_eq!(failures, 0);
+            assert_eq!(send.gso(), gso, "the kernel refused UDP GSO");
+            let expected = |to: SocketAddr| -> Vec<Vec<u8>> {
+                plan.iter()
+                    .filter(|(_, t)| *t == to)
+                    .map(|(body, _)| {
+                        let mut d = body[..body.len() - 1].to_vec();
+                        d.push(0);
+                        d
+                    })
+                    .collect()
+            };
+            for (socket, to) in [(&b, to_b), (&c, to_c)] {
+                let want = expected(to);
+                let got = receive_all(socket, want.len());
+                assert!(got.iter().all(|(_, from)| *from == a.local_addr().unwrap()));
+                let got: Vec<Vec<u8>> = got.into_iter().map(|(d, _)| d).collect();
+                assert_eq!(got, want, "gso {gso}");
+            }
+        }
     }
 
     #[test]
