@@ -640,6 +640,57 @@ mod tests {
     }
 
     #[test]
+    fn gso_runs_respect_the_kernels_limits() {
+        let to: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let other: SocketAddr = "127.0.0.1:10".parse().unwrap();
+        let body = vec![0u8; 2000];
+        let make = |sizes: &[(usize, SocketAddr)]| -> Vec<Outgoing<'_>> {
+            sizes
+                .iter()
+                .map(|&(n, to)| Outgoing {
+                    head: &[],
+                    body: &body[..n],
+                    pad: 0,
+                    to,
+                })
+                .collect()
+        };
+        let mut batch = SendBatch::new(128);
+        let runs = |batch: &SendBatch, m: &[Outgoing<'_>]| -> Vec<usize> {
+            let mut out = Vec::new();
+            let mut at = 0;
+            while at < m.len() {
+                let n = batch.group_len(m, at, 128);
+                out.push(n);
+                at += n;
+            }
+            out
+        };
+        // At most 64 datagrams, and at most 65,000 bytes, in one buffer.
+        assert_eq!(runs(&batch, &make(&[(100, to); 100])), vec![64, 36]);
+        assert_eq!(runs(&batch, &make(&[(1452, to); 100])), vec![44, 44, 12]);
+        // A shorter one ends a run, a longer one or another address starts a new one; empty
+        // and oversized datagrams go alone.
+        let m = make(&[
+            (500, to),
+            (500, to),
+            (499, to),
+            (500, to),
+            (600, to),
+            (600, other),
+        ]);
+        assert_eq!(runs(&batch, &m), vec![3, 1, 1, 1]);
+        let m = make(&[(0, to), (0, to), (1453, to), (1453, to)]);
+        assert_eq!(runs(&batch, &m), vec![1, 1, 1, 1]);
+        // After an EINVAL at some size, that size and larger go alone.
+        batch.gso_max_segment = 599;
+        assert_eq!(runs(&batch, &make(&[(600, to); 3])), vec![1, 1, 1]);
+        assert_eq!(runs(&batch, &make(&[(599, to); 3])), vec![3]);
+        batch.disable_gso();
+        assert_eq!(runs(&batch, &make(&[(100, to); 3])), vec![1, 1, 1]);
+    }
+
+    #[test]
     fn poller_reports_tokens() {
         let poller = Poller::new().unwrap();
         let a = UdpSocket::bind("127.0.0.1:0").unwrap();
