@@ -38,7 +38,6 @@ place.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import hmac
 import json
 import os
@@ -118,7 +117,7 @@ class RowCipher:
             ) from None
 
     def token(self, word: str) -> bytes:
-        return hmac.new(self._search_key, word.encode(), hashlib.sha256).digest()[:16]
+        return hmac.digest(self._search_key, word.encode(), "sha256")[:16]
 
     def tokens(self, text: str) -> set[bytes]:
         words = {w.casefold() for w in _WORD.findall(text)}

@@ -679,29 +679,59 @@ class Peer:
     ) -> str:
         message_id = secrets.token_bytes(16)
         self._queued_at[message_id] = time.perf_counter()
-        async with self._lock(peer_id):
-            sessions = await self._load_sessions(peer_id)
-            sent_ms = self.profile.db.next_timestamp()
-            envelope = None
-            if sessions:
-                body = sessions[0].encrypt(plaintext)
-                self._changed(peer_id)
-                envelope = ChatEnvelope(
-                    message_id, self.peer_id.to_bytes(), "", sent_ms, kind, body
-                ).encode()
-            record: dict[str, Any] = {
-                "message_id": message_id,
-                "sent_ms": sent_ms,
-                "text": text,
-                "kind": int(kind),
-                "plaintext": plaintext,
-                "envelope": envelope,
-                "conversation": conversation,
-            }
-            self._unsaved.setdefault(peer_id, []).append(record)
+        lock = self._lock(peer_id)
+        if peer_id in self._sessions and not lock.locked():
+            # Nothing to await: this runs as if under the lock, without its two checkpoints.
+            record = self._encrypt_record(peer_id, message_id, kind, plaintext, text, conversation)
+        else:
+            async with lock:
+                await self._load_sessions(peer_id)
+                record = self._encrypt_record(
+                    peer_id, message_id, kind, plaintext, text, conversation
+                )
         await self._save_sends(peer_id, record)
         self._kick(peer_id)
         return message_id.hex()
+
+    def _encrypt_record(
+        self,
+        peer_id: PeerId,
+        message_id: bytes,
+        kind: Kind,
+        plaintext: bytes,
+        text: str,
+        conversation: str,
+    ) -> dict[str, Any]:
+        """Under the peer's lock (or with nothing awaited), sessions loaded: encrypt when a
+        session exists and hand the record to the group commit."""
+        sessions = self._sessions[peer_id]
+        sent_ms = self.profile.db.next_timestamp()
+        envelope = None
+        if sessions:
+            body = sessions[0].encrypt(plaintext)
+            self._changed(peer_id)
+            envelope = ChatEnvelope(
+                message_id, self.peer_id.to_bytes(), "", sent_ms, kind, body
+            ).encode()
+        record: dict[str, Any] = {
+            "message_id": message_id,
+            "sent_ms": sent_ms,
+            "text": text,
+            "kind": int(kind),
+            "plaintext": plaintext,
+            "envelope": envelope,
+            "conversation": conversation,
+        }
+        self._unsaved.setdefault(peer_id, []).append(record)
+        return record
+
+    def _take_unsaved(self, peer: PeerId) -> tuple[list[dict[str, Any]], SessionSnapshot | None]:
+        """Under the peer's lock (or with nothing awaited): what is queued for the commit."""
+        batch = self._unsaved.pop(peer, [])
+        states = None
+        if any(r["envelope"] is not None for r in batch):
+            states = self._snapshot(peer)
+        return batch, states
 
     async def _save_sends(self, peer: PeerId, record: dict[str, Any]) -> None:
         """Group commit: whoever finds no commit running commits everything queued so far for
@@ -714,11 +744,12 @@ class Peer:
             done = self._saving[peer] = anyio.Event()
             batch: list[dict[str, Any]] = []
             try:
-                async with self._lock(peer):
-                    batch = self._unsaved.pop(peer, [])
-                    states = None
-                    if any(r["envelope"] is not None for r in batch):
-                        states = self._snapshot(peer)
+                lock = self._lock(peer)
+                if lock.locked():
+                    async with lock:
+                        batch, states = self._take_unsaved(peer)
+                else:
+                    batch, states = self._take_unsaved(peer)
                 await self._db(
                     self.profile.db.queue_many, self._text(peer), self._text(peer), batch, states
                 )
