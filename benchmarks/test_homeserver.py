@@ -13,7 +13,8 @@ arrives. ``WARMUP`` messages per room come first and are not counted.
 - **p50/p99 latency**: from just before ``room_send`` to the receiver's sync answer that
   carries the message;
 - **RSS**: the server process's ``VmRSS`` right after the load, and its peak (``VmHWM``), from
-  ``/proc/<pid>/status``.
+  ``/proc/<pid>/status``; that resident set split into private and shared pages (from
+  ``smaps_rollup``), and ``VmRSS`` once started, before the load.
 
 Both servers get their rate limits raised out of the way (the load would otherwise measure
 them) and neither federates: Synapse's config has no listeners but the client API on
@@ -70,6 +71,24 @@ def memory_kib(pid: int) -> tuple[int, int]:
         if name in ("VmRSS", "VmHWM"):
             values[name] = int(rest.split()[0])
     return values["VmRSS"], values["VmHWM"]
+
+
+def memory_split_mib(pid: int) -> dict[str, float]:
+    """The resident set split, in MiB, from ``/proc/<pid>/smaps_rollup``: *private* pages (this
+    process's alone: its heap, stacks, written pages of libraries) and *shared* ones (library
+    and file pages other processes map too); ``TEIA_BENCH_HS_SMAPS=DIR`` also keeps the
+    process's full ``smaps`` there, for a breakdown by mapping."""
+    values = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+        name, _, rest = line.partition(":")
+        values[name] = int(rest.split()[0])
+    keep = os.environ.get("TEIA_BENCH_HS_SMAPS")
+    if keep:
+        target = Path(keep) / f"smaps-{pid}.txt"
+        target.write_text(Path(f"/proc/{pid}/smaps").read_text())
+    private = values["Private_Clean"] + values["Private_Dirty"]
+    shared = values["Shared_Clean"] + values["Shared_Dirty"]
+    return {"private_mib": private / 1024, "shared_mib": shared / 1024}
 
 
 @dataclass
@@ -134,10 +153,25 @@ async def running(
                 await process.wait()
 
 
+def compile_teia() -> None:
+    """Write the teia package's bytecode, as installing it does (pip compiles what it installs;
+    Synapse's virtualenv has its bytecode). This source tree may run with
+    ``PYTHONDONTWRITEBYTECODE``, and a server compiling its modules at every start carries the
+    compiler's leftovers: 1.5 to 2 MiB of its RSS."""
+    import compileall
+
+    import teia
+
+    compileall.compile_dir(Path(teia.__file__).parent, quiet=1)
+
+
 @asynccontextmanager
 async def teia_server(tmp: Path) -> AsyncIterator[Server]:
+    await anyio.to_thread.run_sync(compile_teia)
+    # ``python -m teia.homeserver`` is ``teia homeserver`` without the other roles' modules (the
+    # entry point docs/homeserver.md gives for a service unit), as Synapse runs from its module
     command = [
-        sys.executable, "-m", "teia", "homeserver", "--server-name", "localhost",
+        sys.executable, "-m", "teia.homeserver", "--server-name", "localhost",
         "--listen", "127.0.0.1:0", "--data-dir", str(tmp / "teia"), "--log-format", "json",
         "--no-federation", "--ip-rate", LIMITS, "--ip-burst", LIMITS, "--user-rate", LIMITS,
         "--user-burst", LIMITS,
@@ -314,6 +348,7 @@ async def load(server: Server) -> dict[str, float]:
     start = min(sent_at[b] for b in counted)
     end = max(arrived_at[b] for b in counted)
     rss, peak = memory_kib(server.pid)
+    split = memory_split_mib(server.pid)
     return {
         "messages": len(counted),
         "messages_per_s": len(counted) / (end - start),
@@ -321,6 +356,7 @@ async def load(server: Server) -> dict[str, float]:
         "p99_ms": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000,
         "rss_mib": rss / 1024,
         "peak_rss_mib": peak / 1024,
+        **split,
     }
 
 

@@ -1,9 +1,12 @@
-"""``teia homeserver`` as a process: --help, ready on loopback, a client registers and talks,
-metrics scraped, SIGTERM stops it cleanly and the data survives a restart; config errors."""
+"""``teia homeserver`` (and ``python -m teia.homeserver``) as a process: --help, ready on
+loopback, a client registers and talks, metrics scraped, SIGTERM stops it cleanly and the data
+survives a restart; config errors; what the process imports and its malloc settings."""
 
 from __future__ import annotations
 
 import json
+import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -18,9 +21,13 @@ TIMEOUT = 60
 C = "/_matrix/client/v3"
 
 
-def command(data_dir: Path, *extra: str) -> list[str]:
+TEIA_HOMESERVER = [sys.executable, "-m", "teia", "homeserver"]
+MODULE = [sys.executable, "-m", "teia.homeserver"]
+
+
+def command(data_dir: Path, *extra: str, entry: list[str] = TEIA_HOMESERVER) -> list[str]:
     return [
-        sys.executable, "-m", "teia", "homeserver", "--server-name", "hs.test",
+        *entry, "--server-name", "hs.test",
         "--listen", "127.0.0.1:0", "--data-dir", str(data_dir), "--metrics", "127.0.0.1:0",
         "--log-format", "json", "--password-memory-kib", "1024", "--password-iterations", "1",
         *extra,
@@ -40,13 +47,43 @@ async def _ready(stream: TextReceiveStream) -> dict[str, object]:
     raise AssertionError(f"never ready; saw {seen}")
 
 
-def test_help_lists_the_settings() -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "teia", "homeserver", "--help"], capture_output=True, text=True,
-        check=True, timeout=60,
-    )  # fmt: skip
-    for flag in ("--server-name", "--listen", "--data-dir", "--config", "--database"):
+@pytest.mark.parametrize("entry", [TEIA_HOMESERVER, MODULE], ids=["teia", "module"])
+def test_help_lists_the_settings(entry: list[str]) -> None:
+    out = subprocess.run([*entry, "--help"], capture_output=True, text=True, check=True, timeout=60)
+    for flag in ("--server-name", "--listen", "--data-dir", "--config", "--database",
+                 "--password-hashes-at-once"):  # fmt: skip
         assert flag in out.stdout
+
+
+def test_the_module_entry_point_loads_the_homeserver_alone() -> None:
+    # every module here is memory the homeserver would hold without using it (issue 10: RSS)
+    code = "import sys, teia.homeserver.__main__; print(' '.join(sorted(sys.modules)))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    loaded = set(out.stdout.split())
+    assert "teia.homeserver.service" in loaded
+    for unused in ("teia.peer", "teia.dht", "teia.store", "teia.relay", "teia.identity",
+                   "teia._native", "teia.homeserver.federation", "teia.homeserver.identity",
+                   "httpx", "psycopg", "cryptography.hazmat.primitives.serialization"):  # fmt: skip
+        assert unused not in loaded
+
+
+def _in_subprocess(code: str, **env: str) -> str:
+    """What ``code`` prints, run by a fresh interpreter (malloc settings are process-wide)."""
+    environ = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60,
+        env={**environ, **env},
+    )  # fmt: skip
+    return out.stdout.strip()
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc settings are glibc's")
+def test_malloc_arenas_are_capped_unless_the_operator_set_them() -> None:
+    code = "from teia.homeserver.memory import limit_arenas as f; print(f(2))"
+    assert _in_subprocess(code) == "True"
+    assert _in_subprocess(code, MALLOC_ARENA_MAX="4") == "False"
 
 
 def test_bad_config_is_an_error(tmp_path: Path) -> None:
@@ -61,9 +98,12 @@ async def test_service_serves_counts_stops_and_keeps_data(tmp_path: Path) -> Non
     token = ""
     with anyio.fail_after(TIMEOUT):
         for run in range(2):
+            # the restart through the module entry point: the same flags, the same data
+            entry = TEIA_HOMESERVER if run == 0 else MODULE
             async with await anyio.open_process(
-                command(tmp_path / "data"), stdout=subprocess.PIPE, stderr=subprocess.PIPE
-            ) as process:
+                command(tmp_path / "data", entry=entry), stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            ) as process:  # fmt: skip
                 assert process.stderr is not None
                 ready = await _ready(TextReceiveStream(process.stderr))
                 url = str(ready["listen"])

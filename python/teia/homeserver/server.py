@@ -58,6 +58,7 @@ class HomeserverSettings:
     max_upload_bytes: int = 10 * 1024 * 1024
     password_memory_kib: int = 65_536
     password_iterations: int = 3
+    password_hashes_at_once: int = 2
     max_sync_timeout_ms: int = 60_000
     default_timeline_limit: int = 10
 
@@ -201,6 +202,9 @@ class Homeserver:
         self.notifier = Notifier()
         self._typing = _Typing()
         self._write_lock = anyio.Lock()
+        # Each Argon2id hash holds password_memory_kib (64 MiB by default) while it runs: bounded,
+        # a burst of logins waits its turn instead of taking 64 MiB per request at once.
+        self._hashing = anyio.CapacityLimiter(settings.password_hashes_at_once)
         self._sessions: OrderedDict[str, Requester] = OrderedDict()
         """Access token hash → session, the most recently used last (tokens are deleted only
         through `logout`, which forgets them here too)."""
@@ -241,7 +245,9 @@ class Homeserver:
 
     async def _hash_password(self, password: str) -> str:
         hasher = self._hasher(secrets.token_bytes(16))
-        return await anyio.to_thread.run_sync(hasher.derive_phc_encoded, password.encode("utf-8"))
+        return await anyio.to_thread.run_sync(
+            hasher.derive_phc_encoded, password.encode("utf-8"), limiter=self._hashing
+        )
 
     async def _password_matches(self, password: str, encoded: str) -> bool:
         def verify() -> bool:
@@ -251,7 +257,7 @@ class Homeserver:
                 return False
             return True
 
-        return await anyio.to_thread.run_sync(verify)
+        return await anyio.to_thread.run_sync(verify, limiter=self._hashing)
 
     def user_id_for(self, localpart_or_id: str) -> str:
         if localpart_or_id.startswith("@"):

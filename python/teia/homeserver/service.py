@@ -29,6 +29,7 @@ from prometheus_client import CollectorRegistry
 from teia.errors import ConfigError
 from teia.homeserver.api import ApiLimits, build_app
 from teia.homeserver.keys import SigningKey
+from teia.homeserver.memory import limit_arenas
 from teia.homeserver.server import Homeserver, HomeserverSettings
 from teia.homeserver.storage import HomeserverStore, open_database
 from teia.service import ServiceConfig, ServiceContext, add_arguments, setting
@@ -39,6 +40,8 @@ if TYPE_CHECKING:  # imported when used: a server without them does not carry th
     from teia.homeserver.mail import MailDelivery
 
 __all__ = ["HomeserverConfig", "RunningHomeserver", "register", "running_homeserver", "serve"]
+
+_MALLOC_ARENAS = 2
 
 
 def _host_port(value: Any) -> str | None:
@@ -91,6 +94,9 @@ class HomeserverConfig(ServiceConfig):
     password_memory_kib: int = setting(65_536, "Argon2id memory per password hash (KiB)",
                                        check=_positive)  # fmt: skip
     password_iterations: int = setting(3, "Argon2id passes per password hash", check=_positive)
+    password_hashes_at_once: int = setting(
+        2, "Argon2id hashes computed at once (more logins and registrations wait)", check=_positive
+    )
     ip_rate: float = setting(50.0, "requests/s per client address", check=_positive)
     ip_burst: float = setting(200.0, "request burst per client address", check=_positive)
     user_rate: float = setting(20.0, "requests/s per user (syncs excluded)", check=_positive)
@@ -152,6 +158,7 @@ def settings_from(config: HomeserverConfig) -> HomeserverSettings:
         max_upload_bytes=config.max_upload_bytes,
         password_memory_kib=max(8 * 4, config.password_memory_kib),
         password_iterations=config.password_iterations,
+        password_hashes_at_once=config.password_hashes_at_once,
     )
 
 
@@ -266,6 +273,8 @@ async def serve(ctx: ServiceContext) -> None:
     """The service body: serve until cancelled."""
     config = ctx.config
     assert isinstance(config, HomeserverConfig)
+    # before the first worker thread: they then share malloc arenas (see teia.homeserver.memory)
+    limit_arenas(_MALLOC_ARENAS)
     async with running_homeserver(config, ctx.registry) as running:
         ctx.ready(
             server_name=config.server_name,

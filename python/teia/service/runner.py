@@ -28,7 +28,6 @@ from prometheus_client import CollectorRegistry, Gauge
 
 from teia import __version__
 from teia.service.config import ServiceConfig, load
-from teia.service.identity import node_identity
 from teia.service.logs import configure, fields
 from teia.service.metrics import MetricsServer, new_registry
 
@@ -146,6 +145,9 @@ def main(
         print(f"teia {name}: configuration OK")
         return 0
     if getattr(args, "print_peer_id", False) and cls.identity_file is not None:
+        # imported here: services without a node identity (the homeserver) never load teia.identity
+        from teia.service.identity import node_identity
+
         data_dir: Path = getattr(config, "data_dir")  # noqa: B009 - services with identities have one
         print(node_identity(data_dir, cls.identity_file).peer_id)
         return 0
