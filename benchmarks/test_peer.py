@@ -2,9 +2,9 @@
 on (SQLite WAL, ``synchronous=NORMAL``, texts and sessions sealed), all on 127.0.0.1.
 
 - **latency** is what the sender sees: from calling ``Peer.send`` to the `Delivered` event —
-  the recipient acknowledges only once the message is decrypted and committed to its history,
-  and the sender commits the new state before the event. One message at a time, 50 warm-up
-  messages, then 500 measured.
+  the recipient acknowledges only once the message is decrypted and committed to its history;
+  the sender's own ``delivered`` commit is queued before the event, not awaited. One message
+  at a time, 50 warm-up messages, then 500 measured.
   *direct*: recipient in **another process** (``teia peer run``), so sender and recipient do
   not share an interpreter; *relayed*: both peers force the relay (``direct = false``), relay and
   both peers in this process; *stored*: the recipient is offline, latency until the envelope is
@@ -101,7 +101,7 @@ async def recipient_process(directory: Path) -> AsyncIterator[tuple[str, str]]:
 
 async def latencies(sender: Peer, to: str, *, expect: str = "delivered") -> list[float]:
     """One message at a time: from ``send`` to the sender learning it is delivered (the
-    `Delivered` event, emitted once that state is committed on the sender's side too)."""
+    `Delivered` event, emitted on the acknowledgement, the sender's commit of it queued)."""
     out = []
     async with sender.events() as events:
         for index in range(WARMUP + MEASURED):
