@@ -110,7 +110,16 @@ async def test_cli_end_to_end_across_processes(tmp_path: Path) -> None:
             # Alice comes online a while; Bob's daemon delivers to her.
             received = await anyio.to_thread.run_sync(
                 lambda: teia(
-                    "inbox", "--wait", "3", "--json", "--profile", str(a_dir), "--contact", "bob"
+                    "inbox",
+                    "--wait",
+                    "45",  # returns as soon as the message is in (--count 1)
+                    "--count",
+                    "1",
+                    "--json",
+                    "--profile",
+                    str(a_dir),
+                    "--contact",
+                    "bob",
                 )
             )
             texts = [json.loads(line)["text"] for line in received.stdout.splitlines()]

@@ -108,12 +108,20 @@ def register(sub: Any) -> None:
         "inbox",
         help="show received messages",
         description="Show the latest messages from history (all conversations, or one). "
-        "With --wait, go online first for SECONDS to receive (and fetch store inboxes).",
+        "With --wait, go online first for SECONDS to receive (and fetch store inboxes); "
+        "with --count too, only until COUNT new messages have arrived.",
     )
     inbox.add_argument("--contact", help="one conversation (name or peer ID), both directions")
     inbox.add_argument("--search", metavar="WORDS", help="messages containing every word")
     inbox.add_argument("--limit", type=int, default=50)
     inbox.add_argument("--wait", type=_positive, metavar="SECONDS", help="receive first")
+    inbox.add_argument(
+        "--count",
+        type=int,
+        default=0,
+        metavar="COUNT",
+        help="with --wait: stop receiving once COUNT new messages arrived",
+    )
     inbox.add_argument("--json", action="store_true", help="one JSON object per line")
     _profile_args(inbox)
     inbox.set_defaults(handler=run_inbox)
@@ -340,7 +348,7 @@ def _report_send(
 def run_inbox(args: argparse.Namespace) -> int:
     with _open(args) as profile:
         if args.wait:
-            anyio.run(_receive_for, profile, args.wait, backend="trio")
+            anyio.run(_receive_for, profile, args.wait, args.count, backend="trio")
         if args.search:
             rows = list(reversed(profile.db.search(args.search, limit=args.limit)))
         elif args.contact:
@@ -360,9 +368,17 @@ def run_inbox(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _receive_for(profile: Profile, seconds: float) -> None:
-    async with Peer.open(profile):
-        await anyio.sleep(seconds)
+async def _receive_for(profile: Profile, seconds: float, count: int = 0) -> None:
+    """Online for ``seconds``, or until ``count`` (> 0) new messages arrived."""
+    async with Peer.open(profile) as peer:
+        with anyio.move_on_after(seconds):
+            if count <= 0:
+                await anyio.sleep_forever()
+            got = 0
+            async for _ in peer.messages():
+                got += 1
+                if got >= count:
+                    break
 
 
 def _clock(ms: int) -> str:
