@@ -23,8 +23,12 @@ __all__ = [
     "Session",
     "SignedPrekey",
     "__version__",
+    "argon2id",
+    "ed25519_public_key",
     "ed25519_public_to_x25519",
     "ed25519_seed_to_x25519",
+    "ed25519_sign",
+    "ed25519_verify",
     "is_prekey_message",
     "kad_distance",
     "kad_key",
@@ -54,6 +58,21 @@ def ed25519_public_to_x25519(public_key: bytes) -> bytes:
 
 def ed25519_seed_to_x25519(seed: bytes) -> bytes:
     """The X25519 private key of an Ed25519 seed: SHA-512(seed)[:32] (clamped on use)."""
+
+def ed25519_public_key(seed: bytes) -> bytes:
+    """The Ed25519 public key of a 32-byte seed."""
+
+def ed25519_sign(seed: bytes, message: bytes) -> bytes:
+    """The 64-byte Ed25519 signature of ``message`` under a 32-byte seed."""
+
+def ed25519_verify(public_key: bytes, message: bytes, signature: bytes) -> bool:
+    """Whether ``signature`` is a valid Ed25519 signature of ``message`` under ``public_key``
+    (strict: a malformed or small-order key, or a malleable signature, is not valid)."""
+
+def argon2id(
+    password: bytes, salt: bytes, memory_kib: int, iterations: int, lanes: int, length: int
+) -> bytes:
+    """Argon2id (RFC 9106, version 0x13) of ``password`` and ``salt``; runs without the GIL."""
 
 def kdf_rk(root_key: bytes, dh_output: bytes) -> tuple[bytes, bytes]:
     """KDF_RK → ``(new_root_key, chain_key)``."""

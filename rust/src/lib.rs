@@ -4,10 +4,12 @@
 //! `python/` behind the `python` feature and only converts types and errors.
 
 pub mod kad;
+pub mod password;
 pub mod ratchet;
 // epoll and recvmmsg/sendmmsg: the relay data plane is Linux-only.
 #[cfg(target_os = "linux")]
 pub mod relay;
+pub mod signing;
 
 #[cfg(feature = "python")]
 mod python;

@@ -31,7 +31,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.x509.oid import NameOID
 
-from teia.homeserver.events import b64decode, b64encode, verify_signature
+from teia.homeserver.events import b64decode, b64encode, signed_bytes, verify_signature
+from teia.homeserver.keys import VerifyKey
 
 from .conftest import ServerHandle, base_config, serve_in_thread
 from .test_api import Http
@@ -186,8 +187,13 @@ async def test_verify_bind_lookup_unbind(
         key_id = next(iter(association["signatures"]["localhost"]))
         status, key = await http.call("GET", f"{ID}/pubkey/{key_id}")
         assert status == 200
-        public = Ed25519PublicKey.from_public_bytes(b64decode(key["public_key"]))
-        assert verify_signature(association, "localhost", key_id, public)
+        assert verify_signature(
+            association, "localhost", key_id, VerifyKey.from_b64(key["public_key"])
+        )
+        # and by an independent implementation (the homeserver signs with teia._native)
+        Ed25519PublicKey.from_public_bytes(b64decode(key["public_key"])).verify(
+            b64decode(association["signatures"]["localhost"][key_id]), signed_bytes(association)
+        )
         status, valid = await http.call(
             "GET", f"{ID}/pubkey/isvalid?public_key={quote(key['public_key'], safe='')}"
         )

@@ -29,7 +29,6 @@ from typing import Any
 import anyio
 import anyio.abc
 import httpx
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from prometheus_client import CollectorRegistry, Counter
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -54,6 +53,7 @@ from teia.homeserver.events import (
     verify_event_signature,
     verify_signature,
 )
+from teia.homeserver.keys import VerifyKey
 from teia.homeserver.server import Homeserver, server_of
 from teia.service.logs import fields
 
@@ -136,14 +136,14 @@ class Federation:
             "old_verify_keys": {},
             "valid_until_ts": self.hs.now_ms() + KEY_VALIDITY_MS,
         }
-        return sign_json(document, self.hs.server_name, key.key_id, key.private)
+        return sign_json(document, self.hs.server_name, key.key_id, key)
 
-    async def verify_key(self, server_name: str, key_id: str) -> Ed25519PublicKey:
+    async def verify_key(self, server_name: str, key_id: str) -> VerifyKey:
         """``server_name``'s public key ``key_id``: from the cache, else from the server."""
         if server_name == self.hs.server_name:
             if key_id != self.hs.signing_key.key_id:
                 raise FederationError(f"unknown key {key_id} of this server")
-            return self.hs.signing_key.private.public_key()
+            return self.hs.signing_key.public
         now = self.hs.now_ms()
         cached = await self.hs.store.server_key(server_name, key_id, now)
         if cached is None:
@@ -191,7 +191,7 @@ class Federation:
         if content is not None:
             request["content"] = content
         key = self.hs.signing_key
-        signature = b64encode(key.private.sign(canonical_json(request)))
+        signature = b64encode(key.sign(canonical_json(request)))
         return (
             f'X-Matrix origin="{self.hs.server_name}",destination="{destination}",'
             f'key="{key.key_id}",sig="{signature}"'
@@ -243,11 +243,11 @@ class Federation:
             signed["content"] = content
         try:
             public = await self.verify_key(origin, params["key"])
-            public.verify(b64decode(params["sig"]), canonical_json(signed))
-        except (FederationError, ValueError):
-            raise _unauthorized("the request's signature does not verify") from None
+            valid = public.verify(b64decode(params["sig"]), canonical_json(signed))
         except Exception:
-            raise _unauthorized("the request's signature does not verify") from None
+            valid = False
+        if not valid:
+            raise _unauthorized("the request's signature does not verify")
         return origin
 
     # inbound events ------------------------------------------------------------------------
@@ -518,7 +518,7 @@ class Federation:
             raise FederationError("make_join answered a template for something else")
         join["hashes"] = {"sha256": content_hash(join)}
         key = self.hs.signing_key
-        sign_event(join, self.hs.server_name, key.key_id, key.private)
+        sign_event(join, self.hs.server_name, key.key_id, key)
         event_id = compute_event_id(join)
         answer = await self._request("PUT", server, f"{F}/v2/send_join/{room_id}/{event_id}", join)
         for pdu in answer.get("state", []) if isinstance(answer, dict) else []:
@@ -618,8 +618,8 @@ class Federation:
         ]
 
 
-def _public_key(text: str) -> Ed25519PublicKey:
+def _public_key(text: str) -> VerifyKey:
     try:
-        return Ed25519PublicKey.from_public_bytes(b64decode(text))
+        return VerifyKey.from_b64(text)
     except ValueError:
         raise FederationError("a malformed Ed25519 key") from None

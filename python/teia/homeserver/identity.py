@@ -524,7 +524,7 @@ class IdentityService:
             "ts": now,
         }
         key = self.hs.signing_key
-        return sign_json(association, self.hs.server_name, key.key_id, key.private)
+        return sign_json(association, self.hs.server_name, key.key_id, key)
 
     async def unbind(self, user_id: str, body: dict[str, Any]) -> None:
         """Remove the caller's own binding of an address."""

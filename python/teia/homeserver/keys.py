@@ -1,46 +1,76 @@
 """The server's Ed25519 signing key: one file in the data directory, created 0600 on first
-start, read back on every start (its key ID names it in signatures and the key server)."""
+start, read back on every start (its key ID names it in signatures and the key server).
+
+Signing and verification are teia's own extension (`teia._native`, ed25519-dalek): the
+`cryptography` package would add 6-7 MiB to the homeserver's memory for these two operations
+and Argon2id (issue 10).
+"""
 
 from __future__ import annotations
 
 import os
 import secrets
 import string
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
+from teia._native import ed25519_public_key, ed25519_sign, ed25519_verify
 from teia.errors import ConfigError
 from teia.homeserver.events import b64decode, b64encode
 
-__all__ = ["SigningKey"]
+__all__ = ["SigningKey", "VerifyKey"]
 
 _FILE = "signing.key"
 
 
 @dataclass(frozen=True)
+class VerifyKey:
+    """A server's Ed25519 public key (32 raw bytes)."""
+
+    raw: bytes
+
+    def __post_init__(self) -> None:
+        if len(self.raw) != 32:
+            raise ValueError("an Ed25519 public key is 32 bytes")
+
+    @classmethod
+    def from_b64(cls, text: str) -> VerifyKey:
+        """From unpadded base64, as the key server publishes it; ValueError if malformed."""
+        return cls(b64decode(text))
+
+    def verify(self, signature: bytes, message: bytes) -> bool:
+        """Whether ``signature`` is this key's signature of ``message`` (strict RFC 8032)."""
+        return ed25519_verify(self.raw, message, signature)
+
+
+@dataclass(frozen=True)
 class SigningKey:
-    """``key_id`` (``ed25519:XXXXXX``) and the private key."""
+    """``key_id`` (``ed25519:XXXXXX``) and the private key (its 32-byte RFC 8032 seed)."""
 
     key_id: str
-    private: Ed25519PrivateKey
+    seed: bytes = field(repr=False)
+    public: VerifyKey = field(init=False)
+
+    def __post_init__(self) -> None:
+        # ValueError (a teia.errors.InvalidKey) unless the seed is 32 bytes
+        object.__setattr__(self, "public", VerifyKey(ed25519_public_key(self.seed)))
 
     @property
     def public_b64(self) -> str:
-        # the *_raw methods, not public_bytes(Encoding.Raw, …): `serialization` would import
-        # every key type's module (RSA, DSA, EC, SSH …), 1 MiB the server never uses
-        return b64encode(self.private.public_key().public_bytes_raw())
+        return b64encode(self.public.raw)
+
+    def sign(self, message: bytes) -> bytes:
+        """The 64-byte Ed25519 signature of ``message``."""
+        return ed25519_sign(self.seed, message)
 
     @classmethod
     def generate(cls) -> SigningKey:
         alphabet = string.ascii_letters + string.digits
         version = "".join(secrets.choice(alphabet) for _ in range(6))
-        return cls(f"ed25519:{version}", Ed25519PrivateKey.generate())
+        return cls(f"ed25519:{version}", secrets.token_bytes(32))
 
     def to_line(self) -> str:
-        seed = self.private.private_bytes_raw()
-        return f"{self.key_id} {b64encode(seed)}\n"
+        return f"{self.key_id} {b64encode(self.seed)}\n"
 
     @classmethod
     def from_line(cls, line: str) -> SigningKey:
@@ -50,7 +80,7 @@ class SigningKey:
         seed = b64decode(parts[1])
         if len(seed) != 32:
             raise ValueError("the seed must be 32 bytes")
-        return cls(parts[0], Ed25519PrivateKey.from_private_bytes(seed))
+        return cls(parts[0], seed)
 
     @classmethod
     def load_or_create(cls, data_dir: Path) -> SigningKey:

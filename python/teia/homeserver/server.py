@@ -21,7 +21,6 @@ from typing import Any
 
 import anyio
 import anyio.to_thread
-from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from teia.errors import MatrixError
@@ -37,6 +36,7 @@ from teia.homeserver.events import (
     sign_event,
 )
 from teia.homeserver.keys import SigningKey
+from teia.homeserver.passwords import hash_password, verify_password
 from teia.homeserver.storage import HomeserverStore, StoredEvent, SyncRoom
 
 __all__ = ["Homeserver", "HomeserverSettings", "Requester", "SyncToken"]
@@ -234,30 +234,22 @@ class Homeserver:
 
     # accounts ------------------------------------------------------------------------------
 
-    def _hasher(self, salt: bytes) -> Argon2id:
-        return Argon2id(
-            salt=salt,
-            length=32,
-            iterations=self.settings.password_iterations,
-            lanes=4,
-            memory_cost=self.settings.password_memory_kib,
-        )
-
     async def _hash_password(self, password: str) -> str:
-        hasher = self._hasher(secrets.token_bytes(16))
+        settings = self.settings
         return await anyio.to_thread.run_sync(
-            hasher.derive_phc_encoded, password.encode("utf-8"), limiter=self._hashing
+            lambda: hash_password(
+                password.encode("utf-8"),
+                memory_kib=settings.password_memory_kib,
+                iterations=settings.password_iterations,
+                lanes=4,
+            ),
+            limiter=self._hashing,
         )
 
     async def _password_matches(self, password: str, encoded: str) -> bool:
-        def verify() -> bool:
-            try:
-                Argon2id.verify_phc_encoded(password.encode("utf-8"), encoded)
-            except Exception:
-                return False
-            return True
-
-        return await anyio.to_thread.run_sync(verify, limiter=self._hashing)
+        return await anyio.to_thread.run_sync(
+            verify_password, password.encode("utf-8"), encoded, limiter=self._hashing
+        )
 
     def user_id_for(self, localpart_or_id: str) -> str:
         if localpart_or_id.startswith("@"):
@@ -435,7 +427,7 @@ class Homeserver:
         if redacts is not None:
             event["redacts"] = redacts
         event["hashes"] = {"sha256": content_hash(event)}
-        sign_event(event, self.server_name, self.signing_key.key_id, self.signing_key.private)
+        sign_event(event, self.server_name, self.signing_key.key_id, self.signing_key)
         if len(canonical_json(event)) > MAX_PDU_BYTES:
             raise MatrixError(413, "M_TOO_LARGE", "event too large (64 KiB at most)")
         event["event_id"] = compute_event_id(event)

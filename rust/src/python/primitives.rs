@@ -1,12 +1,16 @@
 //! Primitives (for known-answer tests and interoperability), X3DH and the prekey types over
-//! `ratchet::{kdf, keys, x3dh}`.
+//! `ratchet::{kdf, keys, x3dh}`; Ed25519 signing (`signing`) and Argon2id (`password`) for the
+//! homeserver.
 
+use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
 use super::errors::IntoPyResult;
+use crate::password::{self, Argon2idParams};
 use crate::ratchet::keys::{self, array32, IdentityKeyPair};
 use crate::ratchet::{kdf, x3dh, CryptoError};
+use crate::signing;
 
 fn bytes<'py>(py: Python<'py>, data: &[u8]) -> Bound<'py, PyBytes> {
     PyBytes::new(py, data)
@@ -48,6 +52,52 @@ fn ed25519_public_to_x25519<'py>(
 fn ed25519_seed_to_x25519<'py>(py: Python<'py>, seed: &[u8]) -> PyResult<Bound<'py, PyBytes>> {
     let seed = zeroize::Zeroizing::new(key32(seed, "an Ed25519 seed is 32 bytes").py_err(py)?);
     Ok(bytes(py, keys::ed25519_seed_to_x25519(&seed).as_bytes()))
+}
+
+/// The Ed25519 public key of a 32-byte seed.
+#[pyfunction]
+fn ed25519_public_key<'py>(py: Python<'py>, seed: &[u8]) -> PyResult<Bound<'py, PyBytes>> {
+    Ok(bytes(py, &signing::public_key(seed).py_err(py)?))
+}
+
+/// The 64-byte Ed25519 signature of ``message`` under a 32-byte seed.
+#[pyfunction]
+fn ed25519_sign<'py>(
+    py: Python<'py>,
+    seed: &[u8],
+    message: &[u8],
+) -> PyResult<Bound<'py, PyBytes>> {
+    Ok(bytes(py, &signing::sign(seed, message).py_err(py)?))
+}
+
+/// Whether ``signature`` is a valid Ed25519 signature of ``message`` under ``public_key``
+/// (strict: a malformed or small-order key, or a malleable signature, is not valid).
+#[pyfunction]
+fn ed25519_verify(public_key: &[u8], message: &[u8], signature: &[u8]) -> bool {
+    signing::verify(public_key, message, signature)
+}
+
+/// Argon2id (RFC 9106, version 0x13) of ``password`` and ``salt``; runs without the GIL.
+#[pyfunction]
+fn argon2id<'py>(
+    py: Python<'py>,
+    password: &[u8],
+    salt: &[u8],
+    memory_kib: u32,
+    iterations: u32,
+    lanes: u32,
+    length: usize,
+) -> PyResult<Bound<'py, PyBytes>> {
+    let params = Argon2idParams {
+        memory_kib,
+        iterations,
+        lanes,
+        length,
+    };
+    let out = py
+        .detach(|| password::argon2id(password, salt, params))
+        .map_err(|e| PyValueError::new_err(e.to_string()))?;
+    Ok(bytes(py, &out))
 }
 
 /// KDF_RK → ``(new_root_key, chain_key)``.
@@ -377,6 +427,10 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(x25519_public_key, m)?)?;
     m.add_function(wrap_pyfunction!(ed25519_public_to_x25519, m)?)?;
     m.add_function(wrap_pyfunction!(ed25519_seed_to_x25519, m)?)?;
+    m.add_function(wrap_pyfunction!(ed25519_public_key, m)?)?;
+    m.add_function(wrap_pyfunction!(ed25519_sign, m)?)?;
+    m.add_function(wrap_pyfunction!(ed25519_verify, m)?)?;
+    m.add_function(wrap_pyfunction!(argon2id, m)?)?;
     m.add_function(wrap_pyfunction!(kdf_rk, m)?)?;
     m.add_function(wrap_pyfunction!(kdf_ck, m)?)?;
     m.add_function(wrap_pyfunction!(message_key_material, m)?)?;
