@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from teia import __version__
 from teia.errors import TeiaError
@@ -12,14 +14,28 @@ from teia.errors import TeiaError
 Handler = Callable[[argparse.Namespace], int]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The full argument parser, with every subcommand registered."""
+# Subcommands whose module registers them alone: ``teia homeserver …`` builds a parser with only
+# that module, so the process does not import every other role's stack (about 10 MiB; issue 10).
+_ALONE = {"homeserver": "teia.homeserver.service"}
+
+
+def _top_parser() -> tuple[argparse.ArgumentParser, Any]:
     parser = argparse.ArgumentParser(
         prog="teia",
         description="teia: end-to-end encrypted peer-to-peer chat, and the nodes that support it.",
     )
     parser.add_argument("--version", action="version", version=f"teia {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    return parser, sub
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The argument parser: with only the chosen subcommand when ``argv`` starts with one of
+    `_ALONE`, else with every subcommand registered (``teia --help`` lists them all)."""
+    parser, sub = _top_parser()
+    if argv and argv[0] in _ALONE:
+        importlib.import_module(_ALONE[argv[0]]).register(sub)
+        return parser
 
     from teia.identity import cli as identity_cli
 
@@ -57,8 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``teia`` command line; returns the process exit status."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(arguments)
+    args = parser.parse_args(arguments)
     handler: Handler = args.handler
     try:
         return handler(args)

@@ -71,6 +71,35 @@ def test_the_module_entry_point_loads_the_homeserver_alone() -> None:
         assert unused not in loaded
 
 
+def test_teia_homeserver_parses_alone_and_teia_help_lists_every_subcommand() -> None:
+    # `teia homeserver` builds a parser with the homeserver's subcommand only (teia.cli._ALONE)
+    code = (
+        "import sys; from teia.cli import build_parser; build_parser(['homeserver']); "
+        "print(' '.join(sorted(sys.modules)))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    loaded = set(out.stdout.split())
+    assert "teia.homeserver.service" in loaded
+    for unused in ("teia.peer", "teia.dht", "teia.store", "teia.relay", "teia.identity",
+                   "teia.host", "teia.demo", "cryptography"):  # fmt: skip
+        assert unused not in loaded
+
+    from teia.cli import build_parser
+
+    argv = ["homeserver", "--server-name", "hs.test", "--data-dir", "/nonexistent"]
+    assert vars(build_parser(argv).parse_args(argv)) == vars(build_parser().parse_args(argv))
+    listed = subprocess.run(
+        [sys.executable, "-m", "teia", "--help"], capture_output=True, text=True, check=True,
+        timeout=60,
+    ).stdout  # fmt: skip
+    for name in ("init", "id", "ping", "identify", "discovery", "lookup", "relay", "store",
+                 "homeserver", "contacts", "send", "inbox", "chat", "peer", "group", "device",
+                 "file", "demo"):  # fmt: skip
+        assert f"    {name} " in listed or f"    {name}\n" in listed, name
+
+
 def _in_subprocess(code: str, **env: str) -> str:
     """What ``code`` prints, run by a fresh interpreter (malloc settings are process-wide)."""
     environ = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
