@@ -58,7 +58,6 @@ from typing import TYPE_CHECKING, Any, Final
 
 import anyio
 import anyio.abc
-from anyio.streams.memory import MemoryObjectSendStream
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
@@ -74,6 +73,7 @@ from teia.errors import (
     UnknownAttachment,
 )
 from teia.identity import PeerId
+from teia.peer.broadcast import Broadcast
 from teia.peer.db import PeerDatabase, now_ms
 
 if TYPE_CHECKING:
@@ -770,7 +770,7 @@ class Attachments:
         """Largest file whose chunks go through the store nodes when the recipient is away."""
         self._receiving: dict[bytes, _Receiving] = {}
         self._waiters: dict[bytes, anyio.Event] = {}
-        self._subscribers: list[MemoryObjectSendStream[TransferEvent]] = []
+        self._events: Broadcast[TransferEvent] = Broadcast()
         self._pulls = anyio.CapacityLimiter(4)
         self._serving = anyio.CapacityLimiter(8)
         self.stats: dict[str, int] = {
@@ -1268,18 +1268,11 @@ class Attachments:
     ) -> AsyncIterator[anyio.abc.ObjectReceiveStream[TransferEvent]]:
         """``async with peer.attachments.events() as events:`` — offers, completions and
         failures (dropped when the consumer falls ``buffer`` behind)."""
-        send, receive = anyio.create_memory_object_stream[TransferEvent](buffer)
-        self._subscribers.append(send)
-        try:
+        async with self._events.subscribe(buffer) as receive:
             yield receive
-        finally:
-            self._subscribers.remove(send)
-            send.close()
 
     def _emit(self, event: TransferEvent) -> None:
-        for subscriber in list(self._subscribers):
-            with contextlib.suppress(anyio.WouldBlock, anyio.BrokenResourceError):
-                subscriber.send_nowait(event)
+        self._events.emit(event)
 
     def _notify(self, file_id: bytes) -> None:
         waiter = self._waiters.pop(file_id, None)

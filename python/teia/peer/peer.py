@@ -53,7 +53,6 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import anyio
 import anyio.abc
-from anyio.streams.memory import MemoryObjectSendStream
 
 from teia.crypto import (
     OneTimePrekey,
@@ -81,6 +80,7 @@ from teia.host.streams import NegotiatedStream
 from teia.identity import Multiaddr, PeerId
 from teia.peer.attachments import PROTOCOL as ATTACHMENT_PROTOCOL
 from teia.peer.attachments import Attachments
+from teia.peer.broadcast import Broadcast
 from teia.peer.db import (
     Contact,
     MessageRow,
@@ -364,7 +364,7 @@ class Peer:
         self._acked: dict[bytes, tuple[str | None, float | None]] = {}
         """Acknowledged, the commit saying so still running: (path, latency ms)."""
         self._new_message = anyio.Event()
-        self._subscribers: list[MemoryObjectSendStream[PeerEvent]] = []
+        self._events: Broadcast[PeerEvent] = Broadcast()
         self._task_group: anyio.abc.TaskGroup | None = None
         self._relay_ips = {relay.server[0] for relay in self.config.relay_configs()}
         self._opened_seq = 0
@@ -472,8 +472,7 @@ class Peer:
                 finally:
                     tg.cancel_scope.cancel()
                     peer._task_group = None
-                    for subscriber in peer._subscribers:
-                        subscriber.close()
+                    peer._events.close()
                     if peer._store is not None:
                         with anyio.CancelScope(shield=True):
                             await peer._store.client.aclose()
@@ -1050,7 +1049,7 @@ class Peer:
             waiter = self._delivered_waiters.pop(message_id, None)
             if waiter is not None:
                 waiter.set()
-            if self._subscribers:
+            if self._events:
                 self._emit(Delivered(message_id.hex(), peer, path or "direct", latency))
 
     # --- paths ----------------------------------------------------------------------------
@@ -1399,18 +1398,11 @@ class Peer:
     ) -> AsyncIterator[anyio.abc.ObjectReceiveStream[PeerEvent]]:
         """``async with peer.events() as events: async for event in events:`` — deliveries,
         identity changes, new sessions (dropped when the consumer falls ``buffer`` behind)."""
-        send, receive = anyio.create_memory_object_stream[PeerEvent](buffer)
-        self._subscribers.append(send)
-        try:
+        async with self._events.subscribe(buffer) as receive:
             yield receive
-        finally:
-            self._subscribers.remove(send)
-            send.close()
 
     def _emit(self, event: PeerEvent) -> None:
-        for subscriber in list(self._subscribers):
-            with contextlib.suppress(anyio.WouldBlock, anyio.BrokenResourceError):
-                subscriber.send_nowait(event)
+        self._events.emit(event)
 
     # --- prekeys --------------------------------------------------------------------------
 
