@@ -13,6 +13,9 @@ and replicated deposits with R = 3 — all on 127.0.0.1, 256-byte payloads.
   old behaviour) — and of 100 and 256 envelopes per call. Besides deposits/s of wall time, each
   figure has deposits per CPU-second of the process (both ends, threads included), which the
   other sessions on a shared machine disturb much less.
+- **node process**: `teia store` itself in its own process (as deployed: its own interpreter),
+  the client in this one; batched deposits of 100 and 256 per call from 8 callers, deposits/s
+  and deposits per CPU-second of the node process alone (``/proc/PID/stat``).
 - **steady load**: one-envelope deposits paced at a fixed rate, well under capacity; p50/p99 of
   the request latency as the client sees it.
 - **replicated**: 5 nodes, `ReplicatedStoreClient` with R = 3, W = 2, batches of 100 envelopes
@@ -243,6 +246,73 @@ async def over_network(tmp: Path, count: int = 5_000) -> dict[str, float]:
 
 def test_one_node_over_quic(benchmark: Any) -> None:
     figures = benchmark.pedantic(run_trio, args=(over_network,), rounds=1, iterations=1)
+    report(benchmark, figures)
+
+
+# --- one node in its own process ---------------------------------------------------------------
+
+
+def _process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process (``/proc/PID/stat``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def separate_node(tmp: Path) -> dict[str, float]:
+    """`teia store` as a deployment runs it, in its own process (its own interpreter, so the
+    client's QUIC stack does not share its GIL); rate limits and quotas raised for the load."""
+    import json
+    import subprocess
+    import sys
+
+    from teia.identity import Multiaddr
+
+    argv = [sys.executable, "-m", "teia", "store", "--listen", LOOPBACK,
+            "--data-dir", str(tmp / "node"), "--metrics", "", "--log-format", "json",
+            "--deposit-rate", "1e9", "--deposit-burst", "1e9", "--request-rate", "1e9",
+            "--request-burst", "1e9", "--max-inbox-envelopes", "100000000",
+            "--max-inbox-bytes", str(1 << 40)]  # fmt: skip
+    owner_identity = Identity.generate()
+    inbox = inbox_for(owner_identity.public_key)
+    figures: dict[str, float] = {}
+    async with await anyio.open_process(
+        argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    ) as process:
+        assert process.stderr is not None
+        buffered = b""
+        with anyio.fail_after(60):
+            while b'"event": "ready"' not in buffered:
+                buffered += await process.stderr.receive()
+        line = next(x for x in buffered.split(b"\n") if b'"event": "ready"' in x)
+        addr = Multiaddr(json.loads(line)["listen"].split(",")[0])
+        node = addr.peer_id
+        assert node is not None
+        async with Host(Identity.generate(), listen=[LOOPBACK]) as client_host:
+            await client_host.connect(addr)
+            client = StoreClient(client_host)
+            for per_call, calls in ((100, 100), (256, 40), (256, 80)):
+                envelopes = per_call * calls
+
+                async def one(_: int, per_call: int = per_call) -> None:
+                    await client.deposit(node, [new_envelope(inbox) for _ in range(per_call)])
+
+                node_cpu = _process_cpu_s(process.pid)
+                started = time.perf_counter()
+                await concurrently(calls, 8, one)
+                wall_s = time.perf_counter() - started
+                node_cpu_s = _process_cpu_s(process.pid) - node_cpu
+                name = f"{per_call} per call, 8 callers, {envelopes:,} envelopes"
+                figures[f"node process: deposits/s ({name})"] = envelopes / wall_s
+                figures[f"node process: deposits per node CPU-s ({name})"] = envelopes / node_cpu_s
+            await client.aclose()
+        process.terminate()
+        with anyio.fail_after(30):
+            await process.wait()
+    return figures
+
+
+def test_one_node_in_its_own_process(benchmark: Any) -> None:
+    figures = benchmark.pedantic(run_trio, args=(separate_node,), rounds=1, iterations=1)
     report(benchmark, figures)
 
 
