@@ -234,9 +234,10 @@ async def test_a_peer_only_makes_us_dial_addresses_the_policy_allows(
     config = HolePunchConfig(allow_networks=("127.0.0.3/32",) if allowed else (), punch_timeout=1.0)
     async with relayed_pair(tmp_path, config) as (victim, other):
         host, port = watched.getsockname()
+        # Only loopback bait on the wire (a policy bug must not send anything elsewhere); the
+        # private, multicast and other loopback addresses are checked without sockets below.
         bait = [Multiaddr.from_udp(host, port)] + [
-            Multiaddr.from_udp(ip, 4001)
-            for ip in ("10.0.0.1", "192.168.1.1", "224.0.0.1", "127.0.0.2")
+            Multiaddr.from_udp(ip, 4001) for ip in ("127.0.0.2", "127.0.0.4")
         ]
         with anyio.fail_after(TIMEOUT):
             await _play_initiator(other, victim, bait)
@@ -245,6 +246,8 @@ async def test_a_peer_only_makes_us_dial_addresses_the_policy_allows(
         assert not result.success
         # The attempt is over, so no dial of it is still in flight: what came, came.
         assert (_received(watched) > 0) is allowed
+        for ip in ("10.0.0.1", "192.168.1.1", "224.0.0.1", "169.254.1.1", "127.0.0.2"):
+            assert victim.holepunch._dialable(Multiaddr.from_udp(ip, 4001)) is None, ip
 
 
 @pytest.mark.anyio
