@@ -9,6 +9,7 @@ import itertools
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import anyio
@@ -52,6 +53,10 @@ async def texts(peer: Peer, account: PeerId) -> list[tuple[bool, str]]:
     return [(row.outgoing, row.text) for row in await peer.history(account)]
 
 
+async def has_texts(peer: Peer, account: PeerId, count: int) -> bool:
+    return len(await texts(peer, account)) >= count
+
+
 async def link(primary: Peer, new: Peer) -> DeviceList:
     granted = await new.devices.link(primary.devices.link_code())
     await new.devices.wait_history()
@@ -91,12 +96,10 @@ async def test_every_device_of_both_accounts_sees_every_message_once(tmp_path: P
             want_alice = [(True, "hello bob"), (False, "hello alice"), (True, "from my laptop")]
             want_bob = [(not out, text) for out, text in want_alice]
             for device, account, want in ((a1, bob, want_alice), (a2, bob, want_alice)):
-                while len(await texts(device, account)) < 3:
-                    await device.devices.changed()
+                await device.devices.until(partial(has_texts, device, account, 3))
                 assert sorted(await texts(device, account)) == sorted(want)
             for device in (b1, b2):
-                while len(await texts(device, alice)) < 3:
-                    await device.devices.changed()
+                await device.devices.until(partial(has_texts, device, alice, 3))
                 assert sorted(await texts(device, alice)) == sorted(want_bob)
             # Readers of Peer.messages see account messages, under the account.
             assert (await receive(b1, 1, since=0)) == ["hello bob"]
@@ -198,8 +201,7 @@ async def test_a_removed_device_stops_receiving_and_its_old_list_is_refused(
             await b1.devices.wait_account(alice, version=2)
             await b1.devices.wait_sent(await b1.devices.send(alice, "to both"))
             for device in (a1, a2):
-                while not await texts(device, bob):
-                    await device.devices.changed()
+                await device.devices.until(partial(has_texts, device, bob, 1))
 
             with pytest.raises(DeviceError):
                 await a2.devices.remove(a1.peer_id)  # only the primary holds the key
@@ -218,8 +220,7 @@ async def test_a_removed_device_stops_receiving_and_its_old_list_is_refused(
             assert set(copies) == {a1.peer_id}
             copies = await a1.devices.wait_sent(await a1.devices.send(bob, "mine after"))
             assert set(copies) == {b1.peer_id}
-            while len(await texts(a1, bob)) < 3:
-                await a1.devices.changed()
+            await a1.devices.until(partial(has_texts, a1, bob, 3))
             assert (False, "after") not in await texts(a2, bob)
             assert (True, "mine after") not in await texts(a2, bob)
 
@@ -323,7 +324,6 @@ async def test_a_fan_out_cut_short_is_finished_at_the_next_start(tmp_path: Path)
             for a, b in itertools.permutations(p.values(), 2):
                 await introduce(a, b)  # new ports after the restart
             for device in (b1, b2):
-                while not await texts(device, alice):
-                    await device.devices.changed()
+                await device.devices.until(partial(has_texts, device, alice, 1))
                 assert await texts(device, alice) == [(False, "half sent")]
             assert await a1.run_db(_fanouts, a1.profile.db) == []

@@ -53,11 +53,12 @@ from __future__ import annotations
 import collections
 import contextlib
 import hmac
+import inspect
 import json
 import logging
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Final
 
@@ -423,8 +424,21 @@ class Devices:
 
     async def changed(self) -> None:
         """Wait until the next device payload has been handled (taken or refused) or a list
-        changed; loop on a condition around it (bound it with ``anyio.fail_after``)."""
+        changed. Around a condition that itself awaits, use `until` instead: a change that
+        happens while the condition is being evaluated would be missed here."""
         await self._changed.event.wait()
+
+    async def until(self, condition: Callable[[], bool | Awaitable[bool]]) -> None:
+        """Wait until ``condition()`` (plain or awaitable) holds: checked now and after every
+        change, none missed between a check and the wait (bound it with ``anyio.fail_after``)."""
+        while True:
+            waiter = self._changed.event  # taken before the check: a change during it counts
+            result = condition()
+            if inspect.isawaitable(result):
+                result = await result
+            if result:
+                return
+            await waiter.wait()
 
     async def wait_account(self, account: PeerId | str, *, version: int = 1) -> DeviceList:
         """Wait until a list of at least ``version`` is held for ``account``."""
