@@ -13,7 +13,17 @@ from collections.abc import Iterator
 from teia.errors import InvalidProtobuf, InvalidVarint
 from teia.identity import varint
 
-__all__ = ["Field", "decode_uvarint", "encode_bytes_field", "encode_uvarint", "iter_fields"]
+__all__ = [
+    "Field",
+    "bytes_value",
+    "checked_fields",
+    "decode_uvarint",
+    "encode_bytes_field",
+    "encode_uvarint",
+    "encode_varint_field",
+    "int_value",
+    "iter_fields",
+]
 
 Field = tuple[int, int, int | bytes]
 
@@ -37,6 +47,32 @@ def decode_uvarint(data: bytes, offset: int = 0) -> tuple[int, int]:
 
 def encode_bytes_field(number: int, value: bytes) -> bytes:
     return encode_uvarint(number << 3 | 2) + encode_uvarint(len(value)) + value
+
+
+def encode_varint_field(number: int, value: int) -> bytes:
+    return encode_uvarint(number << 3) + encode_uvarint(value)
+
+
+def checked_fields(data: bytes, what: str, error: type[Exception]) -> list[Field]:
+    """Every field of one message; malformed input raises ``error`` (a codec's own type)."""
+    try:
+        return list(iter_fields(data))
+    except InvalidProtobuf as exc:
+        raise error(f"malformed {what}: {exc}") from None
+
+
+def bytes_value(value: int | bytes, what: str, error: type[Exception]) -> bytes:
+    """A length-delimited field's value, or ``error`` for another wire type."""
+    if not isinstance(value, bytes):
+        raise error(f"{what} has the wrong wire type")
+    return value
+
+
+def int_value(value: int | bytes, what: str, error: type[Exception]) -> int:
+    """A varint field's value, or ``error`` for another wire type."""
+    if not isinstance(value, int):
+        raise error(f"{what} has the wrong wire type")
+    return value
 
 
 def iter_fields(data: bytes) -> Iterator[Field]:

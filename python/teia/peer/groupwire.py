@@ -31,10 +31,17 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from functools import partial
 from typing import Final
 
-from teia.errors import InvalidGroupMessage, InvalidPeerId, InvalidProtobuf
-from teia.host.protobuf import encode_bytes_field, encode_uvarint, iter_fields
+from teia.errors import InvalidGroupMessage, InvalidPeerId
+from teia.host.protobuf import (
+    bytes_value,
+    checked_fields,
+    encode_bytes_field,
+    encode_varint_field,
+    int_value,
+)
 from teia.identity import Identity, PeerId, verify
 from teia.peer.wire import MAX_APP_DATA, MAX_TEXT_BYTES
 
@@ -66,27 +73,10 @@ _SIGNING_DOMAIN: Final = b"teia group state v1\0"
 _ID_DOMAIN: Final = b"teia group id v1\0"
 
 
-def _varint_field(number: int, value: int) -> bytes:
-    return encode_uvarint(number << 3) + encode_uvarint(value)
-
-
-def _fields(data: bytes, what: str) -> list[tuple[int, int, int | bytes]]:
-    try:
-        return list(iter_fields(data))
-    except InvalidProtobuf as exc:
-        raise InvalidGroupMessage(f"malformed {what}: {exc}") from None
-
-
-def _bytes(value: int | bytes, what: str) -> bytes:
-    if not isinstance(value, bytes):
-        raise InvalidGroupMessage(f"{what} has the wrong wire type")
-    return value
-
-
-def _int(value: int | bytes, what: str) -> int:
-    if not isinstance(value, int):
-        raise InvalidGroupMessage(f"{what} has the wrong wire type")
-    return value
+_varint_field = encode_varint_field
+_fields = partial(checked_fields, error=InvalidGroupMessage)
+_bytes = partial(bytes_value, error=InvalidGroupMessage)
+_int = partial(int_value, error=InvalidGroupMessage)
 
 
 def _single(data: bytes, what: str, allowed: frozenset[int]) -> dict[int, int | bytes]:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from functools import partial
 from typing import Final
 
 from cryptography.exceptions import InvalidTag
@@ -41,8 +42,14 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from teia import _native
-from teia.errors import InvalidChatMessage, InvalidProtobuf, TeiaError
-from teia.host.protobuf import encode_bytes_field, encode_uvarint, iter_fields
+from teia.errors import InvalidChatMessage, TeiaError
+from teia.host.protobuf import (
+    bytes_value,
+    checked_fields,
+    encode_bytes_field,
+    encode_varint_field,
+    int_value,
+)
 
 __all__ = [
     "CHAT_PROTOCOL",
@@ -86,27 +93,10 @@ class AckStatus(enum.IntEnum):
     REFUSED = 1
 
 
-def _varint_field(number: int, value: int) -> bytes:
-    return encode_uvarint(number << 3) + encode_uvarint(value)
-
-
-def _fields(data: bytes, what: str) -> list[tuple[int, int, int | bytes]]:
-    try:
-        return list(iter_fields(data))
-    except InvalidProtobuf as exc:
-        raise InvalidChatMessage(f"malformed {what}: {exc}") from None
-
-
-def _bytes(value: int | bytes, what: str) -> bytes:
-    if not isinstance(value, bytes):
-        raise InvalidChatMessage(f"{what} has the wrong wire type")
-    return value
-
-
-def _int(value: int | bytes, what: str) -> int:
-    if not isinstance(value, int):
-        raise InvalidChatMessage(f"{what} has the wrong wire type")
-    return value
+_varint_field = encode_varint_field
+_fields = partial(checked_fields, error=InvalidChatMessage)
+_bytes = partial(bytes_value, error=InvalidChatMessage)
+_int = partial(int_value, error=InvalidChatMessage)
 
 
 @dataclass(frozen=True, slots=True)
