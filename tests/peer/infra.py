@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 from teia.dht.node import DhtNode
 from teia.host.host import Host
@@ -63,8 +64,9 @@ async def discovery_node() -> AsyncIterator[str]:
 
 
 @asynccontextmanager
-async def relay(tmp_path: Path) -> AsyncIterator[dict[str, object]]:
-    """A TURN relay; yields the relay table a profile's ``relays`` setting takes."""
+async def relay_server(tmp_path: Path) -> AsyncIterator[tuple[Any, dict[str, object]]]:
+    """A TURN relay; yields the server (for its data-plane counters) and the relay table a
+    profile's ``relays`` setting takes."""
     # On its own loopback address: a connection from the relay's IP then really is relayed
     # (with everything on 127.0.0.1 every connection would look relayed to the peers).
     config = RelayConfig(
@@ -83,4 +85,11 @@ async def relay(tmp_path: Path) -> AsyncIterator[dict[str, object]]:
             "rto": 0.2,
         }
         RelayClientConfig(**table)  # type: ignore[arg-type]
+        yield server, table
+
+
+@asynccontextmanager
+async def relay(tmp_path: Path) -> AsyncIterator[dict[str, object]]:
+    """A TURN relay; yields the relay table a profile's ``relays`` setting takes."""
+    async with relay_server(tmp_path) as (_, table):
         yield table

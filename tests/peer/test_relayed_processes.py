@@ -11,45 +11,18 @@ import contextlib
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 import anyio
 import pytest
 
 from teia.identity import Multiaddr
 from teia.peer import Profile
-from teia.relay.service import RelayConfig, build_server
 
 from .conftest import PASSPHRASE, make_profile, online
-from .infra import RELAY_SECRET
+from .infra import relay_server
 
 ROOT = Path(__file__).resolve().parents[2]
-RELAY_HOST = "127.0.0.2"
-
-
-@asynccontextmanager
-async def relay_server(tmp_path: Path) -> AsyncIterator[tuple[Any, dict[str, object]]]:
-    """A TURN relay on ``RELAY_HOST``; yields the server (for its data-plane counters) and the
-    relay table a profile's ``relays`` setting takes."""
-    config = RelayConfig(
-        listen=f"{RELAY_HOST}:0",
-        realm="teia.test",
-        auth_secret=RELAY_SECRET,
-        allow_peer=["127.0.0.0/8"],
-        data_dir=tmp_path / "relay",
-        tcp=False,
-    )
-    async with build_server(config) as server:
-        table: dict[str, object] = {
-            "address": f"{RELAY_HOST}:{server.port}",
-            "rest_secret": RELAY_SECRET,
-            "keepalive": 0.5,
-            "rto": 0.2,
-        }
-        yield server, table
 
 
 async def bot_addrs(bot: anyio.abc.Process) -> list[str]:
