@@ -1056,7 +1056,10 @@ class Peer:
 
     def _path_of(self, peer: PeerId) -> Path_:
         connection = self.host.connection_to(peer)  # the one new streams go on
-        return "direct" if connection is None else _connection_path(connection)
+        if connection is None:
+            return "direct"
+        # Through one of our allocations, or from the peer's (datagrams from a relay's IP).
+        return "relayed" if connection.is_relayed else "direct"
 
     async def _connect(self, peer: PeerId) -> Path_:
         """Make sure there is a connection to ``peer``: an existing one, a direct dial, then
@@ -1669,16 +1672,3 @@ def _frame(data: bytes) -> bytes:
     from teia.host.protobuf import encode_uvarint
 
     return encode_uvarint(len(data)) + data
-
-
-def _connection_path(connection: Any) -> Path_:
-    """Whether a connection runs through one of our relay allocations (either direction)."""
-    # The endpoint routes a peer address through a TURN session exactly when it is relayed.
-    endpoint = connection._endpoint
-    routes = getattr(endpoint, "_relay_routes", {})
-    if connection.remote_address in routes:
-        return "relayed"
-    # A peer that dialed us through *its* allocation arrives from a relayed socket on the
-    # relay host: plain QUIC on our side, but the path runs through the relay all the same.
-    remote_ip = connection.remote_address[0] if connection.remote_address else None
-    return "relayed" if remote_ip in getattr(endpoint, "_relay_ips", ()) else "direct"
