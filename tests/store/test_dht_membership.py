@@ -137,8 +137,20 @@ async def test_placement_is_by_the_inbox_key_among_more_dht_servers_than_k(
 ) -> None:
     k = 5
     config = DhtConfig(k=k, request_timeout_ms=3_000)
-    store_identities = [Identity.generate() for _ in range(6)]
-    plain_identities = [Identity.generate() for _ in range(6)]
+    # Kademlia finds the exact k closest only where no bucket on the way overflows: a node keeps
+    # k peers of the half of the key space it is not in, so with 12 servers and k = 5 one half
+    # holds 6 or more and some server (sometimes one of the k closest) is known only to its own
+    # half, and a lookup converging from the other half misses it. Ten servers split 5 / 5 by
+    # the first key bit keep every bucket within k (a half of 5 leaves at most 4 in any deeper
+    # bucket), so the k closest are always reachable.
+    halves: tuple[list[Identity], list[Identity]] = ([], [])
+    while min(len(h) for h in halves) < k:
+        identity = Identity.generate()
+        half = halves[node_key(identity.peer_id)[0] >> 7]
+        if len(half) < k:
+            half.append(identity)
+    store_identities = halves[0][:3] + halves[1][:2]
+    plain_identities = halves[0][3:] + halves[1][2:]
     everyone = store_identities + plain_identities
     # Inboxes whose R closest store nodes are among the k closest DHT servers (the lookup's
     # answer): a client knowing no store node can then place them from one lookup. At least
