@@ -270,6 +270,9 @@ class Session:
     def to_bytes(self) -> bytes: ...
     @staticmethod
     def from_bytes(data: bytes) -> Session: ...
+    def copy(self) -> Session:
+        """An independent copy, without parsing the state again."""
+    def __copy__(self) -> Session: ...
 
 # --- sender keys for groups -----------------------------------------------------------------
 

@@ -10,6 +10,7 @@ bytes (only ``teia.errors`` exceptions, never a crash).
 from __future__ import annotations
 
 import contextlib
+import copy
 import random
 from collections.abc import Iterator
 
@@ -349,6 +350,20 @@ def test_serialise_mid_conversation_with_messages_in_flight() -> None:
     # The restored initiator of a fresh session still sends prekey messages.
     fresh = Session.initiate(ALICE, Responder().bundle())
     assert is_prekey_message(Session.from_bytes(fresh.to_bytes()).encrypt(b"x"))
+
+
+def test_copy_is_an_independent_session_equal_to_the_original() -> None:
+    alice, bob = established()
+    in_flight = [alice.encrypt(f"{i}".encode()) for i in range(3)]
+    working = copy.copy(bob)
+    assert working.to_bytes() == bob.to_bytes()
+    assert working.decrypt(in_flight[2]) == b"2"  # the copy moves on (keys 0, 1 skipped) ...
+    assert working.to_bytes() != bob.to_bytes()
+    assert bob.decrypt(in_flight[0]) == b"0"  # ... the original does not
+    with pytest.raises(errors.CryptoError):
+        working.decrypt(in_flight[2])  # a message key is used once, in each copy
+    assert bob.copy().decrypt(in_flight[1]) == b"1"
+    assert alice.decrypt(working.encrypt(b"back")) == b"back"
 
 
 def test_session_state_garbage_is_invalid_session_state() -> None:

@@ -145,7 +145,8 @@ class _Libp2pQuicConnection(QuicConnection):
     *arrives* (doubling the window), with credit granted as the application *reads*
     (`note_consumed`), so a slow reader pushes back on the sender instead of buffering without
     bound. That touches ``_write_stream_limits``, ``_streams`` and the stream's
-    ``max_stream_data_local*``/sender buffer fields. Its pacer is `_BurstPacer`
+    ``max_stream_data_local*``/sender buffer fields, and ACKs owed ride in the next packet with
+    data (`send_stream_data`: ``_spaces``, ``ack_at``). Its pacer is `_BurstPacer`
     (``_loss._pacer``). Tested against aioquic 1.x (the version range pinned in pyproject).
     """
 
@@ -208,6 +209,21 @@ class _Libp2pQuicConnection(QuicConnection):
 
     def forget_consumed(self, stream_id: int) -> None:
         self._consumed.pop(stream_id, None)
+
+    def send_stream_data(self, stream_id: int, data: bytes, end_stream: bool = False) -> None:
+        """aioquic's, and an acknowledgement that is owed rides along now.
+
+        aioquic sends an ACK only once its delay (1 ms) is up, even when a packet with data
+        leaves before that: in a request/answer exchange each side then sends an extra ACK-only
+        packet a millisecond later, which the other side must decrypt and process too, often
+        in the middle of the next exchange. Making the owed ACK due now puts it in the packet
+        that carries this data (RFC 9000 §13.2.1 lets an endpoint send ACKs whenever it
+        sends). Touches ``_spaces`` and the space's ``ack_at``.
+        """
+        super().send_stream_data(stream_id, data, end_stream)
+        space = self._spaces.get(aioquic_tls.Epoch.ONE_RTT)
+        if space is not None and space.ack_at is not None:
+            space.ack_at = 0.0
 
     def unacknowledged(self, stream_id: int) -> int:
         """Bytes written to the stream that the peer has not acknowledged yet."""

@@ -246,6 +246,18 @@ impl Session {
         })
     }
 
+    /// An independent copy (a working copy to decrypt a batch with): what ``from_bytes`` of
+    /// ``to_bytes`` gives, without parsing and checking the keys again.
+    fn copy(&self) -> Self {
+        Session {
+            inner: self.inner.clone(),
+        }
+    }
+
+    fn __copy__(&self) -> Self {
+        self.copy()
+    }
+
     fn __repr__(&self) -> String {
         "Session(...)".to_owned()
     }

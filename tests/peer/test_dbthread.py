@@ -1,0 +1,145 @@
+"""The peer's database thread (`teia.peer.peer._DatabaseThread`): calls run one at a time, in
+the order they were queued, on one thread that is not the event loop's; outcomes reach the
+caller; a cancelled call that has not started never runs, a started one is waited for; `close`
+stops the thread after what is queued; asyncio works as well as trio."""
+
+from __future__ import annotations
+
+import threading
+from functools import partial
+
+import anyio
+import pytest
+
+from teia.peer.peer import _DatabaseThread
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_calls_run_in_order_on_one_thread_that_is_not_the_loop() -> None:
+    database = _DatabaseThread()
+    seen: list[tuple[int, int]] = []
+
+    def call(index: int) -> int:
+        seen.append((index, threading.get_ident()))
+        return index * 10
+
+    calls = [database.submit(partial(call, i)) for i in range(50)]
+    for index, queued in enumerate(calls):
+        await database.wait(queued)
+        assert queued.finished
+        assert queued.result == index * 10
+        assert queued.error is None
+    assert [i for i, _ in seen] == list(range(50))
+    threads = {t for _, t in seen}
+    assert len(threads) == 1
+    assert threading.get_ident() not in threads
+    assert await database.run(lambda: "last") == "last"
+    await database.close()
+
+
+async def test_an_error_reaches_its_caller_and_the_next_calls_still_run() -> None:
+    database = _DatabaseThread()
+
+    def fail() -> None:
+        raise ValueError("broken call")
+
+    failing = database.submit(fail)
+    after = database.submit(lambda: "fine")
+    with pytest.raises(ValueError, match="broken call"):
+        await database.run(fail)
+    await database.wait(failing)
+    assert isinstance(failing.error, ValueError)
+    await database.wait(after)
+    assert after.result == "fine"
+    await database.close()
+
+
+async def test_cancelled_before_it_starts_a_call_never_runs() -> None:
+    database = _DatabaseThread()
+    release = threading.Event()
+    token_set = threading.Event()
+    ran: list[str] = []
+
+    def blocker() -> None:
+        token_set.set()
+        release.wait(10)
+
+    blocking = database.submit(blocker)
+    await anyio.to_thread.run_sync(token_set.wait, 10)  # the thread is inside blocker now
+    withdrawn = database.submit(lambda: ran.append("withdrawn"))
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        await database.wait(withdrawn)
+    assert scope.cancelled_caught
+    release.set()
+    await database.wait(blocking)
+
+    def after() -> str:
+        ran.append("after")
+        return "done"
+
+    assert await database.run(after) == "done"
+    assert ran == ["after"]
+    await database.close()
+
+
+async def test_cancelled_while_running_the_caller_waits_for_the_call() -> None:
+    database = _DatabaseThread()
+    inside = threading.Event()
+    release = threading.Event()
+    finished: list[bool] = []
+
+    def slow() -> str:
+        inside.set()
+        release.wait(10)
+        finished.append(True)
+        return "slow"
+
+    call = database.submit(slow)
+    await anyio.to_thread.run_sync(inside.wait, 10)
+
+    async def release_once_the_waiter_is_parked() -> None:
+        await anyio.lowlevel.checkpoint()
+        release.set()
+
+    async with anyio.create_task_group() as tg:
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            tg.start_soon(release_once_the_waiter_is_parked)
+            await database.wait(call)
+        # Checked before the releaser could run, were the wait not to wait for the call.
+        assert call.finished
+    assert scope.cancelled_caught
+    assert finished == [True]
+    assert call.finished
+    assert call.result == "slow"
+    await database.close()
+
+
+async def test_close_runs_what_is_queued_then_stops_and_a_later_call_starts_again() -> None:
+    database = _DatabaseThread()
+    ran: list[int] = []
+    calls = [database.submit(partial(ran.append, i)) for i in range(5)]
+    thread = database._thread
+    assert thread is not None
+    await database.close()
+    assert not thread.is_alive()
+    assert ran == [0, 1, 2, 3, 4]
+    assert all(c.finished for c in calls)
+    assert await database.run(lambda: "again") == "again"
+    assert database._thread is not None
+    assert database._thread is not thread
+    await database.close()
+    await database.close()  # twice is harmless
+
+
+def test_asyncio_programs_get_their_outcomes_too() -> None:
+    async def main() -> list[int]:
+        database = _DatabaseThread()
+        try:
+            return [await database.run(partial(int.__add__, i, 1)) for i in range(20)]
+        finally:
+            await database.close()
+
+    assert anyio.run(main, backend="asyncio") == list(range(1, 21))
