@@ -9,7 +9,9 @@ from contextlib import asynccontextmanager
 
 import anyio
 import pytest
+from aioquic import tls as aioquic_tls
 from aioquic._buffer import Buffer
+from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.packet import QuicProtocolVersion, pull_quic_header
 from aioquic.quic.recovery import QuicPacketPacer
 from cryptography.hazmat.primitives.asymmetric import ed25519
@@ -27,8 +29,9 @@ from teia.transport.quic import (
     QuicEndpoint,
     QuicStream,
     _BurstPacer,
+    _Libp2pQuicConnection,
 )
-from teia.transport.tls import peer_id_of
+from teia.transport.tls import generate_certificate, peer_id_of
 
 TIMEOUT = 10
 
@@ -380,3 +383,74 @@ def test_pacer_is_aioquics_own_at_ordinary_rates() -> None:
         ours.update_rate(window, rtt)
         assert ours.bucket_max == pytest.approx(plain.bucket_max)
         assert _burst(ours) == _burst(plain)
+
+
+# --- acknowledgements ride with data (sans-IO, explicit time) ---------------------------------
+
+_CLIENT_ADDR = ("127.0.0.1", 4001)
+_SERVER_ADDR = ("127.0.0.1", 4002)
+
+
+def _configurations() -> tuple[QuicConfiguration, QuicConfiguration]:
+    configurations = []
+    for is_client in (True, False):
+        key = ed25519.Ed25519PrivateKey.generate()
+        endpoint = QuicEndpoint(key)  # not entered: only its configuration is used
+        endpoint._certified = generate_certificate(key, now=dt.datetime.now(dt.UTC))
+        configurations.append(endpoint._configuration(is_client=is_client))
+    return configurations[0], configurations[1]
+
+
+def _pump(source: _Libp2pQuicConnection, target: _Libp2pQuicConnection, now: float) -> int:
+    datagrams = source.datagrams_to_send(now=now)
+    sender = _CLIENT_ADDR if source._is_client else _SERVER_ADDR
+    for data, _ in datagrams:
+        target.receive_datagram(data, sender, now=now)
+    return len(datagrams)
+
+
+def _established_pair() -> tuple[_Libp2pQuicConnection, _Libp2pQuicConnection, float]:
+    client_config, server_config = _configurations()
+    clock = lambda: dt.datetime.now(dt.UTC)  # noqa: E731
+    client = _Libp2pQuicConnection(configuration=client_config, expected_peer_id=None, clock=clock)
+    now = 1.0
+    client.connect(_SERVER_ADDR, now=now)
+    first = client.datagrams_to_send(now=now)
+    header = pull_quic_header(Buffer(data=first[0][0]), host_cid_length=8)
+    server = _Libp2pQuicConnection(
+        configuration=server_config,
+        expected_peer_id=None,
+        clock=clock,
+        original_destination_connection_id=header.destination_cid,
+    )
+    for data, _ in first:
+        server.receive_datagram(data, _CLIENT_ADDR, now=now)
+    for _ in range(10):
+        now += 0.001
+        moved = _pump(server, client, now) + _pump(client, server, now)
+        if not moved and client.verified_peer and server.verified_peer:
+            break
+    # Let every acknowledgement of the handshake go, so that nothing is owed.
+    now += 0.05
+    while _pump(client, server, now) + _pump(server, client, now):
+        pass
+    return client, server, now
+
+
+def test_an_owed_ack_leaves_with_the_answer_not_in_a_packet_of_its_own() -> None:
+    client, server, now = _established_pair()
+    stream_id = client.get_next_available_stream_id()
+    client.send_stream_data(stream_id, b"request")
+    assert _pump(client, server, now) == 1
+    space = server._spaces[aioquic_tls.Epoch.ONE_RTT]
+    assert space.ack_at is not None  # the server owes an ACK, due in a millisecond
+    server.send_stream_data(stream_id, b"answer")  # answered before that
+    answer = server.datagrams_to_send(now=now)
+    assert len(answer) == 1
+    assert space.ack_at is None  # the ACK left in the answer's packet
+    # No ACK-only packet follows once the delay would have run out.
+    assert server.datagrams_to_send(now=now + 0.01) == []
+    # The client learns its request was received from the answer alone.
+    for data, _ in answer:
+        client.receive_datagram(data, _SERVER_ADDR, now=now)
+    assert client._loss.bytes_in_flight == 0
