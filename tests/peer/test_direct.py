@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import anyio
+import anyio.abc
 import pytest
 
 from teia.peer import Delivered, Peer
@@ -78,3 +79,40 @@ async def test_asyncio_smoke(tmp_path: Path) -> None:
             assert await receive(bob, 1) == ["over asyncio"]
             await bob.wait_delivered(await bob.send(alice.peer_id, "and back"))
             assert await receive(alice, 1) == ["and back"]
+
+
+@pytest.mark.anyio
+async def test_a_delivery_is_in_history_for_whoever_reads_after_its_event(
+    tmp_path: Path,
+) -> None:
+    """The commit of a delivery is not awaited before the `Delivered` event, but is queued
+    before it: a read after the event sees it, so does the profile reopened right after."""
+    a_dir, b_dir = make_profile(tmp_path / "a"), make_profile(tmp_path / "b")
+
+    async def delivered(events: anyio.abc.ObjectReceiveStream[object], message_id: str) -> None:
+        while True:
+            event = await events.receive()
+            if isinstance(event, Delivered) and event.message_id == message_id:
+                return
+
+    with anyio.fail_after(TIMEOUT):
+        async with online(b_dir) as bob:
+            async with online(a_dir) as alice:
+                await introduce(alice, bob, "bob")
+                async with alice.events() as events:
+                    first = await alice.send("bob", "one")
+                    await delivered(events, first)
+                    states = {m.text: m.state for m in await alice.history("bob")}
+                    assert states == {"one": "delivered"}
+                    # A send right on the event, then a read: the delivery is there.
+                    second = await alice.send("bob", "two")
+                    states = {m.text: m.state for m in await alice.history("bob")}
+                    assert states["one"] == "delivered"
+                    await delivered(events, second)
+                    third = await alice.send("bob", "three")
+                    await delivered(events, third)
+                # Closed at once: the deliveries noted last are committed on the way out.
+            async with online(a_dir) as alice:
+                states = {m.text: m.state for m in await alice.history("bob")}
+                assert states == {"one": "delivered", "two": "delivered", "three": "delivered"}
+                assert await alice.run_db(alice.profile.db.outbox, str(bob.peer_id)) == []
