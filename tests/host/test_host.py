@@ -17,7 +17,7 @@ from teia.errors import (
     ProtocolNotSupported,
 )
 from teia.host.connmgr import ConnectionLimits
-from teia.host.host import Host
+from teia.host.host import _MAX_OBSERVED, _MAX_REPORTERS, OBSERVED_TTL, Host
 from teia.host.streams import NegotiatedStream
 from teia.identity import Identity, Multiaddr, PeerId
 from teia.transport.quic import QuicConnectionHandle
@@ -224,6 +224,43 @@ async def test_identify_fills_the_address_book_and_reports_the_observed_address(
             assert connection.remote_peer.peer_id == b.peer_id
             with pytest.raises(NotConnected, match="no known address"):
                 await c.connect(Identity.generate().peer_id)
+
+
+@pytest.mark.anyio
+async def test_observed_addresses_count_distinct_peers_and_expire() -> None:
+    host = new_host()  # not started: only its bookkeeping is used
+    public = Multiaddr("/ip4/127.0.2.7/udp/4001/quic-v1")
+    rebound = Multiaddr("/ip4/127.0.2.7/udp/5002/quic-v1")
+    liar, a, b = (Identity.generate().peer_id for _ in range(3))
+    for _ in range(5):  # one peer saying it again and again still counts once
+        host._note_observed(rebound, liar, now=100.0)
+    host._note_observed(public, a, now=110.0)
+    host._note_observed(public, b, now=120.0)
+    assert host.observed_addrs(now=130.0) == [public, rebound]
+    assert host.observed_addrs(min_peers=2, now=130.0) == [public]
+    # Only a quic-v1 address without a peer ID is taken.
+    host._note_observed(Multiaddr("/ip4/127.0.2.8/udp/1/quic-v1/p2p/" + str(a)), a, now=130.0)
+    host._note_observed(None, a, now=130.0)
+    assert host.observed_addrs(now=130.0) == [public, rebound]
+    # The NAT rebinds: old reports lapse, the new address is all that is left.
+    later = 120.0 + OBSERVED_TTL + 1
+    host._note_observed(rebound, a, now=later - 10)
+    assert host.observed_addrs(now=later) == [rebound]
+    assert host.observed_addrs(now=later + OBSERVED_TTL) == []
+
+
+@pytest.mark.anyio
+async def test_observed_addresses_are_bounded() -> None:
+    host = new_host()
+    reporter = Identity.generate().peer_id
+    for port in range(1, 200):
+        host._note_observed(Multiaddr(f"/ip4/127.0.2.9/udp/{port}/quic-v1"), reporter, now=1.0)
+    assert len(host.observed_addrs(now=2.0)) == _MAX_OBSERVED
+    many = Multiaddr("/ip4/127.0.2.10/udp/1/quic-v1")
+    for _ in range(200):
+        host._note_observed(many, Identity.generate().peer_id, now=3.0)
+    assert len(host._observed[many]) == _MAX_REPORTERS
+    assert host.observed_addrs(now=4.0)[0] == many
 
 
 @pytest.mark.anyio

@@ -6,7 +6,8 @@ stream, in either direction, starts with multistream-select; inbound streams go 
 registered for the agreed protocol (`set_handler`), outbound ones come from `open_stream`.
 ``/ipfs/ping/1.0.0`` and ``/ipfs/id/1.0.0`` are served by default, and every newly connected
 peer is identified (`peer_info`, `wait_identified`); what it announces lands in the address
-book (`peerstore`), and the address it saw us at is counted (`observed_addrs`).
+book (`peerstore`), and the address it saw us at is remembered (`observed_addrs`: by how many
+distinct peers reported it in the last `OBSERVED_TTL` seconds).
 
 One connection per peer: concurrent dials to a peer share one attempt, and when both sides
 dial each other at once, both keep the connection initiated by the peer with the smaller
@@ -37,7 +38,6 @@ import contextlib
 import ipaddress
 import logging
 import socket
-from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from types import TracebackType
 from typing import Any, Self
@@ -86,8 +86,12 @@ DEFAULT_LISTEN = ("/ip4/127.0.0.1/udp/0/quic-v1",)
 
 # Identify results kept for peers, oldest dropped first.
 _MAX_PEER_INFO = 4096
-# Distinct observed addresses remembered (a stranger chooses what it reports).
+# Distinct observed addresses remembered (a stranger chooses what it reports), and the peers
+# remembered as having reported each.
 _MAX_OBSERVED = 32
+_MAX_REPORTERS = 64
+OBSERVED_TTL = 30 * 60.0
+"""Seconds a peer's report of our address counts (a NAT rebinding moves the address)."""
 
 
 class _PendingDial:
@@ -164,7 +168,8 @@ class Host:
         self._identify_waiters: dict[PeerId, anyio.Event] = {}
         self._dialing: dict[PeerId, _PendingDial] = {}
         self._draining: set[QuicConnectionHandle] = set()
-        self._observed: Counter[Multiaddr] = Counter()
+        self._observed: dict[Multiaddr, dict[PeerId, float]] = {}
+        """Observed address → the peers that reported it → when they last did."""
         self._stack: contextlib.AsyncExitStack | None = None
         self._task_group: anyio.abc.TaskGroup | None = None
         self.holepunch: HolePuncher | None = None
@@ -276,13 +281,48 @@ class Host:
             except Exception:
                 _log.exception("a relayed-address callback failed")
 
-    def observed_addrs(self, *, min_peers: int = 1) -> list[Multiaddr]:
-        """Addresses peers saw us at (identify), most reported first.
+    def observed_addrs(self, *, min_peers: int = 1, now: float | None = None) -> list[Multiaddr]:
+        """Addresses peers saw us at (identify) in the last `OBSERVED_TTL` seconds, reported by
+        the most distinct peers first (the most recent report breaks ties).
 
         Behind NAT this is how a host learns its public address; ask for ``min_peers`` > 1
-        before trusting one, since any single peer can report anything.
+        before trusting one, since any single peer can report anything (and a peer that
+        reports again still counts once). ``now`` is ``anyio.current_time()`` by default.
         """
-        return [addr for addr, count in self._observed.most_common() if count >= min_peers]
+        self._expire_observed(anyio.current_time() if now is None else now)
+        ranked = sorted(
+            self._observed.items(),
+            key=lambda item: (len(item[1]), max(item[1].values())),
+            reverse=True,
+        )
+        return [addr for addr, reporters in ranked if len(reporters) >= min_peers]
+
+    def _note_observed(self, addr: Multiaddr | None, reporter: PeerId, now: float) -> None:
+        if addr is None or not addr.is_quic_v1 or addr.peer_id is not None:
+            return
+        self._expire_observed(now)
+        reporters = self._observed.get(addr)
+        if reporters is None:
+            if len(self._observed) >= _MAX_OBSERVED:
+                least = min(
+                    self._observed,
+                    key=lambda a: (len(self._observed[a]), max(self._observed[a].values())),
+                )
+                del self._observed[least]
+            reporters = self._observed[addr] = {}
+        reporters.pop(reporter, None)
+        reporters[reporter] = now
+        while len(reporters) > _MAX_REPORTERS:
+            del reporters[next(iter(reporters))]
+
+    def _expire_observed(self, now: float) -> None:
+        horizon = now - OBSERVED_TTL
+        for addr in list(self._observed):
+            reporters = self._observed[addr]
+            for peer in [p for p, seen in reporters.items() if seen < horizon]:
+                del reporters[peer]
+            if not reporters:
+                del self._observed[addr]
 
     @property
     def connections(self) -> ConnectionManager[QuicConnectionHandle]:
@@ -590,18 +630,10 @@ class Host:
                 del self._peer_info[next(iter(self._peer_info))]
             now = anyio.current_time()
             self.peerstore.add(peer, info.listen_multiaddrs, ttl=ANNOUNCED_TTL, now=now)
-            self._note_observed(info.observed_multiaddr)
+            self._note_observed(info.observed_multiaddr, peer, now)
         waiter = self._identify_waiters.pop(peer, None)
         if waiter is not None:
             waiter.set()
-
-    def _note_observed(self, addr: Multiaddr | None) -> None:
-        if addr is None or not addr.is_quic_v1 or addr.peer_id is not None:
-            return
-        if addr not in self._observed and len(self._observed) >= _MAX_OBSERVED:
-            least, _ = self._observed.most_common()[-1]
-            del self._observed[least]
-        self._observed[addr] += 1
 
     async def _accept_loop(self, endpoint: QuicEndpoint) -> None:
         while True:
