@@ -3,6 +3,7 @@ beside a running daemon), ``inbox``, and ``teia peer run`` with SIGTERM."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -31,6 +32,17 @@ def teia(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     if check:
         assert result.returncode == 0, result.stderr
     return result
+
+
+async def scrape(port: int) -> str:
+    """The daemon's /metrics page (the exporter closes the connection after it)."""
+    chunks: list[bytes] = []
+    async with await anyio.connect_tcp("127.0.0.1", port) as http:
+        await http.send(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        with contextlib.suppress(anyio.EndOfStream):
+            while True:
+                chunks.append(await http.receive())
+    return b"".join(chunks).decode()
 
 
 async def wait_ready(stream: TextReceiveStream, seen: list[str]) -> str:
@@ -78,7 +90,7 @@ async def test_cli_end_to_end_across_processes(tmp_path: Path) -> None:
     with anyio.fail_after(90):
         daemon = await anyio.open_process(
             [sys.executable, "-m", "teia", "peer", "run", "--profile", str(b_dir),
-             "--log-format", "json"],
+             "--log-format", "json", "--metrics", "127.0.0.1:0"],
             env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         )  # fmt: skip
         seen: list[str] = []
@@ -92,6 +104,11 @@ async def test_cli_end_to_end_across_processes(tmp_path: Path) -> None:
             report = json.loads(sent.stdout)
             assert report["state"] == "delivered"
             assert report["path"] == "direct"
+            # Counts only in the daemon's metrics, never content.
+            metrics = await scrape(ready["metrics_port"])
+            assert 'teia_peer_messages{outcome="received"} 1.0' in metrics
+            assert 'teia_peer_holepunch{outcome="attempts"} 0.0' in metrics
+            assert "from the CLI" not in metrics
             # Bob's history is readable beside his running daemon.
             inbox = await anyio.to_thread.run_sync(
                 lambda: teia("inbox", "--json", "--profile", str(b_dir))

@@ -484,5 +484,13 @@ async def _serve(ctx: ServiceContext, profile: Profile) -> None:
             "teia_peer_pending_recipients", "recipients with undelivered envelopes",
             registry=ctx.registry,
         ).set_function(lambda: peer.pending_recipients)  # fmt: skip
+        puncher = peer.host.holepunch
+        if puncher is not None:
+            punches = Gauge(
+                "teia_peer_holepunch", "relayed connections upgraded or not, by outcome",
+                ["outcome"], registry=ctx.registry,
+            )  # fmt: skip
+            for outcome in puncher.stats:
+                punches.labels(outcome).set_function(partial(puncher.stats.__getitem__, outcome))
         ctx.ready(peer_id=str(peer.peer_id), listen=",".join(str(a) for a in peer.addrs))
         await anyio.sleep_forever()
