@@ -202,6 +202,87 @@ async def test_length_prefixed_messages_survive_any_chunking(
         await reader.receive_message()
 
 
+class _Arrivals(anyio.abc.ByteStream):
+    """A byte stream whose bytes arrive in chunks the test hands in (`arrive`), readable by
+    ``receive`` and, without waiting, by ``receive_nowait`` (as a QUIC stream's are)."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+
+    def arrive(self, data: bytes) -> None:
+        self.buffer += data
+
+    def receive_nowait(self, max_bytes: int = 65536) -> bytes:
+        data = bytes(self.buffer[:max_bytes])
+        del self.buffer[:max_bytes]
+        return data
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        await anyio.lowlevel.checkpoint()
+        if not self.buffer:
+            raise anyio.EndOfStream
+        return self.receive_nowait(max_bytes)
+
+    async def send(self, item: bytes) -> None:
+        raise NotImplementedError
+
+    async def send_eof(self) -> None:
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        pass
+
+
+@pytest.mark.anyio
+@given(
+    messages=st.lists(st.binary(max_size=300), min_size=1, max_size=8),
+    chunk=st.integers(min_value=1, max_value=80),
+    awaited=st.lists(st.booleans(), min_size=8, max_size=8),
+)
+@settings(max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture])
+async def test_messages_already_here_are_taken_without_waiting(
+    messages: list[bytes], chunk: int, awaited: list[bool]
+) -> None:
+    """Whatever the chunking, and mixing awaited and non-waiting reads, the messages come out
+    whole and in order; a message not wholly here is None and stays for the next read."""
+    source = _Arrivals()
+    reader = NegotiatedStream(source, "/test/1", b"")
+    wire = b"".join(encode_uvarint(len(m)) + m for m in messages)
+    got: list[bytes] = []
+    for i in range(0, len(wire), chunk):
+        source.arrive(wire[i : i + chunk])
+        while (message := reader.receive_message_nowait()) is not None:
+            got.append(message)
+    assert got == messages
+    assert reader.receive_message_nowait() is None
+    # The same bytes read half awaited, half not, in any order of the two.
+    source.arrive(wire)
+    again = []
+    for wait in awaited[: len(messages)]:
+        message = await reader.receive_message() if wait else reader.receive_message_nowait()
+        again.append(message)
+    assert again == messages
+
+
+def test_a_message_not_here_yet_waits_and_an_oversize_one_is_refused() -> None:
+    source = _Arrivals()
+    reader = NegotiatedStream(source, "/test/1", b"")
+    source.arrive(encode_uvarint(5) + b"abc")
+    assert reader.receive_message_nowait() is None  # three bytes of five
+    source.arrive(b"de")
+    assert reader.receive_message_nowait() == b"abcde"
+    source.arrive(b"\x80")  # half a length prefix
+    assert reader.receive_message_nowait() is None
+    source.arrive(b"\x08" + b"x" * 1024)
+    with pytest.raises(MessageTooLarge, match="over the 99-byte limit"):
+        reader.receive_message_nowait(max_size=99)
+    source = _Arrivals()
+    reader = NegotiatedStream(source, "/test/1", b"")
+    source.arrive(b"\xff" * 10)  # no varint ends
+    with pytest.raises(MessageTooLarge, match="prefix"):
+        reader.receive_message_nowait()
+
+
 @pytest.mark.anyio
 async def test_message_limits_and_truncation(byte_pipe: PipeFactory) -> None:
     with anyio.fail_after(TIMEOUT):

@@ -385,6 +385,38 @@ def test_pacer_is_aioquics_own_at_ordinary_rates() -> None:
         assert _burst(ours) == _burst(plain)
 
 
+@pytest.mark.anyio
+async def test_a_write_leaves_at_once_and_one_the_socket_cannot_take_waits() -> None:
+    with anyio.fail_after(TIMEOUT):
+        async with endpoints() as (a, b), anyio.create_task_group() as tg:
+            dialed, accepted = await connect_pair(a, b)
+            tg.start_soon(echo_upper, accepted)
+            # A write goes out from the writer's own step: built and sent before it yields.
+            stream = await dialed.open_stream()
+            sent: list[int] = []
+            original = a._send_datagrams_now
+
+            def counting(
+                datagrams: list[tuple[bytes, tuple[str, int]]],
+            ) -> list[tuple[bytes, tuple[str, int]]]:
+                sent.append(len(datagrams))
+                return original(datagrams)
+
+            a._send_datagrams_now = counting  # type: ignore[method-assign]
+            await stream.send(b"first ")
+            assert sent
+            assert sent[0] >= 1
+            # While another task sends through the event loop, what a write built is kept for
+            # the driver, in order, and goes out once the socket is free.
+            async with a._send_lock:
+                dialed._send_stream_data(stream.stream_id, b"second", end_stream=True)
+                assert dialed._backlog
+                assert sent[-1] == len(dialed._backlog)
+            assert await read_all(stream) == b"FIRST SECOND"
+            assert not dialed._backlog
+            await dialed.aclose()
+
+
 # --- acknowledgements ride with data (sans-IO, explicit time) ---------------------------------
 
 _CLIENT_ADDR = ("127.0.0.1", 4001)

@@ -83,6 +83,34 @@ class NegotiatedStream(anyio.abc.ByteStream):
                     raise anyio.IncompleteRead from None
                 raise
 
+    def receive_message_nowait(self, max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> bytes | None:
+        """The next varint-length-prefixed message if it has wholly arrived, else None; never
+        waits (the transport's buffer is read through its ``receive_nowait``, when it has one).
+
+        Raises `MessageTooLarge` as `receive_message` does; what is incomplete stays for the
+        next call of either.
+        """
+        take = getattr(self.stream, "receive_nowait", None)
+        if callable(take):
+            arrived = take()
+            if arrived:
+                self._unconsumed += arrived
+        buffer = self._unconsumed
+        if not buffer:
+            return None
+        try:
+            length, start = decode_uvarint(buffer[:_MAX_PREFIX])
+        except InvalidProtobuf as exc:
+            if len(buffer) >= _MAX_PREFIX or "truncated" not in str(exc):
+                raise MessageTooLarge(f"bad message length prefix: {exc}") from exc
+            return None
+        if length > max_size:
+            raise MessageTooLarge(f"message of {length} bytes is over the {max_size}-byte limit")
+        if len(buffer) < start + length:
+            return None
+        self._unconsumed = buffer[start + length :]
+        return buffer[start : start + length]
+
     async def send_eof(self) -> None:
         await self.stream.send_eof()
 

@@ -1129,40 +1129,20 @@ class Peer:
         if peer is None:
             return
         path = self._path_of(peer)
-        send, receive = anyio.create_memory_object_stream[bytes | None](_BATCH)
-
-        async def read_frames() -> None:
+        while True:
             try:
-                while True:
-                    await send.send(await stream.receive_message(MAX_ENVELOPE_SIZE))
+                first = await stream.receive_message(MAX_ENVELOPE_SIZE)
             except (anyio.EndOfStream, anyio.BrokenResourceError, TransportError):
-                pass  # the sender closed, reset or lost the connection: what arrived is kept
-            finally:
-                with contextlib.suppress(anyio.BrokenResourceError):
-                    send.send_nowait(None)
-                send.close()
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(read_frames)
-            done = False
-            while not done:
-                batch: list[bytes] = []
-                first = await receive.receive()
-                if first is None:
+                return  # the sender closed, reset or lost the connection: what arrived is kept
+            # A batch: this frame and those already here behind it, in one commit.
+            batch = [first]
+            while len(batch) < _BATCH:
+                frame = stream.receive_message_nowait(MAX_ENVELOPE_SIZE)
+                if frame is None:
                     break
-                batch.append(first)
-                while len(batch) < _BATCH:
-                    try:
-                        frame = receive.receive_nowait()
-                    except anyio.WouldBlock:
-                        break
-                    if frame is None:
-                        done = True
-                        break
-                    batch.append(frame)
-                acks = await self._receive_batch(peer, batch, path)
-                await stream.send(b"".join(_frame(ack.encode()) for ack in acks))
-            tg.cancel_scope.cancel()
+                batch.append(frame)
+            acks = await self._receive_batch(peer, batch, path)
+            await stream.send(b"".join(_frame(ack.encode()) for ack in acks))
 
     async def _receive_batch(self, peer: PeerId, frames: list[bytes], path: Path_) -> list[ChatAck]:
         """Take a batch of frames from one stream; the answers, in the frames' order."""

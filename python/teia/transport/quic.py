@@ -333,6 +333,18 @@ class QuicStream(anyio.abc.ByteStream):
             self._readable = anyio.Event()
             await self._readable.wait()
 
+    def receive_nowait(self, max_bytes: int = 65536) -> bytes:
+        """What has arrived and not been read, up to ``max_bytes``, without waiting: ``b""``
+        when nothing is buffered (an end, a reset or a closed connection is for `receive` to
+        report)."""
+        state = self._state
+        if state.closed or not state.buffer:
+            return b""
+        data = bytes(state.buffer[:max_bytes])
+        del state.buffer[:max_bytes]
+        self._connection._consumed(self.stream_id, len(data))
+        return data
+
     async def send(self, item: bytes) -> None:
         state = self._state
         if state.closed or state.eof_sent:
@@ -421,6 +433,10 @@ class QuicConnectionHandle:
         self._handshake_error: TransportError | None = None
         self._established = False
         self._terminated = anyio.Event()
+        self._terminated_seen = False
+        """aioquic reported the connection terminated (`_take_events`); the driver ends."""
+        self._backlog: list[tuple[bytes, Address]] = []
+        """Datagrams `_flush` built but the socket did not take at once: the driver sends them."""
         self._close_reason: str | None = None
         self._local_cids: set[bytes] = set()
         self._blocked_writers: set[QuicStream] = set()
@@ -494,6 +510,16 @@ class QuicConnectionHandle:
             self._quic.send_stream_data(stream_id, data, end_stream=end_stream)
         except (RuntimeError, ValueError) as exc:  # aioquic: stopped by the peer, or finished
             raise StreamReset(f"cannot write to the stream: {exc}") from exc
+        self._flush()
+
+    def _flush(self) -> None:
+        """Send what is ready now, from the writer's own step, rather than one pass of the event
+        loop later in the driver's: a request or an answer leaves at once. What the socket
+        does not take at once waits for the driver, which is woken either way (to re-arm its
+        timers for what is now in flight)."""
+        datagrams = self._quic.datagrams_to_send(now=anyio.current_time())
+        if datagrams:
+            self._backlog += self._endpoint._send_datagrams_now(datagrams)
         self._wake()
 
     def _reset_stream(self, stream_id: int, error_code: int, *, stop_receiving: bool) -> None:
@@ -546,6 +572,18 @@ class QuicConnectionHandle:
         if not self._handshake_settled.is_set():
             self._handshake_error = error
             self._handshake_settled.set()
+
+    def _take_events(self) -> None:
+        """Hand aioquic's pending events to the streams and the bookkeeping now.
+
+        The endpoint calls it right after feeding a datagram, so a reader waiting for the data
+        wakes in the same pass of the event loop as this connection's driver rather than one
+        pass after it (the driver calls it too, for events its timers raise)."""
+        quic = self._quic
+        while (event := quic.next_event()) is not None:
+            self._handle_event(event)
+            if isinstance(event, events.ConnectionTerminated):
+                self._terminated_seen = True
 
     def _handle_event(self, event: events.QuicEvent) -> None:
         if isinstance(event, events.StreamDataReceived):
@@ -650,12 +688,13 @@ class QuicConnectionHandle:
                     pings += 1
                     quic.send_ping(pings)
                     keep_alive_at = now + keep_alive
-                terminated = False
-                while (event := quic.next_event()) is not None:
-                    self._handle_event(event)
-                    terminated = terminated or isinstance(event, events.ConnectionTerminated)
+                self._take_events()
+                terminated = self._terminated_seen
                 self._check_closing()
-                await endpoint._send_datagrams(quic.datagrams_to_send(now=anyio.current_time()))
+                backlog, self._backlog = self._backlog, []
+                await endpoint._send_datagrams(
+                    backlog + quic.datagrams_to_send(now=anyio.current_time())
+                )
                 self._release_writers()
                 if terminated:
                     return
@@ -1012,6 +1051,31 @@ class QuicEndpoint:
         elif self._task_group is not None:
             self._task_group.start_soon(self._send_datagrams, [(data, address)])
 
+    def _send_datagrams_now(
+        self, datagrams: list[tuple[bytes, Address]]
+    ) -> list[tuple[bytes, Address]]:
+        """Send without waiting, in order, while the kernel takes them; the rest (all of them
+        when another task is sending through the event loop) is returned for `_send_datagrams`."""
+        raw = self._raw_socket
+        if raw is None or self._send_lock.locked():
+            return datagrams
+        routes = self._relay_routes
+        for index, (data, target) in enumerate(datagrams):
+            if routes:
+                session = routes.get(target)
+                if session is not None:
+                    wrapped = session.wrap(target, data)
+                    if wrapped is None:
+                        continue  # no allocation right now: as lost as any datagram
+                    data, target = wrapped, session.server
+            try:
+                raw.sendto(data, target)
+            except BlockingIOError:
+                return datagrams[index:]
+            except OSError as exc:  # unreachable and the like: QUIC's loss recovery copes
+                _log.debug("sendto %s:%s failed: %s", target[0], target[1], exc)
+        return []
+
     async def _send_datagrams(self, datagrams: list[tuple[bytes, Address]]) -> None:
         assert self._socket is not None
         raw = self._raw_socket
@@ -1087,6 +1151,7 @@ class QuicEndpoint:
         connection = self._by_cid.get(header.destination_cid)
         if connection is not None:
             connection._quic.receive_datagram(data, address, now=anyio.current_time())
+            connection._take_events()
             connection._wake()
             return True
         if (
