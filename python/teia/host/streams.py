@@ -32,14 +32,23 @@ class NegotiatedStream(anyio.abc.ByteStream):
         self.stream = stream
         self.protocol = protocol
         self._unconsumed = unconsumed
+        self._offset = 0
+        """Where the unread part of ``_unconsumed`` starts (`receive_message_nowait` moves it
+        instead of copying the rest after every message)."""
         self.remote_peer_id: PeerId | None = None
         """Who is on the other end, when a host made this stream."""
         self.remote_address: tuple[str, int] | None = None
         """The peer's transport address as this host sees it, when a host made this stream."""
 
     async def receive(self, max_bytes: int = 65536) -> bytes:
-        if self._unconsumed:
-            data, self._unconsumed = self._unconsumed[:max_bytes], self._unconsumed[max_bytes:]
+        offset, held = self._offset, len(self._unconsumed)
+        if offset < held:
+            end = min(held, offset + max_bytes)
+            data = self._unconsumed[offset:end]
+            if end == held:
+                self._unconsumed, self._offset = b"", 0
+            else:
+                self._offset = end
             await anyio.lowlevel.checkpoint()
             return data
         return await self.stream.receive(max_bytes)
@@ -73,7 +82,8 @@ class NegotiatedStream(anyio.abc.ByteStream):
                     )
             if length >= 0 and len(buffer) >= start + length:
                 message = bytes(buffer[start : start + length])
-                self._unconsumed = bytes(buffer[start + length :]) + self._unconsumed
+                rest = self._unconsumed[self._offset :]
+                self._unconsumed, self._offset = bytes(buffer[start + length :]) + rest, 0
                 return message
             try:
                 wanted = max(1, start + length - len(buffer)) if length >= 0 else _MAX_PREFIX
@@ -94,22 +104,25 @@ class NegotiatedStream(anyio.abc.ByteStream):
         if callable(take):
             arrived = take()
             if arrived:
-                self._unconsumed += arrived
-        buffer = self._unconsumed
-        if not buffer:
+                self._unconsumed = self._unconsumed[self._offset :] + arrived
+                self._offset = 0
+        buffer, offset = self._unconsumed, self._offset
+        if offset >= len(buffer):
             return None
+        prefix = buffer[offset : offset + _MAX_PREFIX]
         try:
-            length, start = decode_uvarint(buffer[:_MAX_PREFIX])
+            length, start = decode_uvarint(prefix)
         except InvalidProtobuf as exc:
-            if len(buffer) >= _MAX_PREFIX or "truncated" not in str(exc):
+            if len(prefix) >= _MAX_PREFIX or "truncated" not in str(exc):
                 raise MessageTooLarge(f"bad message length prefix: {exc}") from exc
             return None
         if length > max_size:
             raise MessageTooLarge(f"message of {length} bytes is over the {max_size}-byte limit")
-        if len(buffer) < start + length:
+        end = offset + start + length
+        if len(buffer) < end:
             return None
-        self._unconsumed = buffer[start + length :]
-        return buffer[start : start + length]
+        self._offset = end
+        return buffer[offset + start : end]
 
     async def send_eof(self) -> None:
         await self.stream.send_eof()
