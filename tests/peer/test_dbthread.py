@@ -1,7 +1,8 @@
 """The peer's database thread (`teia.peer.peer._DatabaseThread`): calls run one at a time, in
 the order they were queued, on one thread that is not the event loop's; outcomes reach the
 caller; a cancelled call that has not started never runs, a started one is waited for; `close`
-stops the thread after what is queued; asyncio works as well as trio."""
+stops the thread after what is queued; asyncio works as well as trio. And the message IDs the
+peer draws from a buffered read of the system's CSPRNG."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from functools import partial
 import anyio
 import pytest
 
-from teia.peer.peer import _DatabaseThread
+from teia.peer.peer import _DatabaseThread, _MessageIds
 
 pytestmark = pytest.mark.anyio
 
@@ -143,3 +144,11 @@ def test_asyncio_programs_get_their_outcomes_too() -> None:
             await database.close()
 
     assert anyio.run(main, backend="asyncio") == list(range(1, 21))
+
+
+def test_message_ids_are_16_random_bytes_and_do_not_repeat_across_refills() -> None:
+    ids = _MessageIds()
+    taken = [ids.take() for _ in range(3 * 256 + 7)]  # four reads of the system's CSPRNG
+    assert all(len(message_id) == 16 for message_id in taken)
+    assert len(set(taken)) == len(taken)
+    assert len({_MessageIds().take() for _ in range(64)}) == 64  # nothing shared or fixed

@@ -21,8 +21,14 @@ MAX_VALUE = (1 << 63) - 1
 Buffer = bytes | bytearray | memoryview
 
 
+_ONE_BYTE = tuple(bytes((value,)) for value in range(0x80))
+"""The encodings of 0 … 127 (tags and small lengths: most varints on the wire)."""
+
+
 def encode(value: int) -> bytes:
     """The minimal varint encoding of ``value`` (0 ≤ value < 2**63)."""
+    if type(value) is int and 0 <= value < 0x80:
+        return _ONE_BYTE[value]
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidVarint(f"varint value must be an int, not {type(value).__name__}")
     if value < 0 or value > MAX_VALUE:
@@ -48,6 +54,10 @@ def decode(data: Buffer, offset: int = 0) -> tuple[int, int]:
     """
     if offset < 0:
         raise InvalidVarint(f"negative offset {offset}")
+    if offset < len(data):
+        first = data[offset]
+        if first < 0x80:  # one byte: the common case
+            return first, offset + 1
     value = 0
     for index in range(MAX_BYTES):
         position = offset + index
