@@ -11,6 +11,7 @@ import anyio
 import pytest
 from aioquic import tls as aioquic_tls
 from aioquic._buffer import Buffer
+from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.packet import QuicProtocolVersion, pull_quic_header
 from aioquic.quic.recovery import QuicPacketPacer
@@ -414,6 +415,22 @@ async def test_a_write_leaves_at_once_and_one_the_socket_cannot_take_waits() -> 
                 assert sent[-1] == len(dialed._backlog)
             assert await read_all(stream) == b"FIRST SECOND"
             assert not dialed._backlog
+            await dialed.aclose()
+
+
+@pytest.mark.anyio
+async def test_a_new_stream_on_a_closing_connection_is_dropped_not_raised() -> None:
+    """Events are handed over from the endpoint's receive loop too: a stream the peer opens as
+    this side stops taking streams must not take the loop down."""
+    with anyio.fail_after(TIMEOUT):
+        async with endpoints() as (a, b):
+            dialed, accepted = await connect_pair(a, b)
+            accepted._incoming_send.close()  # as `_check_closing` does when closing starts
+            remote_stream = 0  # the dialer's first bidirectional stream
+            accepted._handle_event(
+                events.StreamDataReceived(data=b"late", end_stream=False, stream_id=remote_stream)
+            )
+            assert remote_stream not in accepted._streams
             await dialed.aclose()
 
 

@@ -602,6 +602,9 @@ class QuicConnectionHandle:
                     self._stop_stream(event.stream_id)
                     self._finished_remote_streams.add(event.stream_id)
                     return
+                except anyio.ClosedResourceError:  # closing: no new stream is taken any more
+                    self._finished_remote_streams.add(event.stream_id)
+                    return
                 self._streams[event.stream_id] = stream
             stream._data_received(event.data, event.end_stream)
         elif isinstance(event, events.StreamReset):
