@@ -290,12 +290,13 @@ class Host:
         reports again still counts once). ``now`` is ``anyio.current_time()`` by default.
         """
         self._expire_observed(anyio.current_time() if now is None else now)
-        ranked = sorted(
-            self._observed.items(),
-            key=lambda item: (len(item[1]), max(item[1].values())),
-            reverse=True,
-        )
-        return [addr for addr, reporters in ranked if len(reporters) >= min_peers]
+        ranked = sorted(self._observed, key=self._observed_rank, reverse=True)
+        return [addr for addr in ranked if len(self._observed[addr]) >= min_peers]
+
+    def _observed_rank(self, addr: Multiaddr) -> tuple[int, float]:
+        """Distinct peers that reported ``addr``, then the time of the latest report."""
+        reporters = self._observed[addr]
+        return len(reporters), max(reporters.values())
 
     def _note_observed(self, addr: Multiaddr | None, reporter: PeerId, now: float) -> None:
         if addr is None or not addr.is_quic_v1 or addr.peer_id is not None:
@@ -304,11 +305,7 @@ class Host:
         reporters = self._observed.get(addr)
         if reporters is None:
             if len(self._observed) >= _MAX_OBSERVED:
-                least = min(
-                    self._observed,
-                    key=lambda a: (len(self._observed[a]), max(self._observed[a].values())),
-                )
-                del self._observed[least]
+                del self._observed[min(self._observed, key=self._observed_rank)]
             reporters = self._observed[addr] = {}
         reporters.pop(reporter, None)
         reporters[reporter] = now

@@ -71,15 +71,9 @@ class NegotiatedStream(anyio.abc.ByteStream):
         start = 0
         while True:
             if length < 0 and buffer:
-                try:
-                    length, start = decode_uvarint(bytes(buffer[:_MAX_PREFIX]))
-                except InvalidProtobuf as exc:
-                    if len(buffer) >= _MAX_PREFIX or "truncated" not in str(exc):
-                        raise MessageTooLarge(f"bad message length prefix: {exc}") from exc
-                if length > max_size:
-                    raise MessageTooLarge(
-                        f"message of {length} bytes is over the {max_size}-byte limit"
-                    )
+                parsed = _length_prefix(bytes(buffer[:_MAX_PREFIX]), max_size)
+                if parsed is not None:
+                    length, start = parsed
             if length >= 0 and len(buffer) >= start + length:
                 message = bytes(buffer[start : start + length])
                 rest = self._unconsumed[self._offset :]
@@ -109,15 +103,10 @@ class NegotiatedStream(anyio.abc.ByteStream):
         buffer, offset = self._unconsumed, self._offset
         if offset >= len(buffer):
             return None
-        prefix = buffer[offset : offset + _MAX_PREFIX]
-        try:
-            length, start = decode_uvarint(prefix)
-        except InvalidProtobuf as exc:
-            if len(prefix) >= _MAX_PREFIX or "truncated" not in str(exc):
-                raise MessageTooLarge(f"bad message length prefix: {exc}") from exc
+        parsed = _length_prefix(buffer[offset : offset + _MAX_PREFIX], max_size)
+        if parsed is None:
             return None
-        if length > max_size:
-            raise MessageTooLarge(f"message of {length} bytes is over the {max_size}-byte limit")
+        length, start = parsed
         end = offset + start + length
         if len(buffer) < end:
             return None
@@ -135,6 +124,20 @@ class NegotiatedStream(anyio.abc.ByteStream):
         reset = getattr(self.stream, "reset", None)
         if callable(reset):
             reset(error_code)
+
+
+def _length_prefix(prefix: bytes, max_size: int) -> tuple[int, int] | None:
+    """(message length, prefix length) from the first bytes of a message; None while the
+    varint is still cut short; `MessageTooLarge` for a bad prefix or one over ``max_size``."""
+    try:
+        length, start = decode_uvarint(prefix)
+    except InvalidProtobuf as exc:
+        if len(prefix) >= _MAX_PREFIX or "truncated" not in str(exc):
+            raise MessageTooLarge(f"bad message length prefix: {exc}") from exc
+        return None
+    if length > max_size:
+        raise MessageTooLarge(f"message of {length} bytes is over the {max_size}-byte limit")
+    return length, start
 
 
 async def _run(

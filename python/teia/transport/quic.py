@@ -320,10 +320,7 @@ class QuicStream(anyio.abc.ByteStream):
             if state.closed:
                 raise anyio.ClosedResourceError
             if state.buffer:
-                data = bytes(state.buffer[:max_bytes])
-                del state.buffer[:max_bytes]
-                self._connection._consumed(self.stream_id, len(data))
-                return data
+                return self.receive_nowait(max_bytes)
             if state.reset_code is not None:
                 raise StreamReset(f"stream reset by the peer (code {state.reset_code:#x})")
             if state.eof_received:
@@ -1054,55 +1051,49 @@ class QuicEndpoint:
         elif self._task_group is not None:
             self._task_group.start_soon(self._send_datagrams, [(data, address)])
 
+    def _route(self, data: bytes, target: Address) -> tuple[bytes, Address] | None:
+        """What to send where: through the relay allocation that reaches ``target``, if any
+        (None while it has no allocation: as lost as any datagram), else as it is."""
+        session = self._relay_routes.get(target) if self._relay_routes else None
+        if session is None:
+            return data, target
+        wrapped = session.wrap(target, data)
+        return None if wrapped is None else (wrapped, session.server)
+
     def _send_datagrams_now(
         self, datagrams: list[tuple[bytes, Address]]
     ) -> list[tuple[bytes, Address]]:
         """Send without waiting, in order, while the kernel takes them; the rest (all of them
-        when another task is sending through the event loop) is returned for `_send_datagrams`."""
+        when another task is sending through the event loop) is returned for `_send_datagrams`.
+        The socket is non-blocking, so trying the kernel directly and only going through the
+        event loop when its buffer is full halves the CPU per packet."""
         raw = self._raw_socket
         if raw is None or self._send_lock.locked():
             return datagrams
-        routes = self._relay_routes
         for index, (data, target) in enumerate(datagrams):
-            if routes:
-                session = routes.get(target)
-                if session is not None:
-                    wrapped = session.wrap(target, data)
-                    if wrapped is None:
-                        continue  # no allocation right now: as lost as any datagram
-                    data, target = wrapped, session.server
+            routed = self._route(data, target)
+            if routed is None:
+                continue
             try:
-                raw.sendto(data, target)
+                raw.sendto(*routed)
             except BlockingIOError:
                 return datagrams[index:]
             except OSError as exc:  # unreachable and the like: QUIC's loss recovery copes
-                _log.debug("sendto %s:%s failed: %s", target[0], target[1], exc)
+                _log.debug("sendto %s:%s failed: %s", routed[1][0], routed[1][1], exc)
         return []
 
     async def _send_datagrams(self, datagrams: list[tuple[bytes, Address]]) -> None:
+        """`_send_datagrams_now`, then what the kernel did not take through the event loop."""
         assert self._socket is not None
-        raw = self._raw_socket
-        routes = self._relay_routes
-        for data, (host, port) in datagrams:
-            if routes:
-                session = routes.get((host, port))
-                if session is not None:
-                    wrapped = session.wrap((host, port), data)
-                    if wrapped is None:
-                        continue  # no allocation right now: as lost as any datagram
-                    data, (host, port) = wrapped, session.server
+        for data, target in self._send_datagrams_now(datagrams):
+            routed = self._route(data, target)
+            if routed is None:
+                continue
+            payload, (host, port) = routed
             try:
-                # Fast path: the socket is non-blocking, so try the kernel directly and only go
-                # through the event loop when its buffer is full. This halves the CPU per packet.
-                if raw is not None and not self._send_lock.locked():
-                    try:
-                        raw.sendto(data, (host, port))
-                        continue
-                    except BlockingIOError:
-                        pass
                 # anyio allows one sender per socket at a time; drivers take turns.
                 async with self._send_lock:
-                    await self._socket.sendto(data, host, port)
+                    await self._socket.sendto(payload, host, port)
             except OSError as exc:  # unreachable and the like: QUIC's loss recovery copes
                 _log.debug("sendto %s:%s failed: %s", host, port, exc)
             except (anyio.ClosedResourceError, anyio.BrokenResourceError):
