@@ -7,6 +7,7 @@ peer draws from a buffered read of the system's CSPRNG."""
 from __future__ import annotations
 
 import threading
+import time
 from functools import partial
 
 import anyio
@@ -146,9 +147,26 @@ def test_asyncio_programs_get_their_outcomes_too() -> None:
     assert anyio.run(main, backend="asyncio") == list(range(1, 21))
 
 
-def test_message_ids_are_16_random_bytes_and_do_not_repeat_across_refills() -> None:
+def test_message_ids_are_time_ordered_with_80_random_bits_that_do_not_repeat() -> None:
     ids = _MessageIds()
-    taken = [ids.take() for _ in range(3 * 256 + 7)]  # four reads of the system's CSPRNG
+    before = time.time_ns() // 1_000_000
+    taken = [ids.take() for _ in range(3 * 409 + 7)]  # four reads of the system's CSPRNG
+    after = time.time_ns() // 1_000_000
     assert all(len(message_id) == 16 for message_id in taken)
-    assert len(set(taken)) == len(taken)
-    assert len({_MessageIds().take() for _ in range(64)}) == 64  # nothing shared or fixed
+    stamps = [int.from_bytes(message_id[:6], "big") for message_id in taken]
+    assert before <= stamps[0]
+    assert stamps[-1] <= after
+    assert stamps == sorted(stamps)  # history indexes grow at their end
+    assert len({message_id[6:] for message_id in taken}) == len(taken)
+    assert len({_MessageIds().take()[6:] for _ in range(64)}) == 64  # nothing shared or fixed
+
+
+def test_message_ids_do_not_go_back_with_the_wall_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    ids = _MessageIds()
+    clock = [2_000_000_000_000_000_000]
+    monkeypatch.setattr(time, "time_ns", lambda: clock[0])
+    first = ids.take()
+    clock[0] -= 3_600 * 10**9  # the clock is set back an hour
+    second = ids.take()
+    assert second[:6] == first[:6] == (2_000_000_000_000).to_bytes(6, "big")
+    assert second != first
