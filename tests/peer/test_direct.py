@@ -116,3 +116,29 @@ async def test_a_delivery_is_in_history_for_whoever_reads_after_its_event(
                 states = {m.text: m.state for m in await alice.history("bob")}
                 assert states == {"one": "delivered", "two": "delivered", "three": "delivered"}
                 assert await alice.run_db(alice.profile.db.outbox, str(bob.peer_id)) == []
+
+
+@pytest.mark.anyio
+async def test_both_sides_move_search_tokens_into_the_index_and_find_everything(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from teia.peer import db as peer_db
+
+    monkeypatch.setattr(peer_db, "_RECENT_TOKENS", 4)  # a merge every second message
+    a_dir, b_dir = make_profile(tmp_path / "a"), make_profile(tmp_path / "b")
+    with anyio.fail_after(TIMEOUT):
+        async with online(a_dir) as alice, online(b_dir) as bob:
+            await introduce(alice, bob)
+            ids = [await alice.send(bob.peer_id, f"searchable {i}") for i in range(10)]
+            for message_id in ids:
+                await alice.wait_delivered(message_id)
+            await receive(bob, 10)
+            for peer in (alice, bob):
+                # Calls run in order: a merge queued before this read has run.
+                read = peer.profile.db.read
+                indexed = await peer.run_db(read, "SELECT count(*) FROM search_tokens")
+                recent = await peer.run_db(read, "SELECT count(*) FROM search_recent")
+                assert indexed[0][0] >= 16  # merged, by the peer (the cap is 32)
+                assert recent[0][0] < 4
+                assert len(await peer.search("searchable")) == 10
+                assert [m.text for m in await peer.search("7")] == ["searchable 7"]

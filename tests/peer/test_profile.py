@@ -11,6 +11,8 @@ import pytest
 from teia.errors import ConfigError, InvalidChatMessage, ProfileError, WrongPassphrase
 from teia.identity import Identity
 from teia.peer import PeerConfig, Profile, format_safety_number, safety_number
+from teia.peer import db as peer_db
+from teia.peer.db import PeerDatabase
 from teia.peer.wire import (
     AckStatus,
     ChatAck,
@@ -90,6 +92,102 @@ def test_sealed_rows_and_search(tmp_path: Path) -> None:
     connection.close()
     with Profile.open(directory, PASSPHRASE) as profile, pytest.raises(ProfileError):
         profile.db.history(str(other.peer_id))
+
+
+def _queue(db: PeerDatabase, peer: str, index: int, text: str) -> None:
+    db.queue_outgoing(
+        peer_id=peer,
+        conversation=peer,
+        message_id=index.to_bytes(16, "big"),
+        sent_ms=index,
+        text=text,
+        kind=int(Kind.TEXT),
+        plaintext=Plaintext(text).encode(),
+    )
+
+
+def _unindexed(db: PeerDatabase) -> int:
+    return int(db.read("SELECT count(*) FROM search_recent")[0][0])
+
+
+def test_search_reads_recent_and_merged_tokens_alike(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(peer_db, "_RECENT_TOKENS", 6)
+    monkeypatch.setattr(peer_db, "_RECENT_TOKENS_CAP", 12)
+    peer = str(Identity.generate().peer_id)
+    with Profile.open(make_profile(tmp_path / "p"), PASSPHRASE) as profile:
+        db = profile.db
+        _queue(db, peer, 1, "alpha beta")
+        _queue(db, peer, 2, "beta gamma")
+        assert _unindexed(db) == 4
+        assert not db.search_merge_due
+        _queue(db, peer, 3, "gamma alpha")
+        assert db.search_merge_due
+        db.merge_search()
+        assert _unindexed(db) == 0
+        assert not db.search_merge_due
+        _queue(db, peer, 4, "alpha delta")  # "alpha": merged for 1 and 3, recent for 4
+        assert [m.text for m in db.search("alpha")] == ["alpha delta", "gamma alpha", "alpha beta"]
+        assert [m.text for m in db.search("delta alpha")] == ["alpha delta"]
+        assert [m.text for m in db.search("beta")] == ["beta gamma", "alpha beta"]
+        # Nobody merges: the transaction that reaches the cap does it.
+        for index in range(5, 12):
+            _queue(db, peer, index, f"word{index} other{index}")
+        assert _unindexed(db) < 12
+        assert [m.text for m in db.search("word5")] == ["word5 other5"]
+        assert len(db.search("alpha")) == 3
+
+
+def test_a_rolled_back_message_leaves_no_tokens_and_the_count_right(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(peer_db, "_RECENT_TOKENS", 4)
+    peer = str(Identity.generate().peer_id)
+    with Profile.open(make_profile(tmp_path / "p"), PASSPHRASE) as profile:
+        db = profile.db
+        _queue(db, peer, 1, "one two three")
+
+        def fails_after_the_history_row() -> None:
+            with db.transaction() as conn:
+                db.insert_history(
+                    conn,
+                    message_id=bytes(16),
+                    peer_id=peer,
+                    conversation=peer,
+                    outgoing=True,
+                    sent_ms=5,
+                    text="four five six",
+                    state="pending",
+                )
+                raise RuntimeError("a later step of the same transaction failed")
+
+        with pytest.raises(RuntimeError):
+            fails_after_the_history_row()
+        assert _unindexed(db) == 3
+        assert not db.search_merge_due  # 3 tokens, not 6
+        assert db.search("five") == []
+        _queue(db, peer, 2, "seven")
+        assert db.search_merge_due
+
+
+def test_a_version_2_profile_database_is_upgraded(tmp_path: Path) -> None:
+    directory = make_profile(tmp_path / "p")
+    peer = str(Identity.generate().peer_id)
+    with Profile.open(directory, PASSPHRASE) as profile:
+        _queue(profile.db, peer, 1, "kept through the upgrade")
+        profile.db.merge_search()
+    connection = sqlite3.connect(directory / "peer.db")  # as schema version 2 left it
+    connection.executescript("DROP TABLE search_recent; PRAGMA user_version = 2;")
+    connection.close()
+    with Profile.open(directory, PASSPHRASE) as profile:
+        assert profile.db.read("PRAGMA user_version")[0][0] == peer_db.SCHEMA_VERSION == 3
+        assert [m.text for m in profile.db.search("upgrade")] == ["kept through the upgrade"]
+        _queue(profile.db, peer, 2, "after the upgrade")
+        assert [m.text for m in profile.db.search("upgrade")] == [
+            "after the upgrade",
+            "kept through the upgrade",
+        ]
 
 
 def test_contacts_rebinding_a_name_marks_the_change(tmp_path: Path) -> None:

@@ -10,7 +10,10 @@ from the identity seed; every row's natural key is its associated data, so a sea
 copied into another row does not open): session state, prekey private keys, message texts.
 Search works without plaintext in the file: each message's words are indexed as keyed hashes
 (HMAC-SHA256 under a second derived key, truncated to 16 bytes). SQLite's FTS5 was not used on
-purpose: its index holds the words in clear.
+purpose: its index holds the words in clear. Keyed hashes land on random pages of the token
+index, so a message's tokens first go to an unindexed table (appended in order: one page) and
+are moved into the index a few thousand at a time, sorted (`merge_search`): each message's
+commit writes ~5 pages fewer, and an index page takes many tokens per write. Search reads both.
 
 Schema (``PRAGMA user_version`` = `SCHEMA_VERSION`)::
 
@@ -24,7 +27,8 @@ Schema (``PRAGMA user_version`` = `SCHEMA_VERSION`)::
     outbox(peer_id, message_id, kind, plaintext*, envelope, attempts, created_ms, last_error)
                                                                        PK(peer_id, message_id)
     base_keys(peer_id, base_key)          initiators' X3DH base keys already accepted (replays)
-    search_tokens(token, seq)
+    search_tokens(token, seq)                                     index on token
+    search_recent(token, seq)      the newest tokens, unindexed, until `merge_search` moves them
     app_inbox(seq PK, peer_id, message_id, app, data*, sent_ms, path)
                       application payloads received, until their handler has taken them
     (* sealed)
@@ -32,7 +36,7 @@ Schema (``PRAGMA user_version`` = `SCHEMA_VERSION`)::
 Features built on the peer (groups, devices, attachments) keep their own tables in the same
 file: `PeerDatabase.ensure_schema` creates them, `PeerDatabase.transaction` and
 `PeerDatabase.cipher` give them the same atomicity and sealing. Version 1 files are upgraded in
-place.
+place, as are version 2 files.
 """
 
 from __future__ import annotations
@@ -74,7 +78,7 @@ __all__ = [
     "now_ms",
 ]
 
-SCHEMA_VERSION: Final = 2
+SCHEMA_VERSION: Final = 3
 _NONCE: Final = 12
 _KIND_APP: Final = 3  # wire.Kind.APP
 _WORD = re.compile(r"\w+", re.UNICODE)
@@ -87,6 +91,8 @@ MessageState = Literal["pending", "sent", "stored", "delivered", "received", "fa
 
 
 _CHECKPOINT_PAGES: Final = 4000
+_RECENT_TOKENS: Final = 2048  # unindexed search tokens worth a merge
+_RECENT_TOKENS_CAP: Final = 8 * _RECENT_TOKENS  # merged within the transaction at this many
 
 
 def now_ms() -> int:
@@ -254,6 +260,11 @@ CREATE TABLE app_inbox (
 );
 """
 
+# Added by schema version 3.
+_SCHEMA_3 = """
+CREATE TABLE search_recent (token BLOB NOT NULL, seq INTEGER NOT NULL);
+"""
+
 # Only constant column lists and "?" placeholders are ever formatted into SQL text.
 _MESSAGE_COLUMNS = (
     "seq, message_id, peer_id, conversation, outgoing, sent_ms, received_ms, body, state, "
@@ -317,14 +328,19 @@ class PeerDatabase:
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
             if version == 0:
                 self._db.executescript(
-                    f"BEGIN; {_SCHEMA} {_SCHEMA_2} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+                    f"BEGIN; {_SCHEMA} {_SCHEMA_2} {_SCHEMA_3} "
+                    f"PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
                 )
-            elif version == 1:
-                self._db.executescript(f"BEGIN; {_SCHEMA_2} PRAGMA user_version = 2; COMMIT;")
+            elif version in (1, 2):
+                upgrade = (_SCHEMA_2 if version == 1 else "") + _SCHEMA_3
+                self._db.executescript(
+                    f"BEGIN; {upgrade} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+                )
             elif version != SCHEMA_VERSION:
                 raise ProfileError(
                     f"profile database schema {version} is not {SCHEMA_VERSION}; upgrade teia"
                 )
+            self._recent_tokens: int | None = None  # rows in search_recent (None: count them)
         except sqlite3.DatabaseError as exc:
             raise ProfileError(f"cannot open the profile database {path}: {exc}") from None
 
@@ -345,6 +361,7 @@ class PeerDatabase:
                 yield self._db
             except BaseException:
                 self._db.execute("ROLLBACK")
+                self._recent_tokens = None
                 raise
             self._db.execute("COMMIT")
 
@@ -643,8 +660,12 @@ class PeerDatabase:
         if version <= self.session_version(peer_id):
             return
         stamp = now_ms()
+        # Upserts update rows in place: INSERT OR REPLACE deleted and re-inserted them, moving
+        # each to a new page and rewriting its index entry: two more pages a commit.
         db.executemany(
-            "INSERT OR REPLACE INTO sessions (peer_id, slot, state, updated_ms) VALUES (?,?,?,?)",
+            "INSERT INTO sessions (peer_id, slot, state, updated_ms) VALUES (?,?,?,?) "
+            "ON CONFLICT (peer_id, slot) DO UPDATE SET "
+            "state = excluded.state, updated_ms = excluded.updated_ms",
             [
                 (peer_id, slot, self._cipher.seal(_session_ad(peer_id, slot), state), stamp)
                 for slot, state in enumerate(states)
@@ -652,7 +673,8 @@ class PeerDatabase:
         )
         db.execute("DELETE FROM sessions WHERE peer_id = ? AND slot >= ?", (peer_id, len(states)))
         db.execute(
-            "INSERT OR REPLACE INTO session_versions (peer_id, version) VALUES (?, ?)",
+            "INSERT INTO session_versions (peer_id, version) VALUES (?, ?) "
+            "ON CONFLICT (peer_id) DO UPDATE SET version = excluded.version",
             (peer_id, version),
         )
 
@@ -696,11 +718,37 @@ class PeerDatabase:
         )
         seq = cursor.lastrowid
         assert seq is not None
-        db.executemany(
-            "INSERT INTO search_tokens (token, seq) VALUES (?, ?)",
-            [(token, seq) for token in self._cipher.tokens(text)],
-        )
+        tokens = self._cipher.tokens(text)
+        if tokens:
+            db.executemany(
+                "INSERT INTO search_recent (token, seq) VALUES (?, ?)",
+                [(token, seq) for token in tokens],
+            )
+            if self._recent_tokens is None:
+                self._recent_tokens = db.execute("SELECT count(*) FROM search_recent").fetchone()[0]
+            else:
+                self._recent_tokens += len(tokens)
+            if self._recent_tokens >= _RECENT_TOKENS_CAP:
+                self._merge_search(db)  # nobody called `merge_search` in time
         return seq
+
+    @property
+    def search_merge_due(self) -> bool:
+        """Enough tokens wait unindexed that `merge_search` is worth a call."""
+        return (self._recent_tokens or 0) >= _RECENT_TOKENS
+
+    def merge_search(self) -> None:
+        """Move the newest search tokens into the token index, sorted, in one transaction."""
+        with self._transaction() as db:
+            self._merge_search(db)
+
+    def _merge_search(self, db: sqlite3.Connection) -> None:
+        db.execute(
+            "INSERT INTO search_tokens (token, seq) "
+            "SELECT token, seq FROM search_recent ORDER BY token, seq"
+        )
+        db.execute("DELETE FROM search_recent")
+        self._recent_tokens = 0
 
     def queue_outgoing(
         self,
@@ -860,7 +908,8 @@ class PeerDatabase:
         new history sequence numbers (None for a message already held)."""
         out: list[int | None] = []
         with self._transaction() as db:
-            if self.contact(peer_id) is None:
+            known = db.execute("SELECT 1 FROM contacts WHERE peer_id = ?", (peer_id,)).fetchone()
+            if known is None:
                 db.execute(
                     "INSERT INTO contacts (peer_id, identity_key, trust, added_ms) "
                     "VALUES (?, ?, 'unverified', ?)",
@@ -1098,12 +1147,13 @@ class PeerDatabase:
         placeholders = ",".join("?" * len(tokens))
         sql = (
             f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE seq IN ("  # noqa: S608
-            f"SELECT seq FROM search_tokens WHERE token IN ({placeholders}) "
+            f"SELECT seq FROM (SELECT token, seq FROM search_tokens WHERE token IN ({placeholders})"
+            f" UNION ALL SELECT token, seq FROM search_recent WHERE token IN ({placeholders})) "
             "GROUP BY seq HAVING count(DISTINCT token) = ?)"
             + (" AND conversation = ?" if conversation is not None else "")
             + " ORDER BY seq DESC LIMIT ?"
         )
-        params: list[object] = [*tokens, len(tokens)]
+        params: list[object] = [*tokens, *tokens, len(tokens)]
         if conversation is not None:
             params.append(conversation)
         params.append(limit)

@@ -43,6 +43,7 @@ import contextlib
 import itertools
 import logging
 import os
+import sqlite3
 import threading
 import time
 from collections import deque
@@ -389,6 +390,7 @@ class Peer:
         self.config: PeerConfig = profile.config
         self._database = _DatabaseThread()
         self._ids = _MessageIds()
+        self._merging_search = False
         self._sessions: dict[PeerId, list[Session]] = {}
         self._locks: dict[PeerId, anyio.Lock] = {}
         self._wake: dict[PeerId, anyio.Event] = {}
@@ -798,6 +800,7 @@ class Peer:
                 await self._db(
                     self.profile.db.queue_many, self._text(peer), self._text(peer), batch, states
                 )
+                self._index_search_soon()
             except BaseException as exc:
                 async with self._lock(peer):
                     # Envelopes made after this batch came from the state that was not saved:
@@ -1270,6 +1273,7 @@ class Peer:
             except BaseException:
                 self._sessions.pop(peer, None)
                 raise
+        self._index_search_soon()
         for index, record, seq in zip(owners, records, seqs, strict=True):
             results[index] = True
             if seq is None:
@@ -1339,6 +1343,23 @@ class Peer:
     def _read_sessions(self, peer: str) -> tuple[list[bytes], int]:
         db = self.profile.db
         return db.sessions(peer), db.session_version(peer)
+
+    def _index_search_soon(self) -> None:
+        """Queue the move of recent search tokens into the index when it is due; nobody
+        waits for it (`PeerDatabase.merge_search`)."""
+        if self._merging_search or not self.profile.db.search_merge_due:
+            return
+        self._merging_search = True
+        self._database.submit(self._merge_search)
+
+    def _merge_search(self) -> None:
+        """On the database thread."""
+        try:
+            self.profile.db.merge_search()
+        except (sqlite3.Error, ProfileError) as exc:  # search still reads the unmerged table
+            _log.warning("search index merge failed: %s", type(exc).__name__)
+        finally:
+            self._merging_search = False
 
     def _changed(self, peer: PeerId) -> None:
         """The sessions with ``peer`` changed in memory (call under its lock)."""
