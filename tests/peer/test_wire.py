@@ -4,6 +4,7 @@ input refused with `InvalidChatMessage` only."""
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -18,6 +19,9 @@ from teia.peer.wire import (
     ChatEnvelope,
     Kind,
     Plaintext,
+    _ack_any_layout,
+    _envelope_any_layout,
+    _envelope_as_encoded,
     open_sealed,
 )
 
@@ -102,3 +106,65 @@ def test_oversize_input_is_refused() -> None:
         Plaintext.decode(b"\x22\x01x")  # data without an application name
     with pytest.raises(InvalidChatMessage):
         Plaintext.decode(b"\x1a\x02AB")  # an application name with capitals
+
+
+def _outcome(decode: Callable[[bytes], object], data: bytes) -> object:
+    try:
+        return decode(data)
+    except InvalidChatMessage:
+        return InvalidChatMessage
+
+
+@st.composite
+def near_envelopes(draw: st.DrawFn) -> bytes:
+    """Encodings as `ChatEnvelope.encode` writes them (often with our 38-byte peer IDs and no
+    conversation), then perhaps one byte changed, a cut, or bytes added."""
+    envelope = draw(envelopes)
+    if draw(st.booleans()):
+        envelope = ChatEnvelope(
+            envelope.message_id,
+            draw(st.binary(min_size=38, max_size=38)),
+            "",
+            envelope.timestamp_ms,
+            envelope.kind,
+            envelope.body,
+        )
+    data = bytearray(envelope.encode())
+    change = draw(st.sampled_from(["none", "byte", "cut", "append"]))
+    if change == "byte":
+        data[draw(st.integers(0, len(data) - 1))] = draw(st.integers(0, 255))
+    elif change == "cut":
+        del data[draw(st.integers(0, len(data) - 1)) :]
+    elif change == "append":
+        data += draw(st.binary(min_size=1, max_size=8))
+    return bytes(data)
+
+
+@given(st.one_of(near_envelopes(), st.binary(max_size=300)))
+def test_the_envelope_fast_path_agrees_with_the_general_reader(data: bytes) -> None:
+    fast = _envelope_as_encoded(data)
+    general = _outcome(_envelope_any_layout, data)
+    if fast is not None:
+        assert fast == general
+    assert _outcome(ChatEnvelope.decode, data) == general
+
+
+@given(envelopes)
+def test_what_we_encode_takes_the_fast_path_unless_it_has_a_conversation(
+    envelope: ChatEnvelope,
+) -> None:
+    fast = _envelope_as_encoded(envelope.encode())
+    if envelope.conversation == "" and len(envelope.sender) < 0x80:
+        assert fast == envelope
+    else:
+        assert fast is None
+
+
+@given(st.binary(min_size=16, max_size=16), st.integers(0, 255), st.integers(0, 19), st.booleans())
+def test_the_ack_fast_path_agrees_with_the_general_reader(
+    message_id: bytes, status: int, position: int, change: bool
+) -> None:
+    data = bytearray(b"\x0a\x10" + message_id + b"\x10" + bytes([status]))
+    if change:
+        data[position] ^= 0x01
+    assert _outcome(ChatAck.decode, bytes(data)) == _outcome(_ack_any_layout, bytes(data))
