@@ -136,6 +136,24 @@ async def test_close_runs_what_is_queued_then_stops_and_a_later_call_starts_agai
     await database.close()  # twice is harmless
 
 
+async def test_no_call_waits_forever_when_it_races_the_thread_going_idle() -> None:
+    # The thread is signalled only when it has found nothing queued: calls queued while it
+    # works, as it finishes, and after it went idle must all run.
+    database = _DatabaseThread()
+    with anyio.fail_after(30):
+        for index in range(400):
+            assert await database.run(partial(int.__add__, index, 0)) == index
+            gate = threading.Event()
+            first = database.submit(gate.wait)
+            burst = [database.submit(partial(int, i)) for i in range(index % 4)]
+            gate.set()
+            late = database.submit(partial(int, -1))
+            for call in (first, *burst, late):
+                await database.wait(call)
+                assert call.error is None
+    await database.close()
+
+
 def test_asyncio_programs_get_their_outcomes_too() -> None:
     async def main() -> list[int]:
         database = _DatabaseThread()
