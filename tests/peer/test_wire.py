@@ -20,6 +20,7 @@ from teia.peer.wire import (
     Kind,
     Plaintext,
     _ack_any_layout,
+    _encode_envelope_fields,
     _envelope_any_layout,
     _envelope_as_encoded,
     open_sealed,
@@ -147,6 +148,15 @@ def test_the_envelope_fast_path_agrees_with_the_general_reader(data: bytes) -> N
     if fast is not None:
         assert fast == general
     assert _outcome(ChatEnvelope.decode, data) == general
+
+
+@given(envelopes)
+def test_the_envelope_encoder_fast_path_writes_the_general_bytes(envelope: ChatEnvelope) -> None:
+    assert envelope.encode() == _encode_envelope_fields(envelope)
+    ours = ChatEnvelope(
+        envelope.message_id, bytes(38), "", envelope.timestamp_ms, envelope.kind, b""
+    )
+    assert ours.encode() == _encode_envelope_fields(ours)
 
 
 @given(envelopes)

@@ -44,9 +44,10 @@ class PeerId:
     `from_bytes`). ``str(peer_id)`` is the base58btc form.
     """
 
-    __slots__ = ("_bytes", "_key_type", "_public_key")
+    __slots__ = ("_bytes", "_hash", "_key_type", "_public_key")
 
     _bytes: bytes
+    _hash: int
     _key_type: KeyType | None
     _public_key: bytes | None
 
@@ -92,6 +93,8 @@ class PeerId:
         object.__setattr__(self, "_bytes", data)
         object.__setattr__(self, "_key_type", key_type)
         object.__setattr__(self, "_public_key", public_key)
+        # Peer IDs key many dicts on a busy path (a dozen lookups per message sent).
+        object.__setattr__(self, "_hash", hash((PeerId, data)))
 
     # --- constructors -------------------------------------------------------------------------
 
@@ -194,7 +197,7 @@ class PeerId:
         return self._bytes == other._bytes
 
     def __hash__(self) -> int:
-        return hash((PeerId, self._bytes))
+        return self._hash
 
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError("PeerId is immutable")

