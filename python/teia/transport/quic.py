@@ -704,6 +704,11 @@ class QuicConnectionHandle:
                     deadline = min(deadline, handshake_deadline)
                 with anyio.CancelScope(deadline=deadline):
                     await self._wakeup.wait()
+                # The datagram that woke us woke its streams' readers too, and trio runs a
+                # batch of woken tasks in either order: one more pass lets them go first, so
+                # a reader answers before the driver spends ~50 µs finding (usually) nothing
+                # to send; its answer leaves from its own step, the driver sends what remains.
+                await anyio.lowlevel.cancel_shielded_checkpoint()
         finally:
             self._terminated.set()
             self._close_reason = self._close_reason or quic.closing_reason or "endpoint closed"
