@@ -947,7 +947,7 @@ class PeerDatabase:
                     )
                 )
                 if record["receipts"]:
-                    self._mark_delivered(db, peer_id, record["receipts"], None, None)
+                    self._mark_delivered(db, peer_id, [(r, None, None) for r in record["receipts"]])
                 app = record.get("app")
                 if app is not None:
                     name, data = app
@@ -969,22 +969,18 @@ class PeerDatabase:
         self,
         db: sqlite3.Connection,
         peer_id: str,
-        message_ids: Sequence[bytes],
-        path: str | None,
-        latency_ms: float | None,
-    ) -> int:
-        changed = 0
-        for message_id in message_ids:
-            changed += db.execute(
-                "UPDATE messages SET state = 'delivered', path = coalesce(?, path), "
-                "latency_ms = coalesce(?, latency_ms) "
-                "WHERE peer_id = ? AND outgoing = 1 AND message_id = ? AND state != 'delivered'",
-                (path, latency_ms, peer_id, message_id),
-            ).rowcount
-            db.execute(
-                "DELETE FROM outbox WHERE peer_id = ? AND message_id = ?", (peer_id, message_id)
-            )
-        return changed
+        deliveries: Sequence[tuple[bytes, str | None, float | None]],
+    ) -> None:
+        db.executemany(
+            "UPDATE messages SET state = 'delivered', path = coalesce(?, path), "
+            "latency_ms = coalesce(?, latency_ms) "
+            "WHERE peer_id = ? AND outgoing = 1 AND message_id = ? AND state != 'delivered'",
+            [(path, latency, peer_id, message_id) for message_id, path, latency in deliveries],
+        )
+        db.executemany(
+            "DELETE FROM outbox WHERE peer_id = ? AND message_id = ?",
+            [(peer_id, message_id) for message_id, _, _ in deliveries],
+        )
 
     def mark_delivered(
         self,
@@ -994,8 +990,7 @@ class PeerDatabase:
         """(message ID, path, latency ms) per delivered message: history updated, outbox
         entry removed."""
         with self._transaction() as db:
-            for message_id, path, latency in deliveries:
-                self._mark_delivered(db, peer_id, [message_id], path, latency)
+            self._mark_delivered(db, peer_id, deliveries)
 
     def seen_base_key(self, peer_id: str, base_key: bytes) -> bool:
         return (
