@@ -38,6 +38,7 @@ __all__ = [
     "open_sealed",
     "parse_prekey_message",
     "seal",
+    "search_tokens",
     "x3dh_associated_data",
     "x3dh_initiate",
     "x3dh_respond",
@@ -103,6 +104,9 @@ def x3dh_respond(
     initiator_ephemeral_key: bytes,
 ) -> bytes:
     """X3DH as the responder → the 32-byte shared secret SK."""
+
+def search_tokens(key: bytes, words: list[str]) -> list[bytes]:
+    """HMAC-SHA256(key, word)[:16] of each word (UTF-8), in order: the peer's search tokens."""
 
 def x3dh_associated_data(initiator_identity_key: bytes, responder_identity_key: bytes) -> bytes:
     """AD = IK_A ‖ IK_B (the raw 32-byte Ed25519 public keys)."""

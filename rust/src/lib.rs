@@ -9,6 +9,7 @@ pub mod ratchet;
 // epoll and recvmmsg/sendmmsg: the relay data plane is Linux-only.
 #[cfg(target_os = "linux")]
 pub mod relay;
+pub mod search;
 pub mod signing;
 
 #[cfg(feature = "python")]

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import hmac
 import os
+import re
 import sqlite3
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from teia import _native
 from teia.errors import ConfigError, InvalidChatMessage, ProfileError, WrongPassphrase
 from teia.identity import Identity
 from teia.peer import PeerConfig, Profile, format_safety_number, safety_number
 from teia.peer import db as peer_db
-from teia.peer.db import PeerDatabase
+from teia.peer.db import PeerDatabase, RowCipher
 from teia.peer.wire import (
     AckStatus,
     ChatAck,
@@ -188,6 +193,21 @@ def test_a_version_2_profile_database_is_upgraded(tmp_path: Path) -> None:
             "after the upgrade",
             "kept through the upgrade",
         ]
+
+
+@given(st.binary(min_size=32, max_size=32), st.lists(st.text(max_size=40), max_size=20))
+def test_search_tokens_are_truncated_hmac_sha256_of_each_word(
+    seed: bytes, words: list[str]
+) -> None:
+    cipher = RowCipher(seed)
+    key = cipher._search_key
+    expected = [hmac.digest(key, w.encode(), "sha256")[:16] for w in words]
+    assert _native.search_tokens(key, words) == expected
+    assert [cipher.token(w) for w in words] == expected
+    text = " ".join(words)
+    assert cipher.tokens(text) == {
+        hmac.digest(key, w.casefold().encode(), "sha256")[:16] for w in re.findall(r"\w+", text)
+    }
 
 
 def test_contacts_rebinding_a_name_marks_the_change(tmp_path: Path) -> None:

@@ -42,7 +42,6 @@ place, as are version 2 files.
 from __future__ import annotations
 
 import contextlib
-import hmac
 import json
 import os
 import re
@@ -61,6 +60,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from teia import _native
 from teia.crypto import OneTimePrekey, SignedPrekey
 from teia.errors import ProfileError
 from teia.peer.wire import Plaintext
@@ -126,11 +126,13 @@ class RowCipher:
             ) from None
 
     def token(self, word: str) -> bytes:
-        return hmac.digest(self._search_key, word.encode(), "sha256")[:16]
+        """HMAC-SHA256(search key, word)[:16]."""
+        return _native.search_tokens(self._search_key, [word])[0]
 
     def tokens(self, text: str) -> set[bytes]:
-        words = {w.casefold() for w in _WORD.findall(text)}
-        return {self.token(w) for w in list(words)[:_MAX_TOKENS_PER_MESSAGE]}
+        """The search tokens of a text's distinct case-folded words (one native call)."""
+        words = list({w.casefold() for w in _WORD.findall(text)})[:_MAX_TOKENS_PER_MESSAGE]
+        return set(_native.search_tokens(self._search_key, words))
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,7 @@ use super::errors::IntoPyResult;
 use crate::password::{self, Argon2idParams};
 use crate::ratchet::keys::{self, array32, IdentityKeyPair};
 use crate::ratchet::{kdf, x3dh, CryptoError};
+use crate::search;
 use crate::signing;
 
 fn bytes<'py>(py: Python<'py>, data: &[u8]) -> Bound<'py, PyBytes> {
@@ -422,6 +423,15 @@ impl OneTimePrekey {
     }
 }
 
+/// Search tokens: HMAC-SHA256(key, word)[:16] of each word (UTF-8), in order.
+#[pyfunction]
+fn search_tokens<'py>(py: Python<'py>, key: &[u8], words: Vec<String>) -> Vec<Bound<'py, PyBytes>> {
+    search::tokens(key, &words)
+        .iter()
+        .map(|token| bytes(py, token))
+        .collect()
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(x25519_keypair, m)?)?;
     m.add_function(wrap_pyfunction!(x25519_public_key, m)?)?;
@@ -439,6 +449,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(x3dh_initiate, m)?)?;
     m.add_function(wrap_pyfunction!(x3dh_respond, m)?)?;
     m.add_function(wrap_pyfunction!(x3dh_associated_data, m)?)?;
+    m.add_function(wrap_pyfunction!(search_tokens, m)?)?;
     m.add_class::<PrekeyBundle>()?;
     m.add_class::<SignedPrekey>()?;
     m.add_class::<OneTimePrekey>()?;
