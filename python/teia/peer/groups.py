@@ -779,7 +779,7 @@ class Groups:
         """Send a text to every other member: encrypted once with our sending chain, committed
         to our history, then queued pairwise for each member (delivered in the background)."""
         me = self._peer.peer_id
-        message_id = secrets.token_bytes(16)
+        message_id = self._peer.new_message_id()
         async with self._lock:
             held = await self._held(group)
             if not held.joined:

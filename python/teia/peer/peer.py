@@ -710,6 +710,10 @@ class Peer:
         self._apps[check_app_name(app)] = handler
         self._app_wake.set()
 
+    def new_message_id(self) -> bytes:
+        """A new 16-byte message ID: time-ordered, then 80 random bits (`_MessageIds`)."""
+        return self._ids.take()
+
     @property
     def task_group(self) -> anyio.abc.TaskGroup:
         """The peer's task group, for work that lives as long as the peer is open."""
@@ -732,7 +736,7 @@ class Peer:
     async def _queue(
         self, peer_id: PeerId, kind: Kind, plaintext: bytes, text: str, conversation: str
     ) -> str:
-        message_id = self._ids.take()
+        message_id = self.new_message_id()
         self._queued_at[message_id] = time.perf_counter()
         lock = self._lock(peer_id)
         if peer_id in self._sessions and not lock.locked():
@@ -1700,7 +1704,7 @@ class Peer:
             self.profile.db.queue_outgoing,
             peer_id=self._text(peer),
             conversation=self._text(peer),
-            message_id=self._ids.take(),
+            message_id=self.new_message_id(),
             sent_ms=self.profile.db.next_timestamp(),
             text=None,
             kind=int(Kind.RECEIPT),
