@@ -22,11 +22,11 @@ parse means the file was altered behind our back: `DhtStoreError`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -39,6 +39,7 @@ from teia.errors import (
     InvalidVarint,
 )
 from teia.identity import Multiaddr, PeerId, varint
+from teia.service import sqlite as service_sqlite
 
 __all__ = [
     "DEFAULT_MAX_PROVIDERS_PER_KEY",
@@ -162,19 +163,8 @@ class DhtStore:
         self.max_routing_entries = max_routing_entries
         self._lock = threading.Lock()
         self._connection: sqlite3.Connection | None = None
-        try:
-            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            # Create the file ourselves so it is 0600 from the first byte (SQLite would use the
-            # umask); its -wal and -shm files take the database file's permissions.
-            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
-        except OSError as exc:
-            raise DhtStoreError(f"cannot create the DHT store {self.path}: {exc}") from None
-        try:
-            connection = sqlite3.connect(
-                self.path, check_same_thread=False, isolation_level=None, timeout=10
-            )
-        except sqlite3.Error as exc:
-            raise DhtStoreError(f"cannot open the DHT store {self.path}: {exc}") from None
+        self._name = f"the DHT store {self.path}"
+        connection = service_sqlite.open_private(self.path, DhtStoreError, "the DHT store")
         try:
             self._set_up(connection)
         except sqlite3.DatabaseError as exc:
@@ -189,15 +179,10 @@ class DhtStore:
         self._connection = connection
 
     def _set_up(self, connection: sqlite3.Connection) -> None:
-        connection.execute("PRAGMA journal_mode=WAL")
-        connection.execute("PRAGMA synchronous=NORMAL")
+        service_sqlite.use_wal(connection)
         version = connection.execute("PRAGMA user_version").fetchone()[0]
         if version == SCHEMA_VERSION:
-            result = connection.execute("PRAGMA quick_check").fetchone()[0]
-            if result != "ok":
-                raise DhtStoreError(
-                    f"{self.path} failed SQLite's integrity check ({result}); move it aside"
-                )
+            service_sqlite.check_integrity(connection, self.path, DhtStoreError)
             return
         if version > SCHEMA_VERSION:
             raise DhtStoreError(
@@ -207,35 +192,14 @@ class DhtStore:
         tables = connection.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
         if version != 0 or tables:
             raise DhtStoreError(f"{self.path} is some other SQLite database, not a DHT store")
-        connection.execute("BEGIN IMMEDIATE")
-        try:
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    connection.execute(statement)
-            connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            connection.execute("COMMIT")
-        except BaseException:
-            connection.execute("ROLLBACK")
-            raise
+        service_sqlite.create_schema(connection, _SCHEMA, SCHEMA_VERSION)
 
     # --- plumbing -------------------------------------------------------------------------
 
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            if self._connection is None:
-                raise DhtStoreError("the DHT store is closed")
-            connection = self._connection
-            try:
-                connection.execute("BEGIN IMMEDIATE")
-                try:
-                    yield connection
-                except BaseException:
-                    connection.execute("ROLLBACK")
-                    raise
-                connection.execute("COMMIT")
-            except sqlite3.DatabaseError as exc:
-                raise DhtStoreError(f"DHT store {self.path}: {exc}") from None
+    def _transaction(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        return service_sqlite.transaction(
+            self._lock, lambda: self._connection, DhtStoreError, self._name
+        )
 
     def close(self) -> None:
         """Close the database (idempotent); later calls raise `DhtStoreError`."""

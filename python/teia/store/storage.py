@@ -23,18 +23,19 @@ kept from in-memory counters loaded at open and updated with each committed chan
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
 from teia.errors import StoreDatabaseError
 from teia.identity import varint
+from teia.service import sqlite as service_sqlite
 from teia.store.messages import Status, Tombstone
 
 __all__ = [
@@ -145,19 +146,10 @@ class InboxStore:
         self.limits = limits or StoreLimits()
         self._lock = threading.Lock()
         self._connection: sqlite3.Connection | None = None
-        try:
-            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
-        except OSError as exc:
-            raise StoreDatabaseError(
-                f"cannot create the store database {self.path}: {exc}"
-            ) from None
-        try:
-            connection = sqlite3.connect(
-                self.path, check_same_thread=False, isolation_level=None, timeout=10
-            )
-        except sqlite3.Error as exc:
-            raise StoreDatabaseError(f"cannot open the store database {self.path}: {exc}") from None
+        self._name = f"the store database {self.path}"
+        connection = service_sqlite.open_private(
+            self.path, StoreDatabaseError, "the store database"
+        )
         try:
             self._set_up(connection)
         except sqlite3.DatabaseError as exc:
@@ -182,22 +174,17 @@ class InboxStore:
             self._total_bytes += size
 
     def _set_up(self, connection: sqlite3.Connection) -> None:
-        connection.execute("PRAGMA journal_mode=WAL")
-        connection.execute("PRAGMA synchronous=NORMAL")
+        service_sqlite.use_wal(connection)
         version = connection.execute("PRAGMA user_version").fetchone()[0]
         self.nonces_complete = version == SCHEMA_VERSION
         """Whether the nonce table holds every nonce accepted before this open (False for a
         new database, or one upgraded from version 1: the node then refuses signatures from
         before its start, whose nonces it cannot know)."""
         if version in (1, SCHEMA_VERSION):
-            result = connection.execute("PRAGMA quick_check").fetchone()[0]
-            if result != "ok":
-                raise StoreDatabaseError(
-                    f"{self.path} failed SQLite's integrity check ({result}); move it aside"
-                )
+            service_sqlite.check_integrity(connection, self.path, StoreDatabaseError)
             if version == SCHEMA_VERSION:
                 return
-            self._create(connection, _SCHEMA_2)
+            service_sqlite.create_schema(connection, _SCHEMA_2, SCHEMA_VERSION)
             return
         if version > SCHEMA_VERSION:
             raise StoreDatabaseError(
@@ -207,20 +194,7 @@ class InboxStore:
         tables = connection.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
         if version != 0 or tables:
             raise StoreDatabaseError(f"{self.path} is some other SQLite database, not a store")
-        self._create(connection, _SCHEMA + _SCHEMA_2)
-
-    @staticmethod
-    def _create(connection: sqlite3.Connection, schema: str) -> None:
-        connection.execute("BEGIN IMMEDIATE")
-        try:
-            for statement in schema.split(";"):
-                if statement.strip():
-                    connection.execute(statement)
-            connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            connection.execute("COMMIT")
-        except BaseException:
-            connection.execute("ROLLBACK")
-            raise
+        service_sqlite.create_schema(connection, _SCHEMA + _SCHEMA_2, SCHEMA_VERSION)
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -236,33 +210,15 @@ class InboxStore:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            connection = self._connection
-            if connection is None:
-                raise StoreDatabaseError(f"the store database {self.path} is closed")
-            try:
-                connection.execute("BEGIN IMMEDIATE")
-                try:
-                    yield connection
-                except BaseException:
-                    connection.execute("ROLLBACK")
-                    raise
-                connection.execute("COMMIT")
-            except sqlite3.Error as exc:
-                raise StoreDatabaseError(f"store database error: {exc}") from None
+    def _transaction(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        return service_sqlite.transaction(
+            self._lock, lambda: self._connection, StoreDatabaseError, self._name
+        )
 
-    @contextmanager
-    def _reading(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            connection = self._connection
-            if connection is None:
-                raise StoreDatabaseError(f"the store database {self.path} is closed")
-            try:
-                yield connection
-            except sqlite3.Error as exc:
-                raise StoreDatabaseError(f"store database error: {exc}") from None
+    def _reading(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        return service_sqlite.reading(
+            self._lock, lambda: self._connection, StoreDatabaseError, self._name
+        )
 
     # --- figures ----------------------------------------------------------------------------
 
