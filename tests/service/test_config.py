@@ -115,3 +115,18 @@ def test_arbitrary_files_give_a_config_or_a_config_error(data: bytes) -> None:
         return
     with contextlib.suppress(ConfigError):
         load(DemoConfig, file_values=values)
+
+
+def test_the_shared_address_checks() -> None:
+    from teia.service.checks import announce_address, dht_node_address
+
+    node = (
+        "/ip4/127.0.0.1/udp/4001/quic-v1/p2p/12D3KooWQYhTNQdmr3ArTeUHRYzFg94BKyTkoWBDWez9kSCVe2Xo"
+    )
+    assert dht_node_address(node) is None
+    assert "full address" in (dht_node_address("/ip4/127.0.0.1/udp/4001/quic-v1") or "")
+    assert "full address" in (dht_node_address("/ip4/127.0.0.1/tcp/4001") or "")
+    assert dht_node_address("not a multiaddr") is not None
+    assert announce_address("/ip4/127.0.0.1/udp/4001/quic-v1") is None
+    assert "must not carry /p2p" in (announce_address(node) or "")
+    assert announce_address("/nonsense") is not None

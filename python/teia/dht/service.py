@@ -32,11 +32,16 @@ from prometheus_client.registry import Collector
 from teia.dht.core import DhtConfig, LookupResult, Mode
 from teia.dht.node import DhtMetrics, DhtNode, DhtTiming
 from teia.dht.storage import DhtStore
-from teia.errors import DhtError, InvalidMultiaddr, InvalidPeerId, TeiaError
+from teia.errors import DhtError, InvalidPeerId, TeiaError
 from teia.host.host import Host
 from teia.identity import Identity, Multiaddr, PeerId
 from teia.service import ServiceConfig, ServiceContext, add_arguments, setting
-from teia.service.checks import positive, quic_listen_address
+from teia.service.checks import (
+    announce_address,
+    dht_node_address,
+    positive,
+    quic_listen_address,
+)
 from teia.service.identity import node_identity
 from teia.service.logs import fields
 from teia.service.runner import main
@@ -48,24 +53,6 @@ _DATABASE_FILE = "dht.db"
 _BOOTSTRAP_RETRY_S = 30.0
 
 
-def _bootstrap(value: Any) -> str | None:
-    try:
-        addr = Multiaddr(value)
-    except InvalidMultiaddr as exc:
-        return str(exc)
-    if not addr.is_quic_v1 or addr.peer_id is None:
-        return "must be a full address …/udp/<port>/quic-v1/p2p/<peer-id>"
-    return None
-
-
-def _announce(value: Any) -> str | None:
-    try:
-        addr = Multiaddr(value)
-    except InvalidMultiaddr as exc:
-        return str(exc)
-    return None if addr.peer_id is None else "must not carry /p2p (the node adds its own)"
-
-
 @dataclass
 class DiscoveryConfig(ServiceConfig):
     listen: list[str] = setting(
@@ -73,11 +60,14 @@ class DiscoveryConfig(ServiceConfig):
         check=quic_listen_address,
     )  # fmt: skip
     bootstrap: list[str] = setting(
-        [], "another discovery node (…/quic-v1/p2p/<id>)", metavar="MULTIADDR", check=_bootstrap
+        [],
+        "another discovery node (…/quic-v1/p2p/<id>)",
+        metavar="MULTIADDR",
+        check=dht_node_address,
     )
     announce: list[str] = setting(
         [], "address to publish instead of the listen addresses (e.g. the public one)",
-        metavar="MULTIADDR", check=_announce,
+        metavar="MULTIADDR", check=announce_address,
     )  # fmt: skip
     data_dir: Path = setting(Path("/var/lib/teia/discovery"), "state directory", metavar="DIR")
     k: int = setting(20, "bucket size and replication factor", check=positive)

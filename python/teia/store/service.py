@@ -40,7 +40,13 @@ from teia.errors import ConfigError, DhtError, InvalidMultiaddr
 from teia.host.host import Host
 from teia.identity import Identity, Multiaddr
 from teia.service import ServiceConfig, ServiceContext, add_arguments, setting
-from teia.service.checks import non_negative, positive, quic_listen_address
+from teia.service.checks import (
+    announce_address,
+    dht_node_address,
+    non_negative,
+    positive,
+    quic_listen_address,
+)
 from teia.service.identity import node_identity
 from teia.service.logs import fields
 from teia.service.runner import main
@@ -69,24 +75,6 @@ def _peer(value: Any) -> str | None:
     return None
 
 
-def _bootstrap(value: Any) -> str | None:
-    try:
-        addr = Multiaddr(value)
-    except InvalidMultiaddr as exc:
-        return str(exc)
-    if not addr.is_quic_v1 or addr.peer_id is None:
-        return "must be a full address …/udp/<port>/quic-v1/p2p/<peer-id> of a DHT node"
-    return None
-
-
-def _announce(value: Any) -> str | None:
-    try:
-        addr = Multiaddr(value)
-    except InvalidMultiaddr as exc:
-        return str(exc)
-    return None if addr.peer_id is None else "must not carry /p2p (the node adds its own)"
-
-
 def _ttl_days(value: Any) -> str | None:
     return None if 7 <= value <= 14 else "must be between 7 and 14 days (the operator window)"
 
@@ -99,7 +87,7 @@ class StoreConfig(ServiceConfig):
     )  # fmt: skip
     bootstrap: list[str] = setting(
         [], "a DHT node to join through (…/quic-v1/p2p/<id>); store nodes are then found in "
-        "the DHT", metavar="MULTIADDR", check=_bootstrap,
+        "the DHT", metavar="MULTIADDR", check=dht_node_address,
     )  # fmt: skip
     peer: list[str] = setting(
         [], "another store node (…/quic-v1/p2p/<id>), for a static membership without the DHT",
@@ -107,7 +95,7 @@ class StoreConfig(ServiceConfig):
     )  # fmt: skip
     announce: list[str] = setting(
         [], "address to publish in the DHT instead of the listen addresses (e.g. the public "
-        "one)", metavar="MULTIADDR", check=_announce,
+        "one)", metavar="MULTIADDR", check=announce_address,
     )  # fmt: skip
     membership_interval: float = setting(
         60.0, "seconds between checks of the store nodes found in the DHT", check=positive
