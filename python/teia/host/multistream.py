@@ -119,20 +119,13 @@ class _MessageReader:
             raise ProtocolNegotiationError("multistream message is not UTF-8") from exc
 
 
-class MultistreamDialer:
-    """The initiator's side: proposes ``protocols`` in order until one is accepted."""
+class _Negotiation:
+    """What both sides share: the bytes to send, the multistream header to see first, then one
+    message at a time for the side's own rule (`_on_message`) until it settles."""
 
-    def __init__(self, protocols: Sequence[str]) -> None:
-        if not protocols:
-            raise ValueError("propose at least one protocol")
-        self._proposals = list(protocols)
-        for protocol in self._proposals:
-            encode_message(protocol)  # validate early, with the typed error
-        self._index = 0
+    def __init__(self, first: bytes) -> None:
         self._reader = _MessageReader()
-        self._outgoing = bytearray(
-            encode_message(MULTISTREAM_PROTOCOL) + encode_message(self._proposals[0])
-        )
+        self._outgoing = bytearray(first)
         self._header_seen = False
         self._done = False
 
@@ -142,7 +135,7 @@ class MultistreamDialer:
         return data
 
     def receive_data(self, data: bytes) -> ProtocolAgreed | None:
-        """Feed bytes from the listener; return the agreement once it is reached."""
+        """Feed bytes from the other side; return the agreement once it is reached."""
         if self._done:
             raise ProtocolNegotiationError("negotiation already finished")
         self._reader.feed(data)
@@ -154,23 +147,46 @@ class MultistreamDialer:
                     )
                 self._header_seen = True
                 continue
-            current = self._proposals[self._index]
-            if message == current:
+            agreed = self._on_message(message)
+            if agreed is not None:
                 self._done = True
-                return ProtocolAgreed(current, self._reader.take_rest())
-            if message != NOT_AVAILABLE:
-                raise ProtocolNegotiationError(
-                    f"expected {current!r} or 'na' from the listener, got {message[:64]!r}"
-                )
-            self._index += 1
-            if self._index == len(self._proposals):
-                self._done = True
-                raise ProtocolNotSupported(f"peer supports none of {', '.join(self._proposals)}")
-            self._outgoing += encode_message(self._proposals[self._index])
+                return ProtocolAgreed(agreed, self._reader.take_rest())
+        return None
+
+    def _on_message(self, message: str) -> str | None:
+        """One message after the header: the protocol agreed on, or None to go on."""
+        raise NotImplementedError
+
+
+class MultistreamDialer(_Negotiation):
+    """The initiator's side: proposes ``protocols`` in order until one is accepted."""
+
+    def __init__(self, protocols: Sequence[str]) -> None:
+        if not protocols:
+            raise ValueError("propose at least one protocol")
+        self._proposals = list(protocols)
+        for protocol in self._proposals:
+            encode_message(protocol)  # validate early, with the typed error
+        self._index = 0
+        super().__init__(encode_message(MULTISTREAM_PROTOCOL) + encode_message(self._proposals[0]))
+
+    def _on_message(self, message: str) -> str | None:
+        current = self._proposals[self._index]
+        if message == current:
+            return current
+        if message != NOT_AVAILABLE:
+            raise ProtocolNegotiationError(
+                f"expected {current!r} or 'na' from the listener, got {message[:64]!r}"
+            )
+        self._index += 1
+        if self._index == len(self._proposals):
+            self._done = True
+            raise ProtocolNotSupported(f"peer supports none of {', '.join(self._proposals)}")
+        self._outgoing += encode_message(self._proposals[self._index])
         return None
 
 
-class MultistreamListener:
+class MultistreamListener(_Negotiation):
     """The responder's side: accepts the first proposal ``supports`` says yes to."""
 
     def __init__(
@@ -182,41 +198,16 @@ class MultistreamListener:
         self._supports = supports
         self._max_proposals = max_proposals
         self._proposals_seen = 0
-        self._reader = _MessageReader()
         # Sent eagerly: both sides may send the header without waiting for the other's.
-        self._outgoing = bytearray(encode_message(MULTISTREAM_PROTOCOL))
-        self._header_seen = False
-        self._done = False
+        super().__init__(encode_message(MULTISTREAM_PROTOCOL))
 
-    def data_to_send(self) -> bytes:
-        data = bytes(self._outgoing)
-        self._outgoing.clear()
-        return data
-
-    def receive_data(self, data: bytes) -> ProtocolAgreed | None:
-        """Feed bytes from the dialer; return the agreement once a proposal is accepted."""
-        if self._done:
-            raise ProtocolNegotiationError("negotiation already finished")
-        self._reader.feed(data)
-        while (message := self._reader.next_message()) is not None:
-            if not self._header_seen:
-                if message != MULTISTREAM_PROTOCOL:
-                    raise ProtocolNegotiationError(
-                        f"peer does not speak {MULTISTREAM_PROTOCOL} (got {message[:64]!r})"
-                    )
-                self._header_seen = True
-                continue
-            self._proposals_seen += 1
-            if self._proposals_seen > self._max_proposals:
-                self._done = True
-                raise ProtocolNegotiationError(
-                    f"peer made more than {self._max_proposals} proposals"
-                )
-            if message not in (LIST, NOT_AVAILABLE, MULTISTREAM_PROTOCOL) and self._supports(
-                message
-            ):
-                self._done = True
-                self._outgoing += encode_message(message)
-                return ProtocolAgreed(message, self._reader.take_rest())
-            self._outgoing += encode_message(NOT_AVAILABLE)
+    def _on_message(self, message: str) -> str | None:
+        self._proposals_seen += 1
+        if self._proposals_seen > self._max_proposals:
+            self._done = True
+            raise ProtocolNegotiationError(f"peer made more than {self._max_proposals} proposals")
+        if message not in (LIST, NOT_AVAILABLE, MULTISTREAM_PROTOCOL) and self._supports(message):
+            self._outgoing += encode_message(message)
+            return message
+        self._outgoing += encode_message(NOT_AVAILABLE)
         return None
