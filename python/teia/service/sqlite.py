@@ -81,20 +81,14 @@ def transaction(
     """Under ``lock``, a ``BEGIN IMMEDIATE`` transaction: committed when the block ends, rolled
     back when it raises. ``current`` gives the connection, read under the lock (None once the
     service closed its file); ``name`` ("the DHT store /path") starts the error messages."""
-    with lock:
-        connection = current()
-        if connection is None:
-            raise error(f"{name} is closed")
+    with reading(lock, current, error, name) as connection:
+        connection.execute("BEGIN IMMEDIATE")
         try:
-            connection.execute("BEGIN IMMEDIATE")
-            try:
-                yield connection
-            except BaseException:
-                connection.execute("ROLLBACK")
-                raise
-            connection.execute("COMMIT")
-        except sqlite3.Error as exc:
-            raise error(f"{name}: {exc}") from None
+            yield connection
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
+        connection.execute("COMMIT")
 
 
 @contextmanager
