@@ -15,16 +15,25 @@ import anyio
 import pytest
 
 from teia.crypto import GroupReceiverKey, GroupSenderKey
-from teia.errors import CryptoError, GroupError, NotGroupMember, UnknownGroup
+from teia.errors import (
+    CryptoError,
+    GroupChangeRefused,
+    GroupError,
+    NotGroupMember,
+    UnknownGroup,
+)
+from teia.identity import Identity
 from teia.peer import AppMessage, Peer
-from teia.peer.groups import GroupInfo
+from teia.peer.groups import GroupInfo, check_chain
 from teia.peer.groupwire import (
     GROUP_APP,
+    GroupJoin,
     GroupMessage,
     GroupPayload,
     GroupState,
     GroupText,
     KeyDistribution,
+    derive_group_id,
 )
 
 from .conftest import TIMEOUT, introduce, make_profile, online
@@ -463,3 +472,135 @@ async def test_a_fan_out_cut_short_is_finished_at_the_next_start(tmp_path: Path)
             await flushed(alice, bob)  # Bob was handed it again, and kept one
             assert await texts(bob, group) == ["half sent"]
             assert await alice.run_db(alice.groups._tables.fanouts) == []
+
+
+def _link(
+    before: GroupState | None,
+    signer: Identity,
+    members: tuple[Identity, ...],
+    admins: tuple[Identity, ...],
+    *,
+    group_id: bytes = b"",
+    nonce: bytes = b"",
+    prev_hash: bytes | None = None,
+) -> GroupState:
+    return GroupState(
+        before.group_id if before is not None else group_id,
+        0 if before is None else before.version + 1,
+        b"" if before is None else (before.digest() if prev_hash is None else prev_hash),
+        "g",
+        tuple(m.peer_id for m in members),
+        tuple(a.peer_id for a in admins),
+        signer.peer_id,
+        0 if before is None else before.timestamp_ms + 1,
+        nonce,
+    ).signed(signer)
+
+
+def test_the_chain_is_checked_back_to_the_creator() -> None:
+    creator, admin, member, newcomer, mallory = (Identity.generate() for _ in range(5))
+    nonce = os.urandom(16)
+    gid = derive_group_id(creator.peer_id, nonce)
+    v0 = _link(None, creator, (creator, admin, member), (creator,), group_id=gid, nonce=nonce)
+    v1 = _link(v0, creator, (creator, admin, member), (creator, admin))  # admin made admin
+    v2 = _link(v1, admin, (creator, admin, member), (creator, admin))  # by the new admin
+    v3 = _link(v2, admin, (creator, admin, member, newcomer), (creator, admin))
+    headers = [v.header() for v in (v0, v1, v2)]
+    check_chain(headers, v3)
+    check_chain([], v0)
+    refusals = {
+        "no version 0": (headers[1:], v3),
+        "out of order": ([headers[0], headers[2], headers[1]], v3),
+        "a gap": ([headers[0], headers[2]], v3),
+        # Version 0 under the real group's ID, by someone else: not the creator's.
+        "another creator": (
+            [
+                _link(
+                    None, mallory, (mallory, member), (mallory,), group_id=gid, nonce=nonce
+                ).header(),
+                *headers[1:],
+            ],
+            v3,
+        ),
+        # A member who is not an admin (of the version before) changes the group.
+        "not an admin": (headers, _link(v2, member, (creator, admin, member, newcomer), (member,))),
+        "an outsider": (headers, _link(v2, mallory, (mallory, newcomer), (mallory,))),
+        "a fork": (headers, _link(v2, admin, (admin, newcomer), (admin,), prev_hash=bytes(32))),
+        "another group": (
+            [
+                _link(
+                    None,
+                    creator,
+                    (creator,),
+                    (creator,),
+                    group_id=derive_group_id(creator.peer_id, bytes(16)),
+                    nonce=bytes(16),
+                ).header(),
+                *headers[1:],
+            ],
+            v3,
+        ),
+    }
+    for reason, (links, state) in refusals.items():
+        with pytest.raises(GroupChangeRefused):  # noqa: PT012 (the reason names the case)
+            check_chain(links, state)
+            pytest.fail(reason)
+
+
+@pytest.mark.anyio
+async def test_a_joiner_takes_a_group_only_with_its_chain(tmp_path: Path) -> None:
+    """A member who is no admin forges the version adding someone, with the real headers it
+    holds: refused; the same state alone is held back and never applies; the real addition,
+    with its chain, is taken."""
+    with anyio.fail_after(TIMEOUT * 2):
+        async with peers(tmp_path, 4) as (alice, bob, mallory, dave):
+            group = await alice.groups.create("g", [bob.peer_id, mallory.peer_id])
+            await alice.groups.rename(group, "renamed")
+            await mallory.groups.wait_version(group, 1)
+            gid = bytes.fromhex(group.group_id)
+            held = await mallory.run_db(mallory.groups._tables.load, gid)
+            assert held is not None
+            chain = await mallory.run_db(mallory.groups._tables.headers, gid, 2)
+            assert chain is not None
+            assert [h.version for h in chain] == [0, 1]
+            forged = forge(held.state, mallory, members=(*held.state.members, dave.peer_id))
+            refused, parked = dave.groups.stats["refused"], dave.groups.stats["parked"]
+            join = GroupPayload(GroupJoin(forged, tuple(chain))).encode()
+            await mallory.send_app(dave.peer_id, GROUP_APP, join)
+            await mallory.send_app(dave.peer_id, GROUP_APP, GroupPayload(forged).encode())
+            await flushed(mallory, dave)
+            assert dave.groups.stats["refused"] == refused + 1
+            assert dave.groups.stats["parked"] == parked + 1
+            with pytest.raises(UnknownGroup):
+                await dave.groups.get(group)
+            added = await alice.groups.add(group, [dave.peer_id])
+            joined = await dave.groups.wait_version(group, 2)
+            assert joined == added
+            assert joined.joined
+            assert joined.name == "renamed"
+            # The forged version 2 that waited is refused against the real one.
+            assert (await dave.groups.get(group)).admins == (alice.peer_id,)
+            await alice.groups.send(group, "welcome")
+            assert await receive(dave, group.conversation, 1) == [(str(alice.peer_id), "welcome")]
+
+
+@pytest.mark.anyio
+async def test_an_add_whose_proof_would_not_fit_a_payload_changes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from teia.peer import groups as groups_module
+
+    with anyio.fail_after(TIMEOUT * 2):
+        async with peers(tmp_path, 2) as (alice, bob):
+            group = await alice.groups.create("g", [])
+            for index in range(3):
+                group = await alice.groups.rename(group, f"name {index}")
+            monkeypatch.setattr(groups_module, "MAX_APP_DATA", 1200)  # ~3 headers' worth
+            with pytest.raises(GroupError, match="too long to prove"):
+                await alice.groups.add(group, [bob.peer_id])
+            assert await alice.groups.get(group) == group
+            with pytest.raises(UnknownGroup):
+                await bob.groups.get(group)
+            monkeypatch.setattr(groups_module, "MAX_APP_DATA", 192 * 1024)
+            added = await alice.groups.add(group, [bob.peer_id])
+            assert (await bob.groups.wait_version(group, added.version)).joined

@@ -16,6 +16,8 @@ from teia.identity import Identity
 from teia.peer.groupwire import (
     MAX_GROUP_NAME,
     MAX_MEMBERS,
+    GroupHeader,
+    GroupJoin,
     GroupMessage,
     GroupPayload,
     GroupState,
@@ -32,11 +34,11 @@ versions = st.integers(0, 2**32 - 1)
 
 
 @st.composite
-def states(draw: st.DrawFn) -> GroupState:
+def states(draw: st.DrawFn, version_of: st.SearchStrategy[int] = versions) -> GroupState:
     members = draw(st.lists(st.sampled_from(range(8)), min_size=1, max_size=8, unique=True))
     admins = draw(st.lists(st.sampled_from(members), min_size=1, unique=True))
     signer = draw(st.sampled_from(range(8)))
-    version = draw(versions)
+    version = draw(version_of)
     genesis = version == 0
     return GroupState(
         draw(ids),
@@ -80,6 +82,9 @@ def test_texts_round_trip(group_id: bytes, message_id: bytes, text: str) -> None
 
 
 def refused_or_valid(data: bytes) -> None:
+    for decode in (GroupHeader.decode, GroupJoin.decode):
+        with contextlib.suppress(InvalidGroupMessage):
+            decode(data)
     with contextlib.suppress(InvalidGroupMessage):
         GroupPayload.decode(data)
     with contextlib.suppress(InvalidGroupMessage):
@@ -94,6 +99,7 @@ def test_garbage_raises_only_the_typed_error(data: bytes) -> None:
     refused_or_valid(encode_bytes_field(1, data))
     refused_or_valid(encode_bytes_field(2, data))
     refused_or_valid(encode_bytes_field(3, data))
+    refused_or_valid(encode_bytes_field(4, data))
 
 
 @settings(max_examples=50)
@@ -161,3 +167,49 @@ def test_group_id_is_bound_to_its_creator() -> None:
     nonce = b"\7" * 16
     assert derive_group_id(PEERS[0], nonce) != derive_group_id(PEERS[1], nonce)
     assert len(derive_group_id(PEERS[0], nonce)) == 16
+
+
+@st.composite
+def joins(draw: st.DrawFn) -> GroupJoin:
+    state = draw(states(st.integers(0, 3)))
+    headers = tuple(draw(states()).header() for _ in range(state.version))
+    return GroupJoin(state, headers)
+
+
+@settings(max_examples=50)
+@given(states(), st.data())
+def test_a_header_keeps_its_states_hash_and_refuses_any_change(
+    state: GroupState, data: st.DataObject
+) -> None:
+    header = state.header()
+    assert header.digest() == state.digest()
+    assert GroupHeader.decode(header.encode()) == header
+    assert header.verify()
+    raw = bytearray(header.encode())
+    at = data.draw(st.integers(0, len(raw) - 1))
+    raw[at] ^= data.draw(st.integers(1, 255))
+    with pytest.raises(InvalidGroupMessage):
+        GroupHeader.decode(bytes(raw))
+    with pytest.raises(InvalidGroupMessage):
+        GroupHeader.decode(header.encode()[: data.draw(st.integers(0, len(raw) - 1))])
+    with pytest.raises(InvalidGroupMessage):
+        GroupHeader.decode(header.encode() + encode_bytes_field(4, bytes(32)))
+
+
+@settings(max_examples=30)
+@given(joins(), st.data())
+def test_joins_round_trip_and_refuse_a_missing_header(join: GroupJoin, data: st.DataObject) -> None:
+    payload = GroupPayload(join).encode()
+    assert GroupPayload.decode(payload).body == join
+    cut = data.draw(st.integers(0, len(payload) - 1))
+    with pytest.raises(InvalidGroupMessage):
+        GroupPayload.decode(payload[:cut])
+    if join.headers:
+        short = GroupJoin(join.state, join.headers[1:])
+        with pytest.raises(InvalidGroupMessage, match="every earlier version"):
+            GroupJoin.decode(short.encode())
+    # Headers before the state, or a second state: not a join.
+    with pytest.raises(InvalidGroupMessage):
+        GroupJoin.decode(encode_bytes_field(2, join.state.header().encode()) + join.encode())
+    with pytest.raises(InvalidGroupMessage):
+        GroupJoin.decode(join.encode() + encode_bytes_field(1, join.state.encode()))

@@ -11,8 +11,9 @@ each later version names the hash of the one before and is accepted only when si
 admin *of the state before it*. A change that does not extend the chain held — forged,
 replayed, forked — is refused (`GroupChangeRefused`); one that arrives before its predecessor
 is held back (parked, bounded) until the predecessor arrives. A peer learns a group it is not
-in yet from the admin who signed the state adding it (trust on first use: the pairwise session
-says who sent it, the signature what it says); from then on it follows the chain.
+in yet from the admin who signed the state adding it, together with the headers of every
+version before it (`GroupJoin`), and checks that chain back to the creator (`check_chain`)
+before it takes the group; from then on it follows the chain.
 
 **Messages** are encrypted once with the sender's own sending chain (`GroupSenderKey`), signed
 by it, then handed to each other member over its pairwise session. A member gives its chain to
@@ -45,6 +46,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import itertools
 import json
 import logging
 import secrets
@@ -71,6 +73,8 @@ from teia.peer.groupwire import (
     GROUP_APP,
     MAX_GROUP_NAME,
     MAX_MEMBERS,
+    GroupHeader,
+    GroupJoin,
     GroupMessage,
     GroupPayload,
     GroupState,
@@ -78,6 +82,7 @@ from teia.peer.groupwire import (
     KeyDistribution,
     derive_group_id,
 )
+from teia.peer.wire import MAX_APP_DATA
 
 if TYPE_CHECKING:
     from teia.peer.peer import AppMessage, Peer
@@ -99,6 +104,12 @@ _FAN_OUT: Final = 64
 """Pairwise sends in flight at once during a fan-out."""
 
 _SCHEMA = """
+CREATE TABLE IF NOT EXISTS group_headers (
+    group_id BLOB NOT NULL,
+    version INTEGER NOT NULL,
+    header BLOB NOT NULL,
+    PRIMARY KEY (group_id, version)
+);
 CREATE TABLE IF NOT EXISTS group_states (
     group_id BLOB PRIMARY KEY,
     version INTEGER NOT NULL,
@@ -148,6 +159,10 @@ CREATE INDEX IF NOT EXISTS group_parked_by_group ON group_parked (group_id, need
 def conversation_of(group_id: bytes | str) -> str:
     """The history conversation of a group: ``group:<hex id>``."""
     return "group:" + (group_id.hex() if isinstance(group_id, bytes) else group_id)
+
+
+def _header_ad(group_id: bytes, version: int) -> bytes:
+    return b"group-header\0" + group_id + version.to_bytes(4, "big")
 
 
 def _state_ad(group_id: bytes) -> bytes:
@@ -275,6 +290,20 @@ class _Tables:
     def count(self) -> int:
         return int(self.db.read("SELECT count(*) FROM group_states")[0][0])
 
+    def headers(self, group_id: bytes, below: int) -> list[GroupHeader] | None:
+        """The headers of versions 0 to ``below`` - 1, or None when one is missing."""
+        rows = self.db.read(
+            "SELECT version, header FROM group_headers WHERE group_id = ? AND version < ? "
+            "ORDER BY version",
+            (group_id, below),
+        )
+        if [int(v) for v, _ in rows] != list(range(below)):
+            return None
+        return [
+            GroupHeader.decode(self.db.cipher.open(_header_ad(group_id, int(v)), bytes(h)))
+            for v, h in rows
+        ]
+
     def key_holders(self, group_id: bytes) -> int:
         """How many members' chains we hold for a group."""
         rows = self.db.read(
@@ -338,10 +367,23 @@ class _Tables:
         sender_key: bytes | None,
         forget_peers: Sequence[str],
         sends: Sequence[tuple[str, bytes]],
+        headers: Sequence[GroupHeader] = (),
     ) -> None:
-        """A new state, with what it changes (our chain, chains dropped, payloads to send)."""
+        """A new state, with what it changes (our chain, chains dropped, payloads to send) and
+        the headers of the chain (``headers``: those a join brought; the state's own always)."""
         group_id = state.group_id
         with self.db.transaction() as conn:
+            conn.executemany(
+                "INSERT OR REPLACE INTO group_headers (group_id, version, header) VALUES (?,?,?)",
+                [
+                    (
+                        group_id,
+                        h.version,
+                        self.db.cipher.seal(_header_ad(group_id, h.version), h.encode()),
+                    )
+                    for h in (*headers, state.header())
+                ],
+            )
             sealed_previous = None
             if previous is not None:
                 sealed_previous = self.db.cipher.seal(_previous_ad(group_id), previous.encode())
@@ -916,10 +958,13 @@ class Groups:
         *,
         announce: bool,
         previous: GroupState | None = None,
+        headers: Sequence[GroupHeader] = (),
     ) -> None:
         """Move a group from ``held`` to ``state`` (checked already; ``previous`` is the
-        version before it, by default the one held): our chain, the chains of members who
-        left, and the payloads that follow from it, in one transaction; then send them."""
+        version before it, by default the one held; ``headers``, the chain a join brought):
+        our chain, the chains of members who left, and the payloads that follow from it, in
+        one transaction; then send them. Members new to the group get the state with the
+        headers of every version before it (`GroupJoin`), so they can check it."""
         if previous is None and held is not None and state.prev_hash == held.state.digest():
             previous = held.state
         me = self._peer.peer_id
@@ -932,7 +977,16 @@ class Groups:
             seen = set(state.members) | (set(held.state.members) if held is not None else set())
             everyone = [m for m in _unique([*state.members, *seen]) if m != me]
             encoded = GroupPayload(state).encode()
-            sends += [(str(m), encoded) for m in everyone]
+            had = set(previous.members) if previous is not None else set()
+            newcomers = {m for m in everyone if m not in had} if state.version else set()
+            if newcomers:
+                chain = await self._db(self._tables.headers, state.group_id, state.version)
+                if chain is None:
+                    raise GroupError("this profile lacks the group's earlier versions")
+                joining = GroupPayload(GroupJoin(state, tuple(chain))).encode()
+                if len(joining) > MAX_APP_DATA:
+                    raise GroupError("the group's history is too long to prove to a new member")
+            sends += [(str(m), joining if m in newcomers else encoded) for m in everyone]
         sender_key: bytes | None = None
         gone = sorted(str(m) for m in before - set(state.members))
         if joined:
@@ -959,6 +1013,7 @@ class Groups:
             sender_key=sender_key,
             forget_peers=gone,
             sends=sends,
+            headers=headers,
         )
         self._held_cache[state.group_id] = _Held(state, joined, previous)
         self.stats["changes"] += 1
@@ -997,6 +1052,8 @@ class Groups:
         body = GroupPayload.decode(incoming.data).body
         if isinstance(body, GroupState):
             return body.group_id, await self._take_state(incoming, body)
+        if isinstance(body, GroupJoin):
+            return body.group_id, await self._take_join(incoming, body)
         if isinstance(body, KeyDistribution):
             await self._take_key(incoming, body)
         else:
@@ -1010,7 +1067,6 @@ class Groups:
     async def _take_state(self, incoming: _Incoming, state: GroupState) -> bool:
         held = await self._load(state.group_id)
         sender = incoming.sender
-        me = self._peer.peer_id
         if held is not None and state.version <= held.state.version:
             if state.version == held.state.version and state.digest() == held.state.digest():
                 return False  # what we hold already (a payload handed again)
@@ -1030,17 +1086,12 @@ class Groups:
                 raise GroupChangeRefused("a concurrent change that loses to the one held")
             raise GroupChangeRefused("a group state older than the one held (replayed or forked)")
         if held is None or not held.joined:
-            # Joining (or re-joining): from the admin who signed the state adding us.
-            if me not in state.members:
-                raise NotGroupMember("a group state that does not list us")
-            if state.signer != sender or state.signer not in state.admins:
-                raise GroupChangeRefused("a group is joined from an admin who signed its state")
-            if state.version == 0 and derive_group_id(sender, state.nonce) != state.group_id:
-                raise GroupChangeRefused("the group ID is not its creator's")
-            if held is None and await self._db(self._tables.count) >= MAX_GROUPS:
-                raise GroupError(f"a profile keeps at most {MAX_GROUPS} groups")
-            await self._commit(held, state, announce=False)
-            return True
+            if state.version:
+                # A later version joins only with the proof of its chain (`GroupJoin`), which
+                # its signer sends new members; this one waits for that (a forged one forever).
+                await self._park(state.group_id, state.version - 1, incoming)
+                return False
+            return await self._join(held, incoming, state, ())
         current = held.state
         if state.version > current.version + 1:
             await self._park(state.group_id, state.version - 1, incoming)
@@ -1052,6 +1103,31 @@ class Groups:
         if sender != state.signer and sender not in current.members:
             raise NotGroupMember("a group change passed on by a non-member")
         await self._commit(held, state, announce=False)
+        return True
+
+    async def _take_join(self, incoming: _Incoming, join: GroupJoin) -> bool:
+        held = await self._load(join.group_id)
+        if held is not None and held.joined:
+            return await self._take_state(incoming, join.state)  # a member already
+        return await self._join(held, incoming, join.state, join.headers)
+
+    async def _join(
+        self,
+        held: _Held | None,
+        incoming: _Incoming,
+        state: GroupState,
+        headers: Sequence[GroupHeader],
+    ) -> bool:
+        """Join (or re-join) from the admin who signed the state adding us, once the chain
+        checks from the creator's version 0 to it (`check_chain`)."""
+        if self._peer.peer_id not in state.members:
+            raise NotGroupMember("a group state that does not list us")
+        if state.signer != incoming.sender:
+            raise GroupChangeRefused("a group is joined from the admin who signed its state")
+        check_chain(headers, state)
+        if held is None and await self._db(self._tables.count) >= MAX_GROUPS:
+            raise GroupError(f"a profile keeps at most {MAX_GROUPS} groups")
+        await self._commit(held, state, announce=False, headers=headers)
         return True
 
     async def _placed(
@@ -1113,6 +1189,31 @@ class Groups:
 
 
 # --- helpers ------------------------------------------------------------------------------------
+
+
+def check_chain(headers: Sequence[GroupHeader], state: GroupState) -> None:
+    """`GroupChangeRefused` unless ``headers`` are versions 0 to n - 1 of ``state``'s group,
+    version 0 its creator's (the group ID derives from the signer) and signed by an admin of
+    itself, and every later version — ``state`` last — names the hash of the one before and is
+    signed by one of that one's admins. Signatures were checked when each was decoded."""
+    links = [*headers, state.header()]
+    first = links[0]
+    if (
+        first.version != 0
+        or first.group_id != state.group_id
+        or derive_group_id(first.signer, first.nonce) != state.group_id
+        or first.signer not in first.admins
+    ):
+        raise GroupChangeRefused("the chain does not start with its creator's version 0")
+    for before, after in itertools.pairwise(links):
+        if (
+            after.group_id != state.group_id
+            or after.version != before.version + 1
+            or after.prev_hash != before.digest()
+        ):
+            raise GroupChangeRefused("the chain is broken between two versions")
+        if after.signer not in before.admins:
+            raise GroupChangeRefused("the chain has a version not signed by an admin before it")
 
 
 def parse_group_id(group: GroupInfo | str) -> bytes:

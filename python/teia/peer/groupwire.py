@@ -3,21 +3,31 @@
 Everything travels as application payloads named ``teia.group`` (`Peer.send_app`), so over
 the pairwise ratcheted sessions. A payload holds exactly one of::
 
-    GroupPayload  { 1: state (GroupState)  2: key (KeyDistribution)  3: message (GroupMessage) }
+    GroupPayload  { 1: state (GroupState)  2: key (KeyDistribution)  3: message (GroupMessage)
+                    4: join (GroupJoin) }
 
     GroupState    { 1: group_id (16)  2: version (uint32)  3: prev_hash (32; absent in version 0)
                     4: name (UTF-8, ≤ 256 bytes)  5: members (repeated peer ID, 1…1000, distinct)
                     6: admins (repeated peer ID, 1…members, distinct, each a member)
                     7: signer (peer ID)  8: timestamp_ms  9: nonce (16; version 0 only)
                     15: signature (Ed25519, 64) }
+    GroupHeader   { 1: group_id  2: version  3: prev_hash  4: name_hash (SHA-256 of the name)
+                    5: members_hash (SHA-256 of the members' field-5 encodings, in order)
+                    6: admins  7: signer  8: timestamp_ms  9: nonce  15: signature }
+    GroupJoin     { 1: state (GroupState)  2: headers (repeated GroupHeader, versions 0…n-1) }
     KeyDistribution { 1: group_id  2: version  3: distribution (sender-key distribution, 73) }
     GroupMessage  { 1: group_id  2: version  3: message_id (16)  4: ciphertext (group message) }
     GroupText     { 1: group_id  2: message_id  3: text }        (the sender-key plaintext)
 
-The signature covers ``"teia group state v1\\0"`` followed by fields 1-9 as encoded. A state is
-canonical: fields in this order, each once (members and admins repeated in place), so decoding
-and encoding again give the same bytes and its hash (`GroupState.digest`, SHA-256 of the
-whole encoding) is well defined. Version 0 binds the group ID to its creator:
+A state's **header** keeps everything but the member list and the name, which it replaces by
+their hashes; the signature covers ``"teia group state v2\\0"`` followed by the header's fields
+1-9, and a state's hash (`digest`, what the next version names as ``prev_hash``) is SHA-256 of
+the header with its signature. So a chain can be checked link by link from headers alone — a
+few hundred bytes a version, where states carry up to 1,000 members: a peer joining a group
+gets the headers of every version before the one adding it (`GroupJoin`) and checks them back
+to the creator. Encodings are canonical: fields in this order, each once (members and admins
+repeated in place), so decoding and encoding again give the same bytes. Version 0 binds the
+group ID to its creator:
 ``group_id = SHA-256("teia group id v1\\0" ‖ creator peer ID ‖ nonce)[:16]``.
 
 ``version`` in keys and messages is the sender's state version when it sent them: a receiver
@@ -49,6 +59,8 @@ __all__ = [
     "GROUP_APP",
     "MAX_GROUP_NAME",
     "MAX_MEMBERS",
+    "GroupHeader",
+    "GroupJoin",
     "GroupMessage",
     "GroupPayload",
     "GroupState",
@@ -66,10 +78,11 @@ MAX_VERSION: Final = 2**32 - 1
 _HASH_SIZE: Final = 32
 _NONCE_SIZE: Final = 16
 _SIGNATURE_SIZE: Final = 64
+_MAX_HEADER: Final = 64 * 1024  # 1,000 admins fit
 _MAX_PEER_ID: Final = 64
 _DISTRIBUTION_SIZE: Final = 73
 _MIN_GROUP_CIPHERTEXT: Final = 121
-_SIGNING_DOMAIN: Final = b"teia group state v1\0"
+_SIGNING_DOMAIN: Final = b"teia group state v2\0"
 _ID_DOMAIN: Final = b"teia group id v1\0"
 
 
@@ -122,6 +135,34 @@ def _peer(raw: bytes, what: str) -> PeerId:
 def derive_group_id(creator: PeerId, nonce: bytes) -> bytes:
     """The ID of a group created by ``creator`` with ``nonce`` (see the module docstring)."""
     return hashlib.sha256(_ID_DOMAIN + creator.to_bytes() + nonce).digest()[:GROUP_ID_SIZE]
+
+
+def _members_hash(members: tuple[PeerId, ...]) -> bytes:
+    return hashlib.sha256(b"".join(encode_bytes_field(5, m.to_bytes()) for m in members)).digest()
+
+
+def _header_body(
+    group_id: bytes,
+    version: int,
+    prev_hash: bytes,
+    name_hash: bytes,
+    members_hash: bytes,
+    admins: tuple[PeerId, ...],
+    signer: PeerId,
+    timestamp_ms: int,
+    nonce: bytes,
+) -> bytes:
+    out = [encode_bytes_field(1, group_id), _varint_field(2, version)]
+    if prev_hash:
+        out.append(encode_bytes_field(3, prev_hash))
+    out.append(encode_bytes_field(4, name_hash))
+    out.append(encode_bytes_field(5, members_hash))
+    out.extend(encode_bytes_field(6, a.to_bytes()) for a in admins)
+    out.append(encode_bytes_field(7, signer.to_bytes()))
+    out.append(_varint_field(8, timestamp_ms))
+    if nonce:
+        out.append(encode_bytes_field(9, nonce))
+    return b"".join(out)
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,11 +225,39 @@ class GroupState:
             out.append(encode_bytes_field(9, self.nonce))
         return b"".join(out)
 
+    def _signed_body(self) -> bytes:
+        return _header_body(
+            self.group_id,
+            self.version,
+            self.prev_hash,
+            hashlib.sha256(self.name.encode()).digest(),
+            _members_hash(self.members),
+            self.admins,
+            self.signer,
+            self.timestamp_ms,
+            self.nonce,
+        )
+
+    def header(self) -> GroupHeader:
+        """This state without its member list and name (their hashes instead)."""
+        return GroupHeader(
+            self.group_id,
+            self.version,
+            self.prev_hash,
+            hashlib.sha256(self.name.encode()).digest(),
+            _members_hash(self.members),
+            self.admins,
+            self.signer,
+            self.timestamp_ms,
+            self.nonce,
+            self.signature,
+        )
+
     def signed(self, identity: Identity) -> GroupState:
         """This state signed by ``identity`` (which must be its ``signer``)."""
         if identity.peer_id != self.signer:
             raise InvalidGroupMessage("the signer must sign its own state")
-        signature = identity.sign(_SIGNING_DOMAIN + self._body())
+        signature = identity.sign(_SIGNING_DOMAIN + self._signed_body())
         return GroupState(
             self.group_id,
             self.version,
@@ -205,7 +274,9 @@ class GroupState:
     def verify(self) -> bool:
         """Whether the signature is the signer's over this state."""
         key = self.signer.public_key
-        return key is not None and verify(key, _SIGNING_DOMAIN + self._body(), self.signature)
+        return key is not None and verify(
+            key, _SIGNING_DOMAIN + self._signed_body(), self.signature
+        )
 
     def encode(self) -> bytes:
         if not self.signature:
@@ -213,8 +284,10 @@ class GroupState:
         return self._body() + encode_bytes_field(15, self.signature)
 
     def digest(self) -> bytes:
-        """SHA-256 of the encoding: what the next version names as ``prev_hash``."""
-        return hashlib.sha256(self.encode()).digest()
+        """What the next version names as ``prev_hash``: its header's `GroupHeader.digest`."""
+        if not self.signature:
+            raise InvalidGroupMessage("an unsigned state has no digest")
+        return hashlib.sha256(self._signed_body() + encode_bytes_field(15, self.signature)).digest()
 
     @classmethod
     def decode(cls, data: bytes) -> GroupState:
@@ -265,6 +338,137 @@ class GroupState:
         if not state.verify():
             raise InvalidGroupMessage("group state signature does not verify")
         return state
+
+
+@dataclass(frozen=True, slots=True)
+class GroupHeader:
+    """A state's header: what its signature and hash cover, with hashes for members and name."""
+
+    group_id: bytes
+    version: int
+    prev_hash: bytes
+    name_hash: bytes
+    members_hash: bytes
+    admins: tuple[PeerId, ...]
+    signer: PeerId
+    timestamp_ms: int
+    nonce: bytes
+    signature: bytes
+
+    def _body(self) -> bytes:
+        return _header_body(
+            self.group_id,
+            self.version,
+            self.prev_hash,
+            self.name_hash,
+            self.members_hash,
+            self.admins,
+            self.signer,
+            self.timestamp_ms,
+            self.nonce,
+        )
+
+    def encode(self) -> bytes:
+        return self._body() + encode_bytes_field(15, self.signature)
+
+    def digest(self) -> bytes:
+        """SHA-256 of the encoding (the same as `GroupState.digest` of its state)."""
+        return hashlib.sha256(self.encode()).digest()
+
+    def verify(self) -> bool:
+        key = self.signer.public_key
+        return key is not None and verify(key, _SIGNING_DOMAIN + self._body(), self.signature)
+
+    @classmethod
+    def decode(cls, data: bytes) -> GroupHeader:
+        """Parse a canonical, signed header; `InvalidGroupMessage` for anything else."""
+        if len(data) > _MAX_HEADER:
+            raise InvalidGroupMessage("group header over the limit")
+        single: dict[int, int | bytes] = {}
+        admins: list[PeerId] = []
+        for number, _, value in _fields(data, "group header"):
+            if number == 6:
+                if len(admins) >= MAX_MEMBERS:
+                    raise InvalidGroupMessage(f"more than {MAX_MEMBERS} admins")
+                admins.append(_peer(_bytes(value, "admin"), "admin"))
+            elif number in (1, 2, 3, 4, 5, 7, 8, 9, 15):
+                if number in single:
+                    raise InvalidGroupMessage(f"group header field {number} repeated")
+                single[number] = value
+            else:
+                raise InvalidGroupMessage(f"group header has an unknown field {number}")
+        if 7 not in single or 15 not in single:
+            raise InvalidGroupMessage("group header lacks its signer or signature")
+        version = _version(single.get(2))
+        prev_hash = _bytes(single.get(3, b""), "prev_hash")
+        nonce = _bytes(single.get(9, b""), "nonce")
+        name_hash = _bytes(single.get(4, b""), "name_hash")
+        members_hash = _bytes(single.get(5, b""), "members_hash")
+        signature = _bytes(single[15], "signature")
+        if len(name_hash) != _HASH_SIZE or len(members_hash) != _HASH_SIZE:
+            raise InvalidGroupMessage("a header's name and member hashes are 32 bytes")
+        if version == 0:
+            if prev_hash or len(nonce) != _NONCE_SIZE:
+                raise InvalidGroupMessage("version 0 has a nonce and no previous hash")
+        elif len(prev_hash) != _HASH_SIZE or nonce:
+            raise InvalidGroupMessage("a change has a previous hash and no nonce")
+        if not admins or len(set(admins)) != len(admins):
+            raise InvalidGroupMessage("a group has distinct admins, at least one")
+        if len(signature) != _SIGNATURE_SIZE:
+            raise InvalidGroupMessage("signature must be 64 bytes")
+        header = cls(
+            _group_id(single.get(1)),
+            version,
+            prev_hash,
+            name_hash,
+            members_hash,
+            tuple(admins),
+            _peer(_bytes(single[7], "signer"), "signer"),
+            _int(single.get(8, 0), "timestamp"),
+            nonce,
+            signature,
+        )
+        if header.encode() != data:
+            raise InvalidGroupMessage("group header is not in canonical form")
+        if not header.verify():
+            raise InvalidGroupMessage("group header signature does not verify")
+        return header
+
+
+@dataclass(frozen=True, slots=True)
+class GroupJoin:
+    """The state adding a peer, with the headers of every version before it (0 first)."""
+
+    state: GroupState
+    headers: tuple[GroupHeader, ...]
+
+    def encode(self) -> bytes:
+        return encode_bytes_field(1, self.state.encode()) + b"".join(
+            encode_bytes_field(2, h.encode()) for h in self.headers
+        )
+
+    @property
+    def group_id(self) -> bytes:
+        return self.state.group_id
+
+    @classmethod
+    def decode(cls, data: bytes) -> GroupJoin:
+        if len(data) > MAX_APP_DATA:
+            raise InvalidGroupMessage("group join over the limit")
+        state: GroupState | None = None
+        headers: list[GroupHeader] = []
+        for number, _, value in _fields(data, "group join"):
+            if number == 1 and state is None and not headers:
+                state = GroupState.decode(_bytes(value, "state"))
+            elif number == 2 and state is not None:
+                headers.append(GroupHeader.decode(_bytes(value, "header")))
+            else:
+                raise InvalidGroupMessage("a group join is its state, then headers")
+        if state is None:
+            raise InvalidGroupMessage("a group join without a state")
+        if len(headers) != state.version:
+            raise InvalidGroupMessage("a group join carries a header for every earlier version")
+        return cls(state, tuple(headers))
 
 
 @dataclass(frozen=True, slots=True)
@@ -366,7 +570,7 @@ class GroupText:
             raise InvalidGroupMessage("group text is not UTF-8") from None
 
 
-GroupBody = GroupState | KeyDistribution | GroupMessage
+GroupBody = GroupState | KeyDistribution | GroupMessage | GroupJoin
 
 
 @dataclass(frozen=True, slots=True)
@@ -380,6 +584,8 @@ class GroupPayload:
             return encode_bytes_field(1, self.body.encode())
         if isinstance(self.body, KeyDistribution):
             return encode_bytes_field(2, self.body.encode())
+        if isinstance(self.body, GroupJoin):
+            return encode_bytes_field(4, self.body.encode())
         return encode_bytes_field(3, self.body.encode())
 
     @classmethod
@@ -397,4 +603,6 @@ class GroupPayload:
             return cls(KeyDistribution.decode(raw))
         if number == 3:
             return cls(GroupMessage.decode(raw))
+        if number == 4:
+            return cls(GroupJoin.decode(raw))
         raise InvalidGroupMessage(f"unknown group payload field {number}")
