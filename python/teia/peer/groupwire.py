@@ -78,6 +78,7 @@ MAX_VERSION: Final = 2**32 - 1
 _HASH_SIZE: Final = 32
 _NONCE_SIZE: Final = 16
 _SIGNATURE_SIZE: Final = 64
+_SIGNED_FIELDS: Final = frozenset({1, 2, 3, 4, 5, 7, 8, 9, 15})  # besides the repeated ones
 _MAX_HEADER: Final = 64 * 1024  # 1,000 admins fit
 _MAX_PEER_ID: Final = 64
 _DISTRIBUTION_SIZE: Final = 73
@@ -165,6 +166,39 @@ def _header_body(
     return b"".join(out)
 
 
+def _signed_fields(
+    data: bytes, what: str, repeated: frozenset[int]
+) -> tuple[dict[int, int | bytes], dict[int, list[PeerId]]]:
+    """The fields of a signed state or header: peer IDs of the ``repeated`` field numbers (at
+    most `MAX_MEMBERS` each), every other known field once, the signer and signature present."""
+    single: dict[int, int | bytes] = {}
+    peers: dict[int, list[PeerId]] = {number: [] for number in repeated}
+    for number, _, value in _fields(data, what):
+        if number in repeated:
+            if len(peers[number]) >= MAX_MEMBERS:
+                listed = "members" if number == 5 else "admins"
+                raise InvalidGroupMessage(f"a {what} lists more than {MAX_MEMBERS} {listed}")
+            peers[number].append(_peer(_bytes(value, "peer"), "member or admin"))
+        elif number in _SIGNED_FIELDS:
+            if number in single:
+                raise InvalidGroupMessage(f"{what} field {number} repeated")
+            single[number] = value
+        else:
+            raise InvalidGroupMessage(f"{what} has an unknown field {number}")
+    if 7 not in single or 15 not in single:
+        raise InvalidGroupMessage(f"{what} lacks its signer or signature")
+    return single, peers
+
+
+def _check_link(version: int, prev_hash: bytes, nonce: bytes) -> None:
+    """Version 0 has a nonce and no previous hash; every later version the other way round."""
+    if version == 0:
+        if prev_hash or len(nonce) != _NONCE_SIZE:
+            raise InvalidGroupMessage("version 0 has a nonce and no previous hash")
+    elif len(prev_hash) != _HASH_SIZE or nonce:
+        raise InvalidGroupMessage("a change has a previous hash and no nonce")
+
+
 @dataclass(frozen=True, slots=True)
 class GroupState:
     """One link of a group's chain: who is in it, who administers it, its name; signed."""
@@ -188,11 +222,7 @@ class GroupState:
             raise InvalidGroupMessage("group_id must be 16 bytes")
         if not 0 <= self.version <= MAX_VERSION or self.timestamp_ms < 0:
             raise InvalidGroupMessage("version or timestamp out of range")
-        if self.version == 0:
-            if self.prev_hash or len(self.nonce) != _NONCE_SIZE:
-                raise InvalidGroupMessage("version 0 has a nonce and no previous hash")
-        elif len(self.prev_hash) != _HASH_SIZE or self.nonce:
-            raise InvalidGroupMessage("a change has a previous hash and no nonce")
+        _check_link(self.version, self.prev_hash, self.nonce)
         if len(self.name.encode()) > MAX_GROUP_NAME:
             raise InvalidGroupMessage(f"group name over {MAX_GROUP_NAME} bytes")
         if not 1 <= len(self.members) <= MAX_MEMBERS:
@@ -226,20 +256,12 @@ class GroupState:
         return b"".join(out)
 
     def _signed_body(self) -> bytes:
-        return _header_body(
-            self.group_id,
-            self.version,
-            self.prev_hash,
-            hashlib.sha256(self.name.encode()).digest(),
-            _members_hash(self.members),
-            self.admins,
-            self.signer,
-            self.timestamp_ms,
-            self.nonce,
-        )
+        """What the signature covers: the header's fields."""
+        return self.header()._body()
 
     def header(self) -> GroupHeader:
-        """This state without its member list and name (their hashes instead)."""
+        """This state without its member list and name (their hashes instead; unsigned when
+        the state is)."""
         return GroupHeader(
             self.group_id,
             self.version,
@@ -287,31 +309,14 @@ class GroupState:
         """What the next version names as ``prev_hash``: its header's `GroupHeader.digest`."""
         if not self.signature:
             raise InvalidGroupMessage("an unsigned state has no digest")
-        return hashlib.sha256(self._signed_body() + encode_bytes_field(15, self.signature)).digest()
+        return self.header().digest()
 
     @classmethod
     def decode(cls, data: bytes) -> GroupState:
         """Parse a canonical, signed state; `InvalidGroupMessage` for anything else."""
         if len(data) > MAX_APP_DATA:
             raise InvalidGroupMessage("group state over the limit")
-        single: dict[int, int | bytes] = {}
-        members: list[PeerId] = []
-        admins: list[PeerId] = []
-        for number, _, value in _fields(data, "group state"):
-            if number == 5:
-                if len(members) >= MAX_MEMBERS:
-                    raise InvalidGroupMessage(f"more than {MAX_MEMBERS} members")
-                members.append(_peer(_bytes(value, "member"), "member"))
-            elif number == 6:
-                if len(admins) >= MAX_MEMBERS:
-                    raise InvalidGroupMessage(f"more than {MAX_MEMBERS} admins")
-                admins.append(_peer(_bytes(value, "admin"), "admin"))
-            elif number in (1, 2, 3, 4, 7, 8, 9, 15):
-                if number in single:
-                    raise InvalidGroupMessage(f"group state field {number} repeated")
-                single[number] = value
-            else:
-                raise InvalidGroupMessage(f"group state has an unknown field {number}")
+        single, peers = _signed_fields(data, "group state", frozenset({5, 6}))
         try:
             name_raw = _bytes(single.get(4, b""), "name")
             name = name_raw.decode()
@@ -319,15 +324,13 @@ class GroupState:
             raise InvalidGroupMessage("group name is not UTF-8") from None
         if len(name_raw) > MAX_GROUP_NAME:
             raise InvalidGroupMessage("group name over the limit")
-        if 7 not in single or 15 not in single:
-            raise InvalidGroupMessage("group state lacks its signer or signature")
         state = cls(
             _group_id(single.get(1)),
             _version(single.get(2)),
             _bytes(single.get(3, b""), "prev_hash"),
             name,
-            tuple(members),
-            tuple(admins),
+            tuple(peers[5]),
+            tuple(peers[6]),
             _peer(_bytes(single[7], "signer"), "signer"),
             _int(single.get(8, 0), "timestamp"),
             _bytes(single.get(9, b""), "nonce"),
@@ -384,21 +387,8 @@ class GroupHeader:
         """Parse a canonical, signed header; `InvalidGroupMessage` for anything else."""
         if len(data) > _MAX_HEADER:
             raise InvalidGroupMessage("group header over the limit")
-        single: dict[int, int | bytes] = {}
-        admins: list[PeerId] = []
-        for number, _, value in _fields(data, "group header"):
-            if number == 6:
-                if len(admins) >= MAX_MEMBERS:
-                    raise InvalidGroupMessage(f"more than {MAX_MEMBERS} admins")
-                admins.append(_peer(_bytes(value, "admin"), "admin"))
-            elif number in (1, 2, 3, 4, 5, 7, 8, 9, 15):
-                if number in single:
-                    raise InvalidGroupMessage(f"group header field {number} repeated")
-                single[number] = value
-            else:
-                raise InvalidGroupMessage(f"group header has an unknown field {number}")
-        if 7 not in single or 15 not in single:
-            raise InvalidGroupMessage("group header lacks its signer or signature")
+        single, peers = _signed_fields(data, "group header", frozenset({6}))
+        admins = peers[6]
         version = _version(single.get(2))
         prev_hash = _bytes(single.get(3, b""), "prev_hash")
         nonce = _bytes(single.get(9, b""), "nonce")
@@ -407,11 +397,7 @@ class GroupHeader:
         signature = _bytes(single[15], "signature")
         if len(name_hash) != _HASH_SIZE or len(members_hash) != _HASH_SIZE:
             raise InvalidGroupMessage("a header's name and member hashes are 32 bytes")
-        if version == 0:
-            if prev_hash or len(nonce) != _NONCE_SIZE:
-                raise InvalidGroupMessage("version 0 has a nonce and no previous hash")
-        elif len(prev_hash) != _HASH_SIZE or nonce:
-            raise InvalidGroupMessage("a change has a previous hash and no nonce")
+        _check_link(version, prev_hash, nonce)
         if not admins or len(set(admins)) != len(admins):
             raise InvalidGroupMessage("a group has distinct admins, at least one")
         if len(signature) != _SIGNATURE_SIZE:
