@@ -428,6 +428,10 @@ class InvalidDeviceList(DeviceError, ValueError):
     nothing was stored."""
 
 
+class BadDeviceListSignature(InvalidDeviceList):
+    """A device list whose signature is not its account key's (forged or corrupted)."""
+
+
 class StaleDeviceList(DeviceError):
     """A device list whose version is lower than the one held for that account (or equal with
     other devices): a replay of an old list. The newer list stays."""

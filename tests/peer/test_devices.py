@@ -272,7 +272,7 @@ async def test_forged_lists_and_devices_not_on_the_list_are_refused(tmp_path: Pa
                 b,
                 lambda: (
                     b.devices.refusals["DeviceNotListed"] >= 2
-                    and b.devices.refusals["InvalidDeviceList"] >= 1
+                    and b.devices.refusals["BadDeviceListSignature"] >= 1
                 ),
             )
             assert await texts(b, alice) == []

@@ -12,7 +12,8 @@ drive the very same code.
 - **Requests** (`DhtCore.handle_request`): FIND_NODE, GET_VALUE, PUT_VALUE, GET_PROVIDERS,
   ADD_PROVIDER and PING. Answers carry the k closest peers to ``sha256(key)`` that the table
   holds, never the requester, with their addresses. Values are accepted only under a key
-  namespace with a validator: ``/teia-peer/`` (signed peer records, `teia.dht.records`).
+  namespace with a validator: ``/teia-peer/`` (signed peer records, `teia.dht.records`) and
+  ``/teia-devices/`` (accounts' signed device lists, `teia.dht.devicelists`).
   Anything refused raises a typed error (`InvalidDhtMessage`, an `InvalidRecord` subclass, or
   `DhtQuotaExceeded`) and stores nothing; the I/O layer resets the stream.
 - **Lookups** (`LookupDriver`, around the Rust ``KadLookup``): says which peer to ask with
@@ -40,6 +41,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from teia import _native
+from teia.dht.devicelists import DEVICE_LIST_KEY_PREFIX, DeviceListRecord
 from teia.dht.messages import (
     DEFAULT_LIMITS,
     ConnectionType,
@@ -51,6 +53,7 @@ from teia.dht.messages import (
 )
 from teia.dht.records import (
     RECORD_KEY_PREFIX,
+    DhtValue,
     SignedPeerRecord,
     check_replaces,
 )
@@ -85,6 +88,8 @@ DEFAULT_K: Final = 20
 DEFAULT_ALPHA: Final = 3
 PROVIDER_TTL_MS: Final = 24 * 60 * 60 * 1000
 """How long an ADD_PROVIDER announcement is kept (providers re-announce before that)."""
+_VALUE_PREFIXES: Final = (RECORD_KEY_PREFIX, DEVICE_LIST_KEY_PREFIX)
+"""Key namespaces the node holds values under (each has a validator in `validate_record`)."""
 DEFAULT_POINT_PREFIX_BITS: Final = 16
 """Leading bits a point lookup's request key hashes to (see `point_request_key`): answers are
 exact for networks of up to some 2^14 servers and close beyond; ~65k hashes per new point."""
@@ -162,7 +167,7 @@ class LookupResult:
     key: bytes
     peers: list[tuple[PeerId, list[Multiaddr]]]
     """The closest peers that answered, closest first (at most k)."""
-    record: SignedPeerRecord | None
+    record: DhtValue | None
     """GET_VALUE lookups: the best valid record any peer returned."""
     rounds: int
     """Longest chain of answers the lookup followed (1: only the seeds were asked)."""
@@ -207,7 +212,8 @@ class _Provider:
 class MemoryRecordStore:
     """Records by key and provider entries, bounded, in memory.
 
-    Records are kept validated (`SignedPeerRecord`), so answering needs no signature check.
+    Records are kept validated (`DhtValue`: peer records, device lists), so answering needs no
+    signature check.
     `take_dirty` returns the keys changed since the last call, for snapshots to SQLite.
     """
 
@@ -221,21 +227,21 @@ class MemoryRecordStore:
         self.max_records = max_records
         self.max_provider_keys = max_provider_keys
         self.max_providers_per_key = max_providers_per_key
-        self._records: dict[bytes, SignedPeerRecord] = {}
+        self._records: dict[bytes, DhtValue] = {}
         self._providers: dict[bytes, OrderedDict[bytes, _Provider]] = {}
         self._dirty: set[bytes] = set()
 
     def __len__(self) -> int:
         return len(self._records)
 
-    def get(self, key: bytes, now_ms: int) -> SignedPeerRecord | None:
+    def get(self, key: bytes, now_ms: int) -> DhtValue | None:
         """The record under ``key`` unless absent or expired at ``now_ms``."""
         record = self._records.get(key)
         if record is None or record.is_expired(now_ms):
             return None
         return record
 
-    def put(self, key: bytes, record: SignedPeerRecord) -> bool:
+    def put(self, key: bytes, record: DhtValue) -> bool:
         """Store a validated record if it beats the one held; returns whether it was stored.
 
         Raises `StaleRecord` (via `check_replaces`) for a lower or conflicting ``seq``, and
@@ -250,11 +256,11 @@ class MemoryRecordStore:
         self._dirty.add(key)
         return True
 
-    def records(self, now_ms: int) -> list[SignedPeerRecord]:
+    def records(self, now_ms: int) -> list[DhtValue]:
         """Every unexpired record."""
         return [r for r in self._records.values() if not r.is_expired(now_ms)]
 
-    def take_dirty(self) -> list[SignedPeerRecord]:
+    def take_dirty(self) -> list[DhtValue]:
         """Records stored since the last call (still held), and forget that they were."""
         dirty = [self._records[k] for k in self._dirty if k in self._records]
         self._dirty.clear()
@@ -522,18 +528,21 @@ class DhtCore:
         return tuple(peers)
 
     def _get_value(self, key: bytes, now_ms: int) -> Record | None:
-        if not key.startswith(RECORD_KEY_PREFIX):
+        if not key.startswith(_VALUE_PREFIXES):
             return None
         record = self.store.get(key, now_ms)
         return None if record is None else Record(key=key, value=record.envelope)
 
-    def validate_record(self, key: bytes, value: bytes, now_ms: int) -> SignedPeerRecord:
+    def validate_record(self, key: bytes, value: bytes, now_ms: int) -> DhtValue:
         """Check a value offered under ``key``; raises an `InvalidRecord` subclass."""
-        if not key.startswith(RECORD_KEY_PREFIX):
-            raise RecordKeyMismatch(
-                f"no validator for keys like {key[:16]!r}: only {RECORD_KEY_PREFIX!r} records"
-            )
-        return SignedPeerRecord.decode(value, now_ms=now_ms, key=key)
+        if key.startswith(RECORD_KEY_PREFIX):
+            return SignedPeerRecord.decode(value, now_ms=now_ms, key=key)
+        if key.startswith(DEVICE_LIST_KEY_PREFIX):
+            return DeviceListRecord.decode(value, now_ms=now_ms, key=key)
+        raise RecordKeyMismatch(
+            f"no validator for keys like {key[:16]!r}: only {RECORD_KEY_PREFIX!r} records "
+            f"and {DEVICE_LIST_KEY_PREFIX!r} device lists"
+        )
 
     def put_value(self, request: Message, now_ms: int) -> bool:
         """Validate and store a PUT_VALUE's record; returns whether it was new or newer.
@@ -549,7 +558,7 @@ class DhtCore:
         signed = self.validate_record(request.key, record.value, now_ms)
         return self.store.put(request.key, signed)
 
-    def store_record(self, record: SignedPeerRecord, now_ms: int) -> bool:
+    def store_record(self, record: DhtValue, now_ms: int) -> bool:
         """Store a record this node made or fetched (re-validated, as from the network)."""
         signed = self.validate_record(record.key, record.envelope, now_ms)
         return self.store.put(record.key, signed)
@@ -585,13 +594,15 @@ class DhtCore:
         *,
         kind: MessageType = MessageType.FIND_NODE,
         seeds: Sequence[RawPeer] | None = None,
+        quorum: int = 1,
     ) -> LookupDriver:
         """Start a lookup of the peers closest to ``sha256(key)``; drive it with its methods.
 
         ``kind`` is FIND_NODE (``key`` a binary peer ID or any key) or GET_VALUE (``key`` a
-        record key; the lookup also collects the best record).
+        record key; the lookup also collects the best record, and stops once ``quorum`` peers
+        answered with a valid one, 0: never early).
         """
-        return LookupDriver(self, key, now_ms, kind=kind, seeds=seeds)
+        return LookupDriver(self, key, now_ms, kind=kind, seeds=seeds, quorum=quorum)
 
     def lookup_point(self, point: bytes, request_key: bytes, now_ms: int) -> LookupDriver:
         """Start a FIND_NODE lookup of the peers closest to ``point`` itself (32 bytes, not
@@ -698,7 +709,7 @@ class LookupDriver:
         self._round: dict[bytes, int] = {peer_id: 1 for peer_id, _ in start}
         self._addrs: dict[bytes, list[bytes]] = {peer_id: list(a) for peer_id, a in start}
         self._rounds = 0
-        self.record: SignedPeerRecord | None = None
+        self.record: DhtValue | None = None
         self.target_addrs: list[bytes] = []
         """FIND_NODE lookups of a peer ID: addresses answers gave for that very peer."""
         self.invalid_records = 0

@@ -59,13 +59,21 @@ from teia.dht.messages import (
     receive_message,
     send_message,
 )
-from teia.dht.records import DEFAULT_TTL_S, PeerRecord, SignedPeerRecord, record_key, unix_ms
+from teia.dht.records import (
+    DEFAULT_TTL_S,
+    DhtValue,
+    PeerRecord,
+    SignedPeerRecord,
+    record_key,
+    unix_ms,
+)
 from teia.dht.storage import DhtStore, RoutingEntry
 from teia.errors import (
     DhtError,
     DhtQuotaExceeded,
     InvalidDhtMessage,
     InvalidRecord,
+    StaleRecord,
     TeiaError,
 )
 from teia.host.host import Host
@@ -419,7 +427,7 @@ class DhtNode:
             return addrs
         key = record_key(peer)
         held = self.core.store.get(key, self._clock())
-        if held is not None and held.record.addrs:
+        if isinstance(held, SignedPeerRecord) and held.record.addrs:
             return self._learn(peer, list(held.record.addrs))
         found = await self.get_record(peer)
         if found is not None and found.record.addrs:
@@ -435,11 +443,30 @@ class DhtNode:
 
     async def get_record(self, peer: PeerId) -> SignedPeerRecord | None:
         """The newest valid signed record of ``peer`` that a GET_VALUE lookup meets."""
-        result = await self._lookup(record_key(peer), MessageType.GET_VALUE)
+        found = await self.get_value(record_key(peer))
+        return found if isinstance(found, SignedPeerRecord) else None
+
+    async def get_value(self, key: bytes, *, quorum: int = 1) -> DhtValue | None:
+        """The newest valid value under ``key`` (a ``/teia-peer/`` or ``/teia-devices/`` key)
+        among the first ``quorum`` peers to answer with one (0: every peer the lookup asks).
+
+        What is found is also kept here, as if it had been put to this node.
+        """
+        driver = self.core.lookup(key, self._clock(), kind=MessageType.GET_VALUE, quorum=quorum)
+        result = await self._drive(driver)
         if result.record is not None:
             with contextlib.suppress(InvalidRecord, DhtQuotaExceeded):
                 self.core.store_record(result.record, self._clock())
         return result.record
+
+    async def put_value(self, value: DhtValue) -> int:
+        """Store a value (made here, or fetched) on the k closest nodes to its key; returns on
+        how many it was stored. Validated first, as any node will: `InvalidRecord` if it is not
+        acceptable."""
+        with contextlib.suppress(DhtQuotaExceeded, StaleRecord):
+            self.core.store_record(value, self._clock())
+        closest = await self._lookup(value.key, MessageType.FIND_NODE)
+        return await self._put_to(value, closest.peers)
 
     async def publish_record(
         self,
@@ -474,7 +501,7 @@ class DhtNode:
         return stored
 
     async def _put_to(
-        self, record: SignedPeerRecord, peers: Sequence[tuple[PeerId, list[Multiaddr]]]
+        self, record: DhtValue, peers: Sequence[tuple[PeerId, list[Multiaddr]]]
     ) -> int:
         request = Message(
             MessageType.PUT_VALUE,

@@ -44,7 +44,7 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, Protocol
 
 from teia.errors import (
     BadRecordSignature,
@@ -76,6 +76,7 @@ __all__ = [
     "PEER_RECORD_DOMAIN",
     "PEER_RECORD_PAYLOAD_TYPE",
     "RECORD_KEY_PREFIX",
+    "DhtValue",
     "Envelope",
     "PeerRecord",
     "SignedPeerRecord",
@@ -114,6 +115,44 @@ _PROTOCOLS, _ISSUED_AT, _TTL = 10, 11, 12
 def unix_ms() -> int:
     """The current unix time in milliseconds (the wall clock; tests pass their own)."""
     return time.time_ns() // 1_000_000
+
+
+class DhtValue(Protocol):
+    """What the DHT stores under a key: a validated, signed, sequence-numbered value.
+
+    `SignedPeerRecord` (``/teia-peer/`` keys) and `teia.dht.devicelists.DeviceListRecord`
+    (``/teia-devices/`` keys) are the two kinds. ``peer_id`` is the signer's ID (the peer, or
+    the account), ``envelope`` the exact bytes that travel and are stored.
+    """
+
+    @property
+    def key(self) -> bytes:
+        """The DHT key the value lives under."""
+        ...
+
+    @property
+    def envelope(self) -> bytes:
+        """The signed bytes, stored and forwarded as they are."""
+        ...
+
+    @property
+    def peer_id(self) -> PeerId:
+        """Whose value it is: the key that signed it, in peer-ID form."""
+        ...
+
+    @property
+    def seq(self) -> int:
+        """The sequence number: a higher one replaces a lower one."""
+        ...
+
+    @property
+    def expires_at_ms(self) -> int:
+        """Unix ms after which nobody keeps or serves it."""
+        ...
+
+    def is_expired(self, at_ms: int) -> bool:
+        """Whether it is past ``expires_at_ms`` at ``at_ms``."""
+        ...
 
 
 _sequence_lock = threading.Lock()
@@ -517,12 +556,12 @@ class SignedPeerRecord:
         return cls(record=record, envelope=data, public_key=envelope.public_key)
 
 
-def better(existing: SignedPeerRecord, candidate: SignedPeerRecord) -> SignedPeerRecord:
+def better(existing: DhtValue, candidate: DhtValue) -> DhtValue:
     """The record to keep: ``candidate`` only if its ``seq`` is higher; ties keep ``existing``."""
     return candidate if candidate.seq > existing.seq else existing
 
 
-def check_replaces(existing: SignedPeerRecord | None, candidate: SignedPeerRecord) -> bool:
+def check_replaces(existing: DhtValue | None, candidate: DhtValue) -> bool:
     """Whether ``candidate`` should replace ``existing`` (which may be absent).
 
     ``True``: store it. ``False``: it is the very record already held (a re-publish; nothing

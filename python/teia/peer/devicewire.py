@@ -9,23 +9,26 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final, get_args
 
 from teia._native import CpaceState
 from teia.errors import (
     CryptoError,
-    DeviceError,
     InvalidChatMessage,
     InvalidDeviceList,
     InvalidLinkCode,
-    InvalidPeerId,
     LinkRefused,
 )
-from teia.identity import Identity, PeerId
-from teia.identity.keys import verify
-from teia.peer.db import MessageState, now_ms
+from teia.identity import PeerId
+from teia.identity.devicelist import (
+    MAX_DEVICE_LIST_SIZE,
+    MAX_DEVICES,
+    DeviceList,
+    account_id,
+)
+from teia.identity.devicelist import Reader as _Reader
+from teia.peer.db import MessageState
 from teia.peer.wire import MAX_TEXT_BYTES
 
 __all__ = [
@@ -55,13 +58,7 @@ APP_MESSAGE: Final = "teia.devices/msg"
 APP_HISTORY: Final = "teia.devices/history"
 LINK_PROTOCOL: Final = "/teia/devices/link/1.0.0"
 
-MAX_DEVICES: Final = 16
-_MAX_PEER_ID: Final = 64
-_LIST_MAGIC: Final = b"TDL\x01"
-_LIST_DOMAIN: Final = b"teia device list v1\x00"
-_SIGNATURE: Final = 64
 _KEY: Final = 32
-MAX_DEVICE_LIST_SIZE: Final = 4 + _KEY + 8 + 8 + 1 + MAX_DEVICES * (1 + _MAX_PEER_ID) + _SIGNATURE
 
 _MESSAGE_MAGIC: Final = b"TDM\x01"
 _PUSH_MAGIC: Final = b"TDP\x01"
@@ -76,142 +73,7 @@ HISTORY_STATES: Final[tuple[MessageState, ...]] = get_args(MessageState)
 LINK_SECRET_SIZE: Final = 5
 
 
-def account_id(account_key: bytes) -> PeerId:
-    """The account ID of an account public key (its peer-ID form)."""
-    return PeerId.from_public_key(account_key)
-
-
 # --- codecs -----------------------------------------------------------------------------------
-
-
-class _Reader:
-    """Reads a byte string front to back; every shortfall is `InvalidDeviceList`."""
-
-    def __init__(self, data: bytes, what: str) -> None:
-        self._data = bytes(data)
-        self._at = 0
-        self._what = what
-
-    def take(self, size: int) -> bytes:
-        if self._at + size > len(self._data):
-            raise InvalidDeviceList(f"{self._what} is truncated")
-        chunk = self._data[self._at : self._at + size]
-        self._at += size
-        return chunk
-
-    def uint(self, size: int) -> int:
-        return int.from_bytes(self.take(size), "big")
-
-    def end(self) -> None:
-        if self._at != len(self._data):
-            raise InvalidDeviceList(f"{self._what} has trailing bytes")
-
-
-def _device_id(raw: bytes, what: str) -> PeerId:
-    try:
-        device = PeerId.from_bytes(raw)
-    except InvalidPeerId:
-        raise InvalidDeviceList(f"{what} holds a device ID that does not parse") from None
-    if device.public_key is None:
-        raise InvalidDeviceList(f"{what} holds a device ID that is not an Ed25519 key")
-    return device
-
-
-@dataclass(frozen=True, slots=True)
-class DeviceList:
-    """An account's devices, signed by the account key. Build one with `sign`; `decode` checks
-    the signature, so a `DeviceList` in hand is always genuine.
-
-    Encoding (integers big-endian)::
-
-        "TDL" 0x01 ‖ account key (32) ‖ version (8) ‖ issued_ms (8) ‖ count (1, 1 to 16)
-        ‖ count * (length (1, ≤ 64) ‖ device peer ID bytes)   strictly ascending, no repeats
-        ‖ Ed25519 signature (64) over "teia device list v1" 0x00 ‖ everything before it
-    """
-
-    account_key: bytes
-    version: int
-    issued_ms: int
-    devices: tuple[PeerId, ...]
-    signature: bytes
-
-    @property
-    def account(self) -> PeerId:
-        """The account ID."""
-        return account_id(self.account_key)
-
-    def __contains__(self, device: object) -> bool:
-        return device in self.devices
-
-    @staticmethod
-    def _body(account_key: bytes, version: int, issued_ms: int, devices: Sequence[PeerId]) -> bytes:
-        out = bytearray(_LIST_MAGIC)
-        out += account_key + version.to_bytes(8, "big") + issued_ms.to_bytes(8, "big")
-        out.append(len(devices))
-        for device in devices:
-            raw = device.to_bytes()
-            out.append(len(raw))
-            out += raw
-        return bytes(out)
-
-    @classmethod
-    def sign(
-        cls,
-        account: Identity,
-        version: int,
-        devices: Sequence[PeerId],
-        issued_ms: int | None = None,
-    ) -> DeviceList:
-        """A list of ``devices`` (1 to 16 distinct Ed25519 peer IDs) at ``version`` (≥ 1)."""
-        ordered = tuple(sorted(set(devices), key=PeerId.to_bytes))
-        if not 1 <= len(ordered) <= MAX_DEVICES:
-            raise DeviceError(f"an account lists 1 to {MAX_DEVICES} devices, not {len(ordered)}")
-        for device in ordered:
-            if device.public_key is None or len(device.to_bytes()) > _MAX_PEER_ID:
-                raise DeviceError(f"{device} is not an Ed25519 device ID")
-        if not 1 <= version < 2**64:
-            raise DeviceError("a device list version is a positive 64-bit number")
-        issued = now_ms() if issued_ms is None else issued_ms
-        body = cls._body(account.public_key, version, issued, ordered)
-        return cls(account.public_key, version, issued, ordered, account.sign(_LIST_DOMAIN + body))
-
-    def encode(self) -> bytes:
-        """The signed list's bytes (at most `MAX_DEVICE_LIST_SIZE`)."""
-        body = self._body(self.account_key, self.version, self.issued_ms, self.devices)
-        return body + self.signature
-
-    @classmethod
-    def decode(cls, data: bytes) -> DeviceList:
-        """Parse and check a signed list; `InvalidDeviceList` if anything is off, the
-        signature included."""
-        if len(data) > MAX_DEVICE_LIST_SIZE:
-            raise InvalidDeviceList("a device list is oversize")
-        reader = _Reader(data, "a device list")
-        if reader.take(4) != _LIST_MAGIC:
-            raise InvalidDeviceList("not a device list (bad magic or version)")
-        account_key = reader.take(_KEY)
-        version = reader.uint(8)
-        issued_ms = reader.uint(8)
-        count = reader.uint(1)
-        if not 1 <= count <= MAX_DEVICES or version < 1:
-            raise InvalidDeviceList(
-                f"a device list has 1 to {MAX_DEVICES} devices and a version ≥ 1"
-            )
-        devices: list[PeerId] = []
-        for _ in range(count):
-            size = reader.uint(1)
-            if size > _MAX_PEER_ID:
-                raise InvalidDeviceList("a device ID in a device list is oversize")
-            raw = reader.take(size)
-            if devices and raw <= devices[-1].to_bytes():
-                raise InvalidDeviceList("a device list's devices are not strictly ascending")
-            devices.append(_device_id(raw, "a device list"))
-        signature = reader.take(_SIGNATURE)
-        reader.end()
-        signed = bytes(data[: len(data) - _SIGNATURE])
-        if not verify(account_key, _LIST_DOMAIN + signed, signature):
-            raise InvalidDeviceList("a device list's signature is not its account key's")
-        return cls(account_key, version, issued_ms, tuple(devices), signature)
 
 
 @dataclass(frozen=True, slots=True)
