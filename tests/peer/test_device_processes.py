@@ -14,8 +14,10 @@ import anyio
 import pytest
 from anyio.streams.text import TextReceiveStream
 
+from teia.identity import Identity
+
 from .conftest import TIMEOUT, introduce, make_profile, online
-from .infra import store_nodes
+from .infra import discovery_node, store_nodes
 from .test_cli import ENV, teia
 
 
@@ -102,3 +104,42 @@ async def test_code_shown_by_one_process_links_a_device_in_another(tmp_path: Pat
         report = json.loads(seen.splitlines()[-1])
         assert report["linked"] == str(a2.peer_id)
         assert report["version"] == 2
+
+
+@pytest.mark.anyio
+async def test_an_account_made_in_one_process_is_found_and_reached_from_others(
+    tmp_path: Path,
+) -> None:
+    with anyio.fail_after(TIMEOUT * 4):
+        async with discovery_node() as bootstrap, store_nodes(tmp_path) as stores:
+            settings = {"bootstrap": [bootstrap], "store_nodes": stores}
+            a1_dir = str(make_profile(tmp_path / "a1", **settings))
+            b1_dir = make_profile(tmp_path / "b1", **settings)
+            c1_dir = str(make_profile(tmp_path / "c1", **settings))
+            # `create` returns once the list is in the DHT ("settled").
+            (created,) = await run("device", "create", "--json", "--profile", a1_dir)
+            assert created["settled"] is True
+            alice = str(created["account"])
+            (found,) = await run("device", "lookup", alice, "--json", "--profile", c1_dir)
+            assert found["found"] is True
+            assert found["version"] == 1
+            assert found["devices"] == [created["this_device"]]
+            # An account nobody published: exit status 1.
+            stranger = str(Identity.generate().peer_id)
+            missing = await anyio.to_thread.run_sync(
+                lambda: teia("device", "lookup", stranger, "--json", "--timeout", "10",
+                             "--profile", c1_dir, check=False)
+            )  # fmt: skip
+            assert missing.returncode == 1
+            assert json.loads(missing.stdout)["found"] is False
+            # Bob, in this process, writes to the account by its ID alone while its only
+            # device is offline; back online in a process of its own, it gets the message.
+            async with online(b1_dir) as b1:
+                bob = await b1.devices.create_account()
+                message_id = await b1.devices.send(alice, "to your account")
+                copies = await b1.devices.wait_sent(message_id)
+                assert [row.state for row in copies.values()] == ["stored"]
+            rows = await run(
+                "inbox", "--wait", "1", "--contact", str(bob), "--json", "--profile", a1_dir
+            )
+            assert [(r["direction"], r["text"]) for r in rows] == [("in", "to your account")]

@@ -1,11 +1,12 @@
-"""``teia device create|list|code|link|remove|introduce|send``: multi-device accounts from the
-command line.
+"""``teia device create|list|code|link|remove|introduce|send|lookup``: multi-device accounts
+from the command line.
 
 Everything but ``list`` brings the profile online, does its work, then waits up to
 ``--timeout`` seconds for what it queued (lists, copies, history) to be delivered or stored:
 exit status 0 when all was, 3 when some is still in the outbox (the next time the profile is
 online delivers it). ``code`` prints the link code and stays online until a device has linked
 with it (or ``--timeout``); ``link CODE`` runs on the new device and waits for the history.
+``lookup ACCOUNT`` asks the DHT for an account's device list (exit 1 when it has none).
 Codes are printed on the terminal only, never logged. ``--json`` prints one JSON object.
 """
 
@@ -67,6 +68,9 @@ def register(sub: Any) -> None:
     send.add_argument("account", help="the account ID")
     send.add_argument("text")
     online(send)
+    lookup = action("lookup", "find an account's devices in the DHT", run_lookup)
+    lookup.add_argument("account", help="the account ID")
+    online(lookup)
 
 
 def _list_json(devices: DeviceList | None, me: str) -> dict[str, Any]:
@@ -202,3 +206,20 @@ def run_send(args: argparse.Namespace) -> int:
         return {"message_id": await devices.send(args.account, args.text)}
 
     return _online(args, work)
+
+
+def run_lookup(args: argparse.Namespace) -> int:
+    from teia.peer.cli import _ephemeral, _open
+
+    async def run(profile: Profile) -> int:
+        async with Peer.open(profile, listen=_ephemeral(profile.config.listen)) as peer:
+            found = None
+            with anyio.move_on_after(args.timeout):
+                found = await peer.devices.lookup(args.account)
+            report: dict[str, Any] = {"account": args.account, "found": found is not None}
+            report.update(_list_json(found, str(peer.peer_id)))
+            _report(args, report)
+            return 0 if found is not None else 1
+
+    with _open(args) as profile:
+        return anyio.run(run, profile, backend="trio")

@@ -28,6 +28,13 @@ and to our own devices (the removed one included, so it learns it was removed). 
 the held one only if its version is higher; a list whose signature is not the account key's, an
 older version, or one sent by a device that is not on it, is refused.
 
+With bootstrap nodes configured, the account's newest list is also in the DHT under
+``/teia-devices/ ‖ account ID`` (`teia.dht.devicelists`): every device puts it there after
+joining and checks hourly, the primary right after every change and re-signs it (the next
+version, the same devices) once it is half-way through its 7-day DHT lifetime. `Devices.lookup`
+fetches a list from the DHT, so `Devices.send` reaches an account by its ID alone, and a sender
+whose list is past half that lifetime asks for a newer one first (hourly at most per account).
+
 Linking (``/teia/devices/link/1.0.0``): the primary shows a short code (`LinkCode`: a 40-bit
 one-time secret and the primary's UDP address, 20 characters of Crockford base32 in groups of four,
 with a check character). The new device dials that address and both run a balanced PAKE after CPace
@@ -64,6 +71,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import anyio
 
+from teia.dht.devicelists import DEVICE_LIST_LIFETIME_MS, DeviceListRecord, device_list_key
 from teia.errors import (
     DeviceError,
     DeviceNotListed,
@@ -120,6 +128,12 @@ _LINK_ATTEMPTS: Final = 3
 _LINK_TTL: Final = 600.0
 _LINK_TIMEOUT: Final = 30.0
 _MAX_LINK_ADDRS: Final = 8
+_DHT_QUORUM: Final = 3
+"""A DHT lookup of a device list takes the newest among the first three answers."""
+_DHT_CHECK_S: Final = 3600.0
+"""How often a device looks whether its account's list needs publishing again, and how often
+at most a sender asks the DHT for a newer list of an account whose list is getting old."""
+_DHT_ERRORS: Final = (TeiaError, TransportError, OSError, TimeoutError)
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS device_account (
@@ -383,6 +397,12 @@ class Devices:
         """Devices this primary linked while open (their history queued)."""
         self._linked = _Waiters()
         self._queued: set[str] = set()
+        self._looked_up: collections.OrderedDict[PeerId, float] = collections.OrderedDict()
+        self.published = 0
+        """Times this device put its account's list in the DHT (metadata only)."""
+        self.published_version = 0
+        self._publishing = 0
+        """The highest version of our list that DHT nodes took from this device."""
 
     @classmethod
     async def attach(cls, peer: Peer) -> Devices:
@@ -464,11 +484,13 @@ class Devices:
 
     async def wait_delivered(self) -> None:
         """Wait until every payload this device queued for the account (copies, lists,
-        history) is delivered or stored (bound it with ``anyio.fail_after``)."""
+        history) is delivered or stored, and the list being put in the DHT is put (or failed)
+        (bound it with ``anyio.fail_after``)."""
         while self._queued:
             message_id = next(iter(self._queued))
             await self._peer.wait_delivered(message_id)
             self._queued.discard(message_id)
+        await self.until(lambda: self._publishing == 0)
 
     async def _send_app(self, device: PeerId, app: str, data: bytes) -> str:
         message_id = await self._peer.send_app(device, app, data)
@@ -504,6 +526,7 @@ class Devices:
         await self._peer.run_db(_save_own, self._peer.profile.db, own, first)
         self._own = own
         self._changed.fire()
+        self._publish_soon()
         return first.account
 
     async def introduce(self, device: PeerId | str) -> None:
@@ -532,6 +555,7 @@ class Devices:
             signer, current.version + 1, [d for d in current.devices if d != target]
         )
         await self._adopt(updated)
+        self._publish_soon()
         await self._announce(updated, also=[target])
         return updated
 
@@ -553,17 +577,118 @@ class Devices:
         for target in targets:
             await self._send_app(target, APP_LIST, push)
 
+    # --- the DHT ---------------------------------------------------------------------------
+
+    async def lookup(self, account: PeerId | str) -> DeviceList | None:
+        """Ask the DHT for ``account``'s device list (without a DHT, only what is held); keep
+        it if it is newer than the one held; the newest list held now, or None.
+
+        This is how a device reaches an account it was never introduced to: by its ID alone.
+        """
+        target = _as_peer_id(account)
+        dht = self._peer.dht
+        if dht is not None:
+            await self._peer.wait_dht_joined()
+            self._looked_up[target] = self.clock()
+            self._looked_up.move_to_end(target)
+            while len(self._looked_up) > 4096:
+                self._looked_up.popitem(last=False)
+            found = await dht.get_value(device_list_key(target), quorum=_DHT_QUORUM)
+            if isinstance(found, DeviceListRecord) and found.peer_id == target:
+                _, changed = await self._peer.run_db(
+                    _store_list,
+                    self._peer.profile.db,
+                    found.device_list,
+                    False,
+                    self._peer.peer_id,
+                )
+                if changed and self._own is not None and target == self.account:
+                    await self._reload()
+                if changed:
+                    self._changed.fire()
+        return await self.device_list(target)
+
+    def _ask_dht(self, held: DeviceList) -> bool:
+        """Whether a send should first ask the DHT for a newer list than ``held``: only past
+        half its DHT lifetime (a live primary has re-signed by then), once an hour at most."""
+        if self._peer.dht is None or now_ms() < held.issued_ms + DEVICE_LIST_LIFETIME_MS // 2:
+            return False
+        asked = self._looked_up.get(held.account)
+        return asked is None or self.clock() - asked >= _DHT_CHECK_S
+
+    async def publish(self) -> int:
+        """Put our account's newest list in the DHT; on how many nodes it was stored.
+
+        The primary first re-signs the list (the next version, the same devices, sent to our
+        other devices) once it is past half its DHT lifetime, so a live account never drops
+        out of the DHT. Any other
+        device publishes the list it holds (the nodes keep the newest they were given), unless
+        that list is past its lifetime. 0 without a DHT or an account.
+        """
+        dht = self._peer.dht
+        if dht is None or self._own is None or self._own.removed:
+            return 0
+        await self._peer.wait_dht_joined()
+        current = await self.device_list()
+        assert current is not None
+        now = now_ms()
+        if self._own.signer is not None and now >= current.issued_ms + (
+            DEVICE_LIST_LIFETIME_MS // 2
+        ):
+            current = DeviceList.sign(self._own.signer, current.version + 1, current.devices)
+            await self._adopt(current)
+            # Our other devices take it too (others get it carried on our next message).
+            push = ListPush(False, current).encode()
+            for device in current.devices:
+                if device != self._peer.peer_id:
+                    await self._send_app(device, APP_LIST, push)
+        if now > current.issued_ms + DEVICE_LIST_LIFETIME_MS:
+            return 0
+        stored = await dht.put_value(DeviceListRecord.of(current))
+        self.published += 1
+        if stored:
+            self.published_version = max(self.published_version, current.version)
+        self._changed.fire()
+        return stored
+
+    def _publish_soon(self) -> None:
+        if self._peer.dht is not None:
+            self._publishing += 1  # counted at once: `wait_delivered` waits for it
+            self._peer.task_group.start_soon(self._publish_quietly, True)
+
+    async def _publish_quietly(self, counted: bool = False) -> None:
+        try:
+            await self.publish()
+        except _DHT_ERRORS as exc:
+            _log.warning("publishing the device list failed: %s", type(exc).__name__)
+        finally:
+            if counted:
+                self._publishing -= 1
+                self._changed.fire()
+
+    async def keep_published(self) -> None:
+        """Publish our list now and check every hour whether it needs it again (runs for as
+        long as the peer; the peer starts it once it has joined the DHT)."""
+        while True:
+            await self._publish_quietly()
+            await anyio.sleep(_DHT_CHECK_S)
+
     # --- fan-out ---------------------------------------------------------------------------
 
     async def send(self, account: PeerId | str, text: str) -> str:
         """Send ``text`` to every device of ``account`` and a transcript to our other devices;
-        the logical message ID (hex). In our history under the account's conversation when
-        this returns; each copy is delivered in the background (`wait_sent`)."""
+        the logical message ID (hex). An account whose list we do not hold (or hold an old one
+        of) is looked up in the DHT first; `UnknownAccount` if there is no list either way.
+        In our history under the account's conversation when this returns; each copy is
+        delivered in the background (`wait_sent`)."""
         own = self._require_own()
         target = _as_peer_id(account)
         if target == account_id(own.account_key):
             raise DeviceError("cannot send to our own account")
         theirs = await self.device_list(target)
+        if theirs is None or self._ask_dht(theirs):
+            with contextlib.suppress(*_DHT_ERRORS):
+                theirs = await self.lookup(target)
         if theirs is None:
             raise UnknownAccount(f"no device list known for account {target}")
         mine = await self.device_list()
@@ -904,6 +1029,7 @@ class Devices:
         return updated
 
     async def _after_link(self, granted: DeviceList, new: PeerId) -> None:
+        self._publish_soon()
         try:
             await self._announce(granted)
             known = await self._peer.run_db(_known_lists, self._peer.profile.db)

@@ -111,6 +111,7 @@ from teia.peer.wire import (
 )
 
 if TYPE_CHECKING:
+    from teia.dht.node import DhtNode
     from teia.peer.devices import Devices
 
 __all__ = [
@@ -423,6 +424,7 @@ class Peer:
         self._opened_seq = 0
         self._dht: Any = None
         self._published = anyio.Event()
+        self._dht_joined = anyio.Event()
         self._store: Any = None
         self._apps: dict[str, AppHandler] = {}
         self._app_wake = anyio.Event()
@@ -713,6 +715,12 @@ class Peer:
     def new_message_id(self) -> bytes:
         """A new 16-byte message ID: time-ordered, then 80 random bits (`_MessageIds`)."""
         return self._ids.take()
+
+    @property
+    def dht(self) -> DhtNode | None:
+        """The peer's DHT client, or None when no bootstrap nodes are configured."""
+        dht: DhtNode | None = self._dht
+        return dht
 
     @property
     def task_group(self) -> anyio.abc.TaskGroup:
@@ -1570,6 +1578,15 @@ class Peer:
             await self._publish_record()
         except (TeiaError, *_STREAM_ERRORS) as exc:
             _log.warning("joining the DHT failed: %s", type(exc).__name__)
+        finally:
+            self._dht_joined.set()
+        await self.devices.keep_published()
+
+    async def wait_dht_joined(self) -> None:
+        """Wait until this peer's first attempt to join the DHT is over (successful or not;
+        at most 30 s after opening). Returns at once without bootstrap nodes."""
+        if self._dht is not None:
+            await self._dht_joined.wait()
 
     async def _publish_record(self) -> None:
         with contextlib.suppress(TeiaError, *_STREAM_ERRORS):
