@@ -585,7 +585,7 @@ async def test_a_joiner_takes_a_group_only_with_its_chain(tmp_path: Path) -> Non
 
 
 @pytest.mark.anyio
-async def test_an_add_whose_proof_would_not_fit_a_payload_changes_nothing(
+async def test_an_add_whose_proof_is_over_the_limit_changes_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from teia.peer import groups as groups_module
@@ -595,12 +595,116 @@ async def test_an_add_whose_proof_would_not_fit_a_payload_changes_nothing(
             group = await alice.groups.create("g", [])
             for index in range(3):
                 group = await alice.groups.rename(group, f"name {index}")
-            monkeypatch.setattr(groups_module, "MAX_APP_DATA", 1200)  # ~3 headers' worth
+            monkeypatch.setattr(groups_module, "MAX_JOIN_PROOF", 700)  # ~2 headers' worth
             with pytest.raises(GroupError, match="too long to prove"):
                 await alice.groups.add(group, [bob.peer_id])
             assert await alice.groups.get(group) == group
             with pytest.raises(UnknownGroup):
                 await bob.groups.get(group)
-            monkeypatch.setattr(groups_module, "MAX_APP_DATA", 192 * 1024)
+            monkeypatch.setattr(groups_module, "MAX_JOIN_PROOF", 8 * 1024 * 1024)
             added = await alice.groups.add(group, [bob.peer_id])
             assert (await bob.groups.wait_version(group, added.version)).joined
+
+
+@pytest.mark.anyio
+async def test_a_long_lived_group_is_joined_through_pages(tmp_path: Path) -> None:
+    """800 versions: their headers (~225 KB) do not fit one payload (192 KiB), so the join
+    comes in pages; the newcomer checks the whole chain, joins, and can add members in turn."""
+    with anyio.fail_after(TIMEOUT * 4):
+        async with peers(tmp_path, 3) as (alice, bob, carol):
+            group = await alice.groups.create("g", [])
+            for index in range(800):
+                group = await alice.groups.rename(group, f"name {index}")
+            added = await alice.groups.add(group, [bob.peer_id], admin=True)
+            joined = await bob.groups.wait_version(group, added.version)
+            assert joined.joined
+            assert joined.name == "name 799"
+            assert bob.groups.stats["join_pages"] >= 1
+            assert await bob.run_db(bob.groups._tables.join_pages) == 0
+            await alice.groups.send(group, "welcome")
+            assert await receive(bob, group.conversation, 1) == [(str(alice.peer_id), "welcome")]
+            # Bob holds the headers now: he proves the chain to the next newcomer himself.
+            again = await bob.groups.add(group, [carol.peer_id])
+            assert (await carol.groups.wait_version(group, again.version)).joined
+            assert carol.groups.stats["join_pages"] >= 1
+
+
+@pytest.mark.anyio
+async def test_join_pages_are_taken_in_any_order_kept_apart_and_bounded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from teia.peer import groups as groups_module
+
+    with anyio.fail_after(TIMEOUT * 2):
+        async with peers(tmp_path, 3) as (alice, bob, mallory):
+            group = await alice.groups.create("g", [])
+            for index in range(30):
+                group = await alice.groups.rename(group, f"name {index}")
+            gid = bytes.fromhex(group.group_id)
+            held = await alice.run_db(alice.groups._tables.load, gid)
+            chain = await alice.run_db(alice.groups._tables.headers, gid, 31)
+            assert held is not None
+            assert chain is not None
+            state = forge(held.state, alice, members=(alice.peer_id, bob.peer_id))
+            pages = GroupJoin.paged(state, chain, 2_000)
+            assert len(pages) >= 4
+            tables = bob.groups._tables
+            # Mallory replays Alice's pages: a join is only taken from the state's signer.
+            refused = bob.groups.stats["refused"]
+            await mallory.send_app(bob.peer_id, GROUP_APP, GroupPayload(pages[0]).encode())
+            await flushed(mallory, bob)
+            assert bob.groups.stats["refused"] == refused + 1
+            # Every page but the first, last first, one twice: kept, nothing joined yet.
+            for page in [*reversed(pages[1:]), pages[-1]]:
+                await alice.send_app(bob.peer_id, GROUP_APP, GroupPayload(page).encode())
+            await flushed(alice, bob)
+            assert await bob.run_db(tables.join_pages) == len(pages) - 1
+            with pytest.raises(UnknownGroup):
+                await bob.groups.get(group)
+            await alice.send_app(bob.peer_id, GROUP_APP, GroupPayload(pages[0]).encode())
+            joined = await bob.groups.wait_version(group, state.version)
+            assert joined.joined
+            assert await bob.run_db(tables.join_pages) == 0
+
+            # Pages that complete a broken chain (version 5 forged): refused, none kept.
+            other = await alice.groups.create("h", [])
+            for index in range(12):
+                other = await alice.groups.rename(other, f"name {index}")
+            oid = bytes.fromhex(other.group_id)
+            base = await alice.run_db(alice.groups._tables.load, oid)
+            links = await alice.run_db(alice.groups._tables.headers, oid, 13)
+            assert base is not None
+            assert links is not None
+            # Signed by an admin, in its place, but naming the wrong version before it.
+            links[5] = forge(base.state, alice, version=5, prev_hash=bytes(32)).header()
+            broken = forge(base.state, alice, members=(alice.peer_id, bob.peer_id))
+            broken_pages = GroupJoin.paged(broken, links, 2_000)
+            assert len(broken_pages) >= 2
+            refused = bob.groups.stats["refused"]
+            for page in broken_pages:
+                await alice.send_app(bob.peer_id, GROUP_APP, GroupPayload(page).encode())
+            await flushed(alice, bob)
+            assert bob.groups.stats["refused"] == refused + 1
+            assert await bob.run_db(tables.join_pages) == 0
+            with pytest.raises(UnknownGroup):
+                await bob.groups.get(other)
+
+            # Limits, straight on the table: two unfinished joins per sender, the proof size.
+            first_pages = [
+                GroupJoin.paged(forge(base.state, alice, name=f"s{n}"), links, 2_000)[0]
+                for n in range(3)
+            ]
+            sender = str(alice.peer_id)
+            for page in first_pages[:2]:
+                assert await bob.run_db(tables.add_join_page, page, sender) is None
+            with pytest.raises(GroupError, match="too many"):
+                await bob.run_db(tables.add_join_page, first_pages[2], sender)
+            assert await bob.run_db(tables.add_join_page, first_pages[2], "other") is None
+            monkeypatch.setattr(groups_module, "MAX_PENDING_JOINS", 3)
+            with pytest.raises(GroupError, match="too many"):
+                await bob.run_db(tables.add_join_page, first_pages[0], "a third sender")
+            monkeypatch.setattr(groups_module, "MAX_PENDING_JOINS", 8)
+            monkeypatch.setattr(groups_module, "MAX_JOIN_PROOF", 1_000)
+            with pytest.raises(GroupError, match="over the limit"):
+                await bob.run_db(tables.add_join_page, first_pages[0], "a third sender")
+            assert await bob.run_db(tables.join_pages) == 3

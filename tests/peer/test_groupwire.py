@@ -4,6 +4,7 @@ tampering refused with `InvalidGroupMessage` only."""
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
@@ -11,7 +12,7 @@ from hypothesis import strategies as st
 
 from teia.crypto import GroupSenderKey
 from teia.errors import InvalidGroupMessage
-from teia.host.protobuf import encode_bytes_field
+from teia.host.protobuf import encode_bytes_field, encode_varint_field
 from teia.identity import Identity
 from teia.peer.groupwire import (
     MAX_GROUP_NAME,
@@ -170,10 +171,20 @@ def test_group_id_is_bound_to_its_creator() -> None:
 
 
 @st.composite
-def joins(draw: st.DrawFn) -> GroupJoin:
-    state = draw(states(st.integers(0, 3)))
-    headers = tuple(draw(states()).header() for _ in range(state.version))
-    return GroupJoin(state, headers)
+def headers_of(draw: st.DrawFn, group_id: bytes, count: int) -> tuple[GroupHeader, ...]:
+    """Headers of versions 0 to ``count`` - 1 of a group (signed, not a valid chain: linking
+    is `check_chain`'s business, not the decoder's)."""
+    out = []
+    for version in range(count):
+        state = draw(states(st.just(version)))
+        out.append(replace(state, group_id=group_id).signed(IDENTITIES[PEERS.index(state.signer)]))
+    return tuple(s.header() for s in out)
+
+
+@st.composite
+def joins(draw: st.DrawFn, most: int = 3) -> GroupJoin:
+    state = draw(states(st.integers(0, most)))
+    return GroupJoin(state, draw(headers_of(state.group_id, state.version)))
 
 
 @settings(max_examples=50)
@@ -205,11 +216,60 @@ def test_joins_round_trip_and_refuse_a_missing_header(join: GroupJoin, data: st.
     with pytest.raises(InvalidGroupMessage):
         GroupPayload.decode(payload[:cut])
     if join.headers:
-        short = GroupJoin(join.state, join.headers[1:])
-        with pytest.raises(InvalidGroupMessage, match="every earlier version"):
-            GroupJoin.decode(short.encode())
+        # Headers out of place: not the versions they claim to be, or past the state.
+        shifted = GroupJoin(join.state, join.headers[1:])
+        with pytest.raises(InvalidGroupMessage, match=r"in order|before its state"):
+            GroupJoin.decode(shifted.encode())
+        if len(join.headers) > 1:
+            swapped = GroupJoin(join.state, (join.headers[1], join.headers[0], *join.headers[2:]))
+            with pytest.raises(InvalidGroupMessage, match="in order"):
+                GroupJoin.decode(swapped.encode())
+        late = GroupJoin(join.state, join.headers, first=1)
+        with pytest.raises(InvalidGroupMessage, match="before its state"):
+            GroupJoin.decode(late.encode())
+        # A first page (version 0 on) is a join too, but not a complete one; a later version
+        # with no header at all is not a join.
+        first_page = GroupJoin(join.state, join.headers[:-1]).encode()
+        if len(join.headers) > 1:
+            assert not GroupJoin.decode(first_page).complete
+        else:
+            with pytest.raises(InvalidGroupMessage, match="before its state"):
+                GroupJoin.decode(first_page)
+        # The first version is left out when 0; written out, it breaks canonical form.
+        with pytest.raises(InvalidGroupMessage, match="left out"):
+            GroupJoin.decode(join.encode() + encode_varint_field(3, 0))
+    elif join.state.version == 0:
+        assert join.complete
     # Headers before the state, or a second state: not a join.
     with pytest.raises(InvalidGroupMessage):
         GroupJoin.decode(encode_bytes_field(2, join.state.header().encode()) + join.encode())
     with pytest.raises(InvalidGroupMessage):
         GroupJoin.decode(join.encode() + encode_bytes_field(1, join.state.encode()))
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.data())
+def test_a_long_chain_is_cut_into_pages_that_each_fit(data: st.DataObject) -> None:
+    state = data.draw(states(st.integers(1, 40)))
+    headers = data.draw(headers_of(state.group_id, state.version))
+    limit = data.draw(st.integers(len(state.encode()) + 600, 16_000))
+    pages = GroupJoin.paged(state, headers, limit)
+    assert all(len(GroupPayload(p).encode()) <= limit for p in pages)
+    assert [h for p in pages for h in p.headers] == list(headers)
+    assert [p.first for p in pages] == [
+        sum(len(q.headers) for q in pages[:i]) for i in range(len(pages))
+    ]
+    for page in pages:
+        assert GroupPayload.decode(GroupPayload(page).encode()).body == page
+    assert (len(pages) == 1) == pages[0].complete
+    whole = GroupPayload(GroupJoin(state, headers)).encode()
+    assert (len(pages) == 1) == (len(whole) <= limit)
+
+
+def test_a_state_that_leaves_no_room_for_a_header_cannot_be_paged() -> None:
+    state = GroupState(
+        bytes(16), 0, b"", "g", (PEERS[0],), (PEERS[0],), PEERS[0], 1, bytes(16)
+    ).signed(IDENTITIES[0])
+    later = replace(state, version=1, prev_hash=state.digest(), nonce=b"").signed(IDENTITIES[0])
+    with pytest.raises(InvalidGroupMessage, match="does not fit"):
+        GroupJoin.paged(later, [state.header()], len(later.encode()) + 20)

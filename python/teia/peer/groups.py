@@ -12,8 +12,11 @@ admin *of the state before it*. A change that does not extend the chain held —
 replayed, forked — is refused (`GroupChangeRefused`); one that arrives before its predecessor
 is held back (parked, bounded) until the predecessor arrives. A peer learns a group it is not
 in yet from the admin who signed the state adding it, together with the headers of every
-version before it (`GroupJoin`), and checks that chain back to the creator (`check_chain`)
-before it takes the group; from then on it follows the chain.
+version before it (`GroupJoin`; several pages of them when they do not fit one payload, kept
+until they cover every version: at most `MAX_JOIN_PROOF` bytes, `MAX_PENDING_JOINS` joins in
+all and `MAX_PENDING_JOINS_PER_SENDER` per sender, for `PARKED_TTL_MS`), and checks that chain
+back to the creator (`check_chain`) before it takes the group; from then on it follows the
+chain.
 
 **Messages** are encrypted once with the sender's own sending chain (`GroupSenderKey`), signed
 by it, then handed to each other member over its pairwise session. A member gives its chain to
@@ -82,7 +85,6 @@ from teia.peer.groupwire import (
     KeyDistribution,
     derive_group_id,
 )
-from teia.peer.wire import MAX_APP_DATA
 
 if TYPE_CHECKING:
     from teia.peer.peer import AppMessage, Peer
@@ -98,6 +100,12 @@ MAX_PARKED: Final = 1024
 MAX_PARKED_PER_GROUP: Final = 256
 MAX_PARKED_PER_SENDER: Final = 64
 PARKED_TTL_MS: Final = 14 * 86_400_000
+MAX_JOIN_PROOF: Final = 8 * 1024 * 1024
+"""Bytes of headers proving a group's chain to a new member (~30,000 versions): an admin adds
+nobody to a group whose proof is longer, and a joiner keeps no more of a paged join."""
+MAX_PENDING_JOINS: Final = 8
+"""Paged joins a profile keeps unfinished at once, and per sender (below)."""
+MAX_PENDING_JOINS_PER_SENDER: Final = 2
 _CHAINS_KEPT: Final = 4
 """Sending chains kept per member and group (messages sent before a rotation still open)."""
 _FAN_OUT: Final = 64
@@ -153,6 +161,17 @@ CREATE TABLE IF NOT EXISTS group_parked (
     UNIQUE (peer_id, message_id)
 );
 CREATE INDEX IF NOT EXISTS group_parked_by_group ON group_parked (group_id, needs);
+CREATE TABLE IF NOT EXISTS group_join_pages (
+    group_id BLOB NOT NULL,
+    peer_id TEXT NOT NULL,
+    state_hash BLOB NOT NULL,
+    first INTEGER NOT NULL,
+    count INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    page BLOB NOT NULL,
+    received_ms INTEGER NOT NULL,
+    PRIMARY KEY (group_id, peer_id, state_hash, first)
+);
 """
 
 
@@ -187,6 +206,11 @@ def _outbox_ad(group_id: bytes, peer: str, token: bytes) -> bytes:
 
 def _fanout_ad(message_id: bytes) -> bytes:
     return b"group-fanout\0" + message_id
+
+
+def _page_ad(group_id: bytes, peer: str, state_hash: bytes, first: int) -> bytes:
+    where = peer.encode() + b"\0" + state_hash + first.to_bytes(4, "big")
+    return b"group-join-page\0" + group_id + where
 
 
 def _parked_ad(peer: str, message_id: bytes) -> bytes:
@@ -266,6 +290,9 @@ class _Tables:
         with self.db.transaction() as conn:
             conn.execute(
                 "DELETE FROM group_parked WHERE parked_ms < ?", (now_ms() - PARKED_TTL_MS,)
+            )
+            conn.execute(
+                "DELETE FROM group_join_pages WHERE received_ms < ?", (now_ms() - PARKED_TTL_MS,)
             )
 
     def _held(self, group_id: bytes, member: int, sealed: bytes, previous: Any) -> _Held:
@@ -616,6 +643,74 @@ class _Tables:
     def parked_count(self) -> int:
         return int(self.db.read("SELECT count(*) FROM group_parked")[0][0])
 
+    def add_join_page(self, join: GroupJoin, sender: str) -> list[GroupHeader] | None:
+        """Keep one page of a paged join from ``sender``; once the pages held for its state
+        cover versions 0 to ``state.version`` - 1, take them out and return their headers in
+        order (None until then). `GroupError` past the limits, nothing kept then."""
+        group_id, state_hash = join.group_id, join.state.digest()
+        page = join.encode()
+        key = (group_id, sender, state_hash)
+        with self.db.transaction() as conn:
+            conn.execute(
+                "DELETE FROM group_join_pages WHERE received_ms < ?", (now_ms() - PARKED_TTL_MS,)
+            )
+            pending = {
+                (bytes(g), str(p), bytes(h))
+                for g, p, h in conn.execute(
+                    "SELECT DISTINCT group_id, peer_id, state_hash FROM group_join_pages"
+                )
+            }
+            if key not in pending and (
+                len(pending) >= MAX_PENDING_JOINS
+                or sum(p == sender for _, p, _ in pending) >= MAX_PENDING_JOINS_PER_SENDER
+            ):
+                raise GroupError("too many group joins waiting for the rest of their pages")
+            (held,) = conn.execute(
+                "SELECT coalesce(sum(size), 0) FROM group_join_pages "
+                "WHERE group_id = ? AND peer_id = ? AND state_hash = ?",
+                key,
+            ).fetchone()
+            if held + len(page) > MAX_JOIN_PROOF:
+                raise GroupError("a group join whose proof is over the limit")
+            conn.execute(
+                "INSERT OR IGNORE INTO group_join_pages (group_id, peer_id, state_hash, first, "
+                "count, size, page, received_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    *key,
+                    join.first,
+                    len(join.headers),
+                    len(page),
+                    self.db.cipher.seal(_page_ad(*key, join.first), page),
+                    now_ms(),
+                ),
+            )
+            rows = conn.execute(
+                "SELECT first, count, page FROM group_join_pages "
+                "WHERE group_id = ? AND peer_id = ? AND state_hash = ? ORDER BY first",
+                key,
+            ).fetchall()
+            covered = 0
+            for first, count, _ in rows:
+                if first != covered:
+                    return None  # a gap (a page still on its way) or pages that overlap
+                covered += count
+            if covered != join.state.version:
+                return None
+            conn.execute(
+                "DELETE FROM group_join_pages WHERE group_id = ? AND peer_id = ? "
+                "AND state_hash = ?",
+                key,
+            )
+        headers: list[GroupHeader] = []
+        for first, _, sealed in rows:
+            opened = self.db.cipher.open(_page_ad(*key, int(first)), bytes(sealed))
+            headers += GroupJoin.decode(opened).headers
+        return headers
+
+    def join_pages(self) -> int:
+        """Pages of unfinished joins held."""
+        return int(self.db.read("SELECT count(*) FROM group_join_pages")[0][0])
+
 
 # --- the manager ----------------------------------------------------------------------------
 
@@ -640,6 +735,7 @@ class Groups:
             "keys": 0,
             "received": 0,
             "sent": 0,
+            "join_pages": 0,
         }
         """Counts (metadata only) for metrics and tests."""
         self._queued: set[str] = set()
@@ -979,14 +1075,19 @@ class Groups:
             encoded = GroupPayload(state).encode()
             had = set(previous.members) if previous is not None else set()
             newcomers = {m for m in everyone if m not in had} if state.version else set()
+            joining: builtins.list[bytes] = []
             if newcomers:
                 chain = await self._db(self._tables.headers, state.group_id, state.version)
                 if chain is None:
                     raise GroupError("this profile lacks the group's earlier versions")
-                joining = GroupPayload(GroupJoin(state, tuple(chain))).encode()
-                if len(joining) > MAX_APP_DATA:
+                if sum(len(h.encode()) for h in chain) > MAX_JOIN_PROOF:
                     raise GroupError("the group's history is too long to prove to a new member")
-            sends += [(str(m), joining if m in newcomers else encoded) for m in everyone]
+                joining = [GroupPayload(page).encode() for page in GroupJoin.paged(state, chain)]
+            sends += [
+                (str(m), payload)
+                for m in everyone
+                for payload in (joining if m in newcomers else [encoded])
+            ]
         sender_key: bytes | None = None
         gone = sorted(str(m) for m in before - set(state.members))
         if joined:
@@ -1109,7 +1210,21 @@ class Groups:
         held = await self._load(join.group_id)
         if held is not None and held.joined:
             return await self._take_state(incoming, join.state)  # a member already
-        return await self._join(held, incoming, join.state, join.headers)
+        if join.complete:
+            return await self._join(held, incoming, join.state, join.headers)
+        # One page of a join too long for one payload: kept until the pages cover the chain.
+        self._check_joiner(incoming, join.state)
+        headers = await self._db(self._tables.add_join_page, join, str(incoming.sender))
+        if headers is None:
+            self.stats["join_pages"] += 1
+            return False
+        return await self._join(held, incoming, join.state, headers)
+
+    def _check_joiner(self, incoming: _Incoming, state: GroupState) -> None:
+        if self._peer.peer_id not in state.members:
+            raise NotGroupMember("a group state that does not list us")
+        if state.signer != incoming.sender:
+            raise GroupChangeRefused("a group is joined from the admin who signed its state")
 
     async def _join(
         self,
@@ -1120,10 +1235,7 @@ class Groups:
     ) -> bool:
         """Join (or re-join) from the admin who signed the state adding us, once the chain
         checks from the creator's version 0 to it (`check_chain`)."""
-        if self._peer.peer_id not in state.members:
-            raise NotGroupMember("a group state that does not list us")
-        if state.signer != incoming.sender:
-            raise GroupChangeRefused("a group is joined from the admin who signed its state")
+        self._check_joiner(incoming, state)
         check_chain(headers, state)
         if held is None and await self._db(self._tables.count) >= MAX_GROUPS:
             raise GroupError(f"a profile keeps at most {MAX_GROUPS} groups")

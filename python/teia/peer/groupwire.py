@@ -14,7 +14,8 @@ the pairwise ratcheted sessions. A payload holds exactly one of::
     GroupHeader   { 1: group_id  2: version  3: prev_hash  4: name_hash (SHA-256 of the name)
                     5: members_hash (SHA-256 of the members' field-5 encodings, in order)
                     6: admins  7: signer  8: timestamp_ms  9: nonce  15: signature }
-    GroupJoin     { 1: state (GroupState)  2: headers (repeated GroupHeader, versions 0…n-1) }
+    GroupJoin     { 1: state (GroupState)  2: headers (repeated GroupHeader, versions f…)
+                    3: f (the first header's version; left out when 0) }
     KeyDistribution { 1: group_id  2: version  3: distribution (sender-key distribution, 73) }
     GroupMessage  { 1: group_id  2: version  3: message_id (16)  4: ciphertext (group message) }
     GroupText     { 1: group_id  2: message_id  3: text }        (the sender-key plaintext)
@@ -24,9 +25,10 @@ their hashes; the signature covers ``"teia group state v2\\0"`` followed by the 
 1-9, and a state's hash (`digest`, what the next version names as ``prev_hash``) is SHA-256 of
 the header with its signature. So a chain can be checked link by link from headers alone — a
 few hundred bytes a version, where states carry up to 1,000 members: a peer joining a group
-gets the headers of every version before the one adding it (`GroupJoin`) and checks them back
-to the creator. Encodings are canonical: fields in this order, each once (members and admins
-repeated in place), so decoding and encoding again give the same bytes. Version 0 binds the
+gets the headers of every version before the one adding it (`GroupJoin`, in pages when they
+do not fit one payload) and checks them back to the creator. Encodings are canonical: fields
+in this order, each once (members and admins repeated in place), so decoding and encoding
+again give the same bytes. Version 0 binds the
 group ID to its creator:
 ``group_id = SHA-256("teia group id v1\\0" ‖ creator peer ID ‖ nonce)[:16]``.
 
@@ -40,6 +42,7 @@ also verifies the signature (who may sign is the chain's business, `teia.peer.gr
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Final
@@ -423,19 +426,58 @@ class GroupHeader:
 
 @dataclass(frozen=True, slots=True)
 class GroupJoin:
-    """The state adding a peer, with the headers of every version before it (0 first)."""
+    """The state adding a peer, with the headers of the versions before it: all of them
+    (``first`` 0, `complete`), or — when they do not fit one payload — one page of them,
+    versions ``first`` to ``first + len(headers) - 1`` (`paged` cuts them; the receiver keeps
+    the pages until they cover versions 0 to ``state.version - 1``)."""
 
     state: GroupState
     headers: tuple[GroupHeader, ...]
+    first: int = 0
+    """The version of ``headers[0]`` (pages after the first one)."""
+
+    @property
+    def complete(self) -> bool:
+        """Whether the headers are those of every version before the state."""
+        return self.first == 0 and len(self.headers) == self.state.version
 
     def encode(self) -> bytes:
-        return encode_bytes_field(1, self.state.encode()) + b"".join(
+        out = encode_bytes_field(1, self.state.encode()) + b"".join(
             encode_bytes_field(2, h.encode()) for h in self.headers
         )
+        return out + _varint_field(3, self.first) if self.first else out
 
     @property
     def group_id(self) -> bytes:
         return self.state.group_id
+
+    @classmethod
+    def paged(
+        cls, state: GroupState, headers: Sequence[GroupHeader], limit: int = MAX_APP_DATA
+    ) -> tuple[GroupJoin, ...]:
+        """``state`` with ``headers`` (versions 0 to ``state.version`` - 1) cut into joins
+        whose `GroupPayload` encodings each fit ``limit`` bytes; one join when they all fit.
+        `InvalidGroupMessage` if the state alone leaves no room for a header."""
+        whole = cls(state, tuple(headers))
+        if len(GroupPayload(whole).encode()) <= limit:
+            return (whole,)
+        # Room for headers: the limit less the state, the page's first-version field and the
+        # payload's own tag and length (a 4-byte varint covers any payload size allowed).
+        room = limit - len(encode_bytes_field(1, state.encode())) - 6 - 5
+        pages: list[GroupJoin] = []
+        chunk: list[GroupHeader] = []
+        used = 0
+        for header in headers:
+            cost = len(encode_bytes_field(2, header.encode()))
+            if cost > room:
+                raise InvalidGroupMessage("a group header does not fit a join page")
+            if used + cost > room:
+                pages.append(cls(state, tuple(chunk), header.version - len(chunk)))
+                chunk, used = [], 0
+            chunk.append(header)
+            used += cost
+        pages.append(cls(state, tuple(chunk), state.version - len(chunk)))
+        return tuple(pages)
 
     @classmethod
     def decode(cls, data: bytes) -> GroupJoin:
@@ -443,18 +485,29 @@ class GroupJoin:
             raise InvalidGroupMessage("group join over the limit")
         state: GroupState | None = None
         headers: list[GroupHeader] = []
+        first: int | None = None
         for number, _, value in _fields(data, "group join"):
-            if number == 1 and state is None and not headers:
+            if number == 1 and state is None:
                 state = GroupState.decode(_bytes(value, "state"))
-            elif number == 2 and state is not None:
+            elif number == 2 and state is not None and first is None:
                 headers.append(GroupHeader.decode(_bytes(value, "header")))
+            elif number == 3 and state is not None and first is None:
+                first = _version(value)
+                if not first:
+                    raise InvalidGroupMessage("a join page's first version is left out when 0")
             else:
-                raise InvalidGroupMessage("a group join is its state, then headers")
+                raise InvalidGroupMessage(
+                    "a group join is its state, then headers, then the first header's version"
+                )
         if state is None:
             raise InvalidGroupMessage("a group join without a state")
-        if len(headers) != state.version:
-            raise InvalidGroupMessage("a group join carries a header for every earlier version")
-        return cls(state, tuple(headers))
+        join = cls(state, tuple(headers), first or 0)
+        if join.first + len(headers) > state.version or (not headers and state.version):
+            raise InvalidGroupMessage("a group join carries headers of versions before its state")
+        for at, header in enumerate(headers, join.first):
+            if header.version != at or header.group_id != state.group_id:
+                raise InvalidGroupMessage("a group join's headers are its group's, in order")
+        return join
 
 
 @dataclass(frozen=True, slots=True)
