@@ -12,7 +12,7 @@ import pytest
 
 from teia.peer import Peer
 
-from .conftest import TIMEOUT, make_profile, online
+from .conftest import TIMEOUT, introduce, make_profile, online
 from .infra import store_nodes
 from .test_cli import teia
 
@@ -112,3 +112,23 @@ async def test_group_driven_from_cli_processes(tmp_path: Path) -> None:
                     "bob is gone",
                 ]
                 assert "bob is gone" not in [r.text for r in await bob.groups.history(group_id)]
+
+
+@pytest.mark.anyio
+async def test_a_member_leaves_from_the_command_line(tmp_path: Path) -> None:
+    with anyio.fail_after(TIMEOUT * 2):
+        member_dir = make_profile(tmp_path / "member")
+        async with online(make_profile(tmp_path / "admin")) as admin:
+            async with online(member_dir) as member:
+                await introduce(admin, member)
+                await introduce(member, admin)
+                group = await admin.groups.create("team", [member.peer_id])
+                await member.groups.wait_version(group, 0)
+                member_id = member.peer_id
+            left = await run("group", "leave", group.group_id, "--json", "--profile",
+                             str(member_dir))  # fmt: skip
+            assert left["joined"] is False
+            assert left["settled"] is True
+            after = await admin.groups.wait_version(group, 1)
+            assert after.members == (admin.peer_id,)
+            assert member_id not in after.members

@@ -28,6 +28,7 @@ from teia.peer.groups import GroupInfo, check_chain
 from teia.peer.groupwire import (
     GROUP_APP,
     GroupJoin,
+    GroupLeave,
     GroupMessage,
     GroupPayload,
     GroupState,
@@ -708,3 +709,67 @@ async def test_join_pages_are_taken_in_any_order_kept_apart_and_bounded(
             with pytest.raises(GroupError, match="over the limit"):
                 await bob.run_db(tables.add_join_page, first_pages[0], "a third sender")
             assert await bob.run_db(tables.join_pages) == 3
+
+
+@pytest.mark.anyio
+async def test_a_member_leaves_and_an_admin_removes_it(tmp_path: Path) -> None:
+    with anyio.fail_after(TIMEOUT * 2):
+        async with peers(tmp_path, 4) as (alice, bob, carol, dave):
+            group = await alice.groups.create("g", [bob.peer_id, carol.peer_id])
+            await alice.groups.add(group, [dave.peer_id], admin=True)
+            for peer in (bob, carol, dave):
+                await peer.groups.wait_version(group, 1)
+            left = await bob.groups.leave(group)
+            assert not left.joined
+            assert left.version == 1  # bob signs nothing: an admin does
+            with pytest.raises(NotGroupMember):
+                await bob.groups.send(group, "still here?")
+            # Both admins get the request; one removes bob, the other finds it done.
+            removed = await carol.groups.wait_version(group, 2)
+            assert bob.peer_id not in removed.members
+            assert removed.joined
+            for admin in (alice, dave):
+                assert (await admin.groups.wait_version(group, 2)).members == removed.members
+            assert alice.groups.stats["left"] + dave.groups.stats["left"] >= 1
+            # Texts after the removal reach the others and not bob, who keeps his history.
+            await alice.groups.send(group, "after bob left")
+            assert await receive(carol, group.conversation, 1) == [
+                (str(alice.peer_id), "after bob left")
+            ]
+            await flushed(alice, bob)
+            assert "after bob left" not in await texts(bob, group)
+            assert not (await bob.groups.get(group)).joined
+            # Leaving again does nothing; bob's removal parked nothing on his side.
+            assert (await bob.groups.leave(group)).version == 1
+            assert await bob.run_db(bob.groups._tables.parked_count) == 0
+
+
+@pytest.mark.anyio
+async def test_an_admin_leaves_by_removing_itself_but_never_as_the_last_one(
+    tmp_path: Path,
+) -> None:
+    with anyio.fail_after(TIMEOUT * 2):
+        async with peers(tmp_path, 3) as (alice, bob, carol):
+            group = await alice.groups.create("g", [bob.peer_id, carol.peer_id])
+            await bob.groups.wait_version(group, 0)
+            with pytest.raises(GroupError, match="only admin"):
+                await alice.groups.leave(group)
+            assert (await alice.groups.get(group)).joined
+            await alice.groups.add(group, [bob.peer_id], admin=True)
+            gone = await alice.groups.leave(group)
+            assert gone.version == 2
+            assert not gone.joined
+            assert alice.peer_id not in gone.members
+            after = await carol.groups.wait_version(group, 2)
+            assert after.admins == (bob.peer_id,)
+            # A request to leave sent to a member that is no admin changes nothing.
+            await carol.send_app(
+                alice.peer_id,
+                GROUP_APP,
+                GroupPayload(GroupLeave(bytes.fromhex(group.group_id), 2)).encode(),
+            )
+            await flushed(carol, alice)
+            assert (await alice.groups.get(group)).version == 2
+            # A group alone: its only member leaves without a new version.
+            solo = await carol.groups.create("solo", [])
+            assert not (await carol.groups.leave(solo)).joined

@@ -19,6 +19,7 @@ from teia.peer.groupwire import (
     MAX_MEMBERS,
     GroupHeader,
     GroupJoin,
+    GroupLeave,
     GroupMessage,
     GroupPayload,
     GroupState,
@@ -65,11 +66,14 @@ bodies = st.one_of(
         ids,
         st.binary(min_size=1, max_size=300).map(KEY.encrypt),
     ),
+    st.builds(GroupLeave, ids, versions),
 )
 
 
 @given(bodies)
-def test_payloads_round_trip(body: GroupState | KeyDistribution | GroupMessage) -> None:
+def test_payloads_round_trip(
+    body: GroupState | KeyDistribution | GroupMessage | GroupLeave,
+) -> None:
     encoded = GroupPayload(body).encode()
     assert GroupPayload.decode(encoded).body == body
     if isinstance(body, GroupState):
@@ -83,7 +87,7 @@ def test_texts_round_trip(group_id: bytes, message_id: bytes, text: str) -> None
 
 
 def refused_or_valid(data: bytes) -> None:
-    for decode in (GroupHeader.decode, GroupJoin.decode):
+    for decode in (GroupHeader.decode, GroupJoin.decode, GroupLeave.decode):
         with contextlib.suppress(InvalidGroupMessage):
             decode(data)
     with contextlib.suppress(InvalidGroupMessage):
@@ -106,7 +110,7 @@ def test_garbage_raises_only_the_typed_error(data: bytes) -> None:
 @settings(max_examples=50)
 @given(bodies, st.data())
 def test_truncated_or_flipped_payloads_are_refused(
-    body: GroupState | KeyDistribution | GroupMessage, data: st.DataObject
+    body: GroupState | KeyDistribution | GroupMessage | GroupLeave, data: st.DataObject
 ) -> None:
     encoded = GroupPayload(body).encode()
     cut = data.draw(st.integers(0, len(encoded) - 1))
@@ -273,3 +277,14 @@ def test_a_state_that_leaves_no_room_for_a_header_cannot_be_paged() -> None:
     later = replace(state, version=1, prev_hash=state.digest(), nonce=b"").signed(IDENTITIES[0])
     with pytest.raises(InvalidGroupMessage, match="does not fit"):
         GroupJoin.paged(later, [state.header()], len(later.encode()) + 20)
+
+
+def test_a_leave_is_canonical() -> None:
+    leave = GroupLeave(bytes(16), 0)
+    assert leave.encode() == encode_bytes_field(1, bytes(16))
+    with pytest.raises(InvalidGroupMessage, match="canonical"):
+        GroupLeave.decode(leave.encode() + encode_varint_field(2, 0))
+    with pytest.raises(InvalidGroupMessage):
+        GroupLeave.decode(encode_varint_field(2, 3))
+    with pytest.raises(InvalidGroupMessage):
+        GroupLeave.decode(encode_bytes_field(1, bytes(15)))

@@ -1,4 +1,5 @@
-"""``teia group create|add|remove|rename|send|list|history``: groups from the command line.
+"""``teia group create|add|remove|leave|rename|send|list|history``: groups from the command
+line.
 
 Changes and texts need the profile online (they are encrypted for each member over its
 pairwise session): the command brings the profile online, does its work, and waits up to
@@ -29,7 +30,7 @@ def register(sub: Any) -> None:
     """Register ``group`` and its actions on the ``teia`` subparsers."""
     from teia.peer.cli import _positive, _profile_args
 
-    group = sub.add_parser("group", help="groups: create, add, remove, rename, send, list")
+    group = sub.add_parser("group", help="groups: create, add, remove, leave, rename, send, list")
     actions = group.add_subparsers(dest="action", metavar="ACTION", required=True)
 
     def action(name: str, help_text: str, handler: Callable[[argparse.Namespace], int]) -> Any:
@@ -60,6 +61,10 @@ def register(sub: Any) -> None:
     remove.add_argument("group", help="group ID (hex)")
     remove.add_argument("members", nargs="+")
     online(remove)
+    leave = action("leave", "leave a group (an admin removes us; an admin removes itself)",
+                   run_leave)  # fmt: skip
+    leave.add_argument("group", help="group ID (hex)")
+    online(leave)
     rename = action("rename", "rename a group (admins only)", run_rename)
     rename.add_argument("group", help="group ID (hex)")
     rename.add_argument("name")
@@ -140,6 +145,13 @@ def run_add(args: argparse.Namespace) -> int:
 def run_remove(args: argparse.Namespace) -> int:
     async def work(groups: Groups) -> dict[str, Any]:
         return _info_json(await groups.remove(args.group, args.members))
+
+    return _online(args, work)
+
+
+def run_leave(args: argparse.Namespace) -> int:
+    async def work(groups: Groups) -> dict[str, Any]:
+        return _info_json(await groups.leave(args.group))
 
     return _online(args, work)
 

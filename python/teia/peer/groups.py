@@ -78,6 +78,7 @@ from teia.peer.groupwire import (
     MAX_MEMBERS,
     GroupHeader,
     GroupJoin,
+    GroupLeave,
     GroupMessage,
     GroupPayload,
     GroupState,
@@ -736,6 +737,7 @@ class Groups:
             "received": 0,
             "sent": 0,
             "join_pages": 0,
+            "left": 0,
         }
         """Counts (metadata only) for metrics and tests."""
         self._queued: set[str] = set()
@@ -869,47 +871,81 @@ class Groups:
     async def remove(self, group: GroupInfo | str, members: Sequence[PeerId | str]) -> GroupInfo:
         """Remove members; every remaining member then moves to a new sending chain."""
         gone = {await self._peer.resolve(m) for m in members}
-
-        def change(state: GroupState) -> tuple[str, builtins.list[PeerId], builtins.list[PeerId]]:
-            listed = [m for m in state.members if m not in gone]
-            chosen = [a for a in state.admins if a not in gone]
-            if not chosen:
-                raise GroupError("a group keeps at least one admin")
-            return state.name, listed, chosen
-
-        return await self._change(group, change)
+        return await self._change(group, _without(gone))
 
     async def rename(self, group: GroupInfo | str, name: str) -> GroupInfo:
         """Give the group a new name (at most 256 UTF-8 bytes)."""
         _check_name(name)
         return await self._change(group, lambda s: (name, list(s.members), list(s.admins)))
 
+    async def leave(self, group: GroupInfo | str) -> GroupInfo:
+        """Leave a group. An admin removes itself (a new version, as `remove` does; the only
+        admin of a group with other members must make another member admin first). Any other
+        member asks the admins to remove it (`GroupLeave`; the first admin to get it does) and
+        leaves at once on its side: its keys are dropped, it can no longer send, and what the
+        others send until its removal is refused. Leaving a group already left does nothing."""
+        me = self._peer.peer_id
+        async with self._lock:
+            held = await self._held(group)
+            current = held.state
+            if not held.joined:
+                return GroupInfo.of(current, False)
+            if me in current.admins and len(current.members) > 1:
+                if current.admins == (me,):
+                    raise GroupError(
+                        "the group's only admin cannot leave: make another member admin first"
+                    )
+                return await self._change_held(held, _without({me}))
+            ask = GroupPayload(GroupLeave(current.group_id, current.version)).encode()
+            sends = [(str(a), ask) for a in current.admins if a != me]
+            await self._db(
+                self._tables.commit_state,
+                current,
+                False,
+                previous=held.previous,
+                sender_key=None,
+                forget_peers=(),
+                sends=sends,
+            )
+            self._held_cache[current.group_id] = _Held(current, False, held.previous)
+            self.stats["changes"] += 1
+            self._notify()
+            await self._flush(current.group_id)
+            return GroupInfo.of(current, False)
+
     async def _change(
         self,
         group: GroupInfo | str,
         change: Callable[[GroupState], tuple[str, builtins.list[PeerId], builtins.list[PeerId]]],
     ) -> GroupInfo:
-        me = self._peer.peer_id
         async with self._lock:
-            held = await self._held(group)
-            current = held.state
-            if not held.joined or me not in current.admins:
-                raise NotGroupMember("only an admin of the group can change it")
-            name, listed, chosen = change(current)
-            if len(listed) > MAX_MEMBERS:
-                raise GroupError(f"a group has at most {MAX_MEMBERS} members")
-            state = GroupState(
-                current.group_id,
-                current.version + 1,
-                current.digest(),
-                name,
-                tuple(listed),
-                tuple(chosen),
-                me,
-                now_ms(),
-            ).signed(self._peer.identity)
-            await self._commit(held, state, announce=True)
-            return GroupInfo.of(state, me in state.members)
+            return await self._change_held(await self._held(group), change)
+
+    async def _change_held(
+        self,
+        held: _Held,
+        change: Callable[[GroupState], tuple[str, builtins.list[PeerId], builtins.list[PeerId]]],
+    ) -> GroupInfo:
+        """Sign and commit the next version (under the lock)."""
+        me = self._peer.peer_id
+        current = held.state
+        if not held.joined or me not in current.admins:
+            raise NotGroupMember("only an admin of the group can change it")
+        name, listed, chosen = change(current)
+        if len(listed) > MAX_MEMBERS:
+            raise GroupError(f"a group has at most {MAX_MEMBERS} members")
+        state = GroupState(
+            current.group_id,
+            current.version + 1,
+            current.digest(),
+            name,
+            tuple(listed),
+            tuple(chosen),
+            me,
+            now_ms(),
+        ).signed(self._peer.identity)
+        await self._commit(held, state, announce=True)
+        return GroupInfo.of(state, me in state.members)
 
     # --- sending ------------------------------------------------------------------------------
 
@@ -1157,6 +1193,8 @@ class Groups:
             return body.group_id, await self._take_join(incoming, body)
         if isinstance(body, KeyDistribution):
             await self._take_key(incoming, body)
+        elif isinstance(body, GroupLeave):
+            return body.group_id, await self._take_leave(incoming, body)
         else:
             await self._take_text(incoming, body)
         return body.group_id, False
@@ -1186,6 +1224,8 @@ class Groups:
                     return True
                 raise GroupChangeRefused("a concurrent change that loses to the one held")
             raise GroupChangeRefused("a group state older than the one held (replayed or forked)")
+        if held is not None and not held.joined and self._peer.peer_id not in state.members:
+            return False  # a group we left (or were removed from) moving on without us
         if held is None or not held.joined:
             if state.version:
                 # A later version joins only with the proof of its chain (`GroupJoin`), which
@@ -1219,6 +1259,23 @@ class Groups:
             self.stats["join_pages"] += 1
             return False
         return await self._join(held, incoming, join.state, headers)
+
+    async def _take_leave(self, incoming: _Incoming, leave: GroupLeave) -> bool:
+        """A member asks to be removed: an admin (a member still, and not the one asking)
+        removes it at once. From anyone else, or about a group that no longer lists the
+        sender, nothing happens (several admins get the same request)."""
+        held = await self._load(leave.group_id)
+        me = self._peer.peer_id
+        sender = incoming.sender
+        if held is None or not held.joined or me not in held.state.admins:
+            return False
+        if sender not in held.state.members or sender == me:
+            return False
+        if held.state.admins == (sender,):
+            raise GroupError("the group's only admin cannot leave")
+        await self._change_held(held, _without({sender}))
+        self.stats["left"] += 1
+        return True
 
     def _check_joiner(self, incoming: _Incoming, state: GroupState) -> None:
         if self._peer.peer_id not in state.members:
@@ -1338,6 +1395,21 @@ def parse_group_id(group: GroupInfo | str) -> bytes:
     if len(raw) != 16:
         raise UnknownGroup(f"{text!r} is not a group ID")
     return raw
+
+
+def _without(
+    gone: set[PeerId],
+) -> Callable[[GroupState], tuple[str, list[PeerId], list[PeerId]]]:
+    """The change that takes ``gone`` off the members and admins (one admin stays)."""
+
+    def change(state: GroupState) -> tuple[str, list[PeerId], list[PeerId]]:
+        listed = [m for m in state.members if m not in gone]
+        chosen = [a for a in state.admins if a not in gone]
+        if not chosen:
+            raise GroupError("a group keeps at least one admin")
+        return state.name, listed, chosen
+
+    return change
 
 
 def _unique(peers: Iterable[PeerId]) -> list[PeerId]:

@@ -4,7 +4,7 @@ Everything travels as application payloads named ``teia.group`` (`Peer.send_app`
 the pairwise ratcheted sessions. A payload holds exactly one of::
 
     GroupPayload  { 1: state (GroupState)  2: key (KeyDistribution)  3: message (GroupMessage)
-                    4: join (GroupJoin) }
+                    4: join (GroupJoin)  5: leave (GroupLeave) }
 
     GroupState    { 1: group_id (16)  2: version (uint32)  3: prev_hash (32; absent in version 0)
                     4: name (UTF-8, ≤ 256 bytes)  5: members (repeated peer ID, 1…1000, distinct)
@@ -17,6 +17,7 @@ the pairwise ratcheted sessions. A payload holds exactly one of::
     GroupJoin     { 1: state (GroupState)  2: headers (repeated GroupHeader, versions f…)
                     3: f (the first header's version; left out when 0) }
     KeyDistribution { 1: group_id  2: version  3: distribution (sender-key distribution, 73) }
+    GroupLeave    { 1: group_id  2: version (the leaver's; left out when 0) }
     GroupMessage  { 1: group_id  2: version  3: message_id (16)  4: ciphertext (group message) }
     GroupText     { 1: group_id  2: message_id  3: text }        (the sender-key plaintext)
 
@@ -64,6 +65,7 @@ __all__ = [
     "MAX_MEMBERS",
     "GroupHeader",
     "GroupJoin",
+    "GroupLeave",
     "GroupMessage",
     "GroupPayload",
     "GroupState",
@@ -536,6 +538,28 @@ class KeyDistribution:
         return cls(_group_id(values.get(1)), _version(values.get(2)), distribution)
 
 
+@dataclass(frozen=True, slots=True)
+class GroupLeave:
+    """A member asking the group's admins to remove it (only admins sign versions)."""
+
+    group_id: bytes
+    version: int
+    """The version the member held when it left."""
+
+    def encode(self) -> bytes:
+        return encode_bytes_field(1, self.group_id) + (
+            _varint_field(2, self.version) if self.version else b""
+        )
+
+    @classmethod
+    def decode(cls, data: bytes) -> GroupLeave:
+        values = _single(data, "group leave", frozenset({1, 2}))
+        leave = cls(_group_id(values.get(1)), _version(values.get(2)))
+        if leave.encode() != data:
+            raise InvalidGroupMessage("group leave is not in canonical form")
+        return leave
+
+
 MAX_GROUP_CIPHERTEXT: Final = MAX_APP_DATA - 256
 """Largest sender-key ciphertext a group message may carry (it fits one payload)."""
 
@@ -609,7 +633,7 @@ class GroupText:
             raise InvalidGroupMessage("group text is not UTF-8") from None
 
 
-GroupBody = GroupState | KeyDistribution | GroupMessage | GroupJoin
+GroupBody = GroupState | KeyDistribution | GroupMessage | GroupJoin | GroupLeave
 
 
 @dataclass(frozen=True, slots=True)
@@ -625,6 +649,8 @@ class GroupPayload:
             return encode_bytes_field(2, self.body.encode())
         if isinstance(self.body, GroupJoin):
             return encode_bytes_field(4, self.body.encode())
+        if isinstance(self.body, GroupLeave):
+            return encode_bytes_field(5, self.body.encode())
         return encode_bytes_field(3, self.body.encode())
 
     @classmethod
@@ -644,4 +670,6 @@ class GroupPayload:
             return cls(GroupMessage.decode(raw))
         if number == 4:
             return cls(GroupJoin.decode(raw))
+        if number == 5:
+            return cls(GroupLeave.decode(raw))
         raise InvalidGroupMessage(f"unknown group payload field {number}")
