@@ -114,6 +114,7 @@ from teia.peer.devicewire import (
 )
 
 if TYPE_CHECKING:
+    from teia.dht.node import DhtNode
     from teia.host.streams import NegotiatedStream
     from teia.peer.peer import AppHandler, AppMessage, Peer
 
@@ -401,8 +402,9 @@ class Devices:
         self.published = 0
         """Times this device put its account's list in the DHT (metadata only)."""
         self.published_version = 0
-        self._publishing = 0
         """The highest version of our list that DHT nodes took from this device."""
+        self._publishing = 0
+        self._publish_lock = anyio.Lock()
 
     @classmethod
     async def attach(cls, peer: Peer) -> Devices:
@@ -621,14 +623,19 @@ class Devices:
 
         The primary first re-signs the list (the next version, the same devices, sent to our
         other devices) once it is past half its DHT lifetime, so a live account never drops
-        out of the DHT. Any other
-        device publishes the list it holds (the nodes keep the newest they were given), unless
-        that list is past its lifetime. 0 without a DHT or an account.
+        out of the DHT. Any other device publishes the list it holds (the nodes keep the
+        newest they were given), unless that list is past its lifetime. 0 without a DHT or an
+        account. One publication at a time (two would re-sign the same version twice).
         """
         dht = self._peer.dht
         if dht is None or self._own is None or self._own.removed:
             return 0
         await self._peer.wait_dht_joined()
+        async with self._publish_lock:
+            return await self._publish(dht)
+
+    async def _publish(self, dht: DhtNode) -> int:
+        assert self._own is not None
         current = await self.device_list()
         assert current is not None
         now = now_ms()
