@@ -10,8 +10,10 @@ from pathlib import Path
 import anyio
 import pytest
 
+from teia.errors import AttachmentError
+from teia.host.streams import NegotiatedStream
 from teia.peer import Profile
-from teia.peer.attachments import TransferCompleted
+from teia.peer.attachments import PROTOCOL, TransferCompleted, TransferOffered
 
 from .conftest import PASSPHRASE, TIMEOUT, introduce, make_profile, online
 from .test_cli import teia
@@ -76,3 +78,38 @@ async def test_teia_file_send_queues_for_the_running_peer(tmp_path: Path) -> Non
             assert event.transfer.saved_as is not None
             assert event.transfer.saved_as.read_bytes() == data
             await alice.attachments.wait_complete(report["file_id"])
+
+
+@pytest.mark.anyio
+async def test_teia_file_cancel_from_another_process(tmp_path: Path) -> None:
+    a_dir, b_dir = make_profile(tmp_path / "a"), make_profile(tmp_path / "b")
+    source = tmp_path / "draft.pdf"
+    source.write_bytes(os.urandom(300 * 1024))
+    with anyio.fail_after(TIMEOUT * 2):
+        async with online(b_dir) as bob, online(a_dir) as alice:
+            await introduce(alice, bob)
+            await introduce(bob, alice)
+            # Bob never gets to pull it: Alice's server refuses to answer for now.
+            alice.host.set_handler(PROTOCOL, _refuse)
+            async with bob.attachments.events() as events:
+                file_id = await alice.attachments.send_file(bob.peer_id, source)
+                assert isinstance(await events.receive(), TransferOffered)
+        # Alice's profile is free again: another process calls the transfer off. Bob is
+        # offline and there is no store, so the notice waits in the outbox (exit 3).
+        cancelled = await anyio.to_thread.run_sync(
+            lambda: teia("file", "cancel", file_id, "--json", "--timeout", "1",
+                         "--profile", str(a_dir), check=False)
+        )  # fmt: skip
+        assert cancelled.returncode == 3, cancelled.stderr
+        assert json.loads(cancelled.stdout)["state"] == "cancelled"
+        assert not (a_dir / "attachments" / "out" / f"{file_id}.enc").exists()
+        # Both online again: the notice arrives and Bob lets go too.
+        async with online(b_dir) as bob, online(a_dir) as alice:
+            await introduce(alice, bob)
+            with pytest.raises(AttachmentError, match="cancelled"):
+                await bob.attachments.wait_complete(file_id)
+            assert not (b_dir / "attachments" / "in" / f"{file_id}.part").exists()
+
+
+async def _refuse(stream: NegotiatedStream) -> None:
+    await stream.aclose()

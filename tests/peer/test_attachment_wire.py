@@ -19,6 +19,7 @@ from teia.peer.attachments import (
     MIN_CHUNK_SIZE,
     ChunkAnswer,
     ChunkRequest,
+    FileCancel,
     FileChunk,
     FileDone,
     FileOffer,
@@ -64,6 +65,7 @@ payloads = st.one_of(
     offers(),
     st.builds(FileChunk, ids, st.integers(0, 2**32 - 1), st.binary(min_size=16, max_size=200)),
     st.builds(FileDone, ids),
+    st.builds(FileCancel, ids),
 )
 answers = st.one_of(
     st.builds(
@@ -77,7 +79,7 @@ answers = st.one_of(
 
 
 @given(payloads)
-def test_payloads_round_trip(payload: FileOffer | FileChunk | FileDone) -> None:
+def test_payloads_round_trip(payload: FileOffer | FileChunk | FileDone | FileCancel) -> None:
     assert decode_payload(payload.encode()) == payload
 
 
@@ -105,7 +107,8 @@ def test_garbage_is_refused_or_parsed_never_anything_else(data: bytes) -> None:
 
 @given(st.one_of(payloads, requests(), answers), st.data())
 def test_truncated_messages_are_refused(
-    message: FileOffer | FileChunk | FileDone | ChunkRequest | ChunkAnswer, data: st.DataObject
+    message: FileOffer | FileChunk | FileDone | FileCancel | ChunkRequest | ChunkAnswer,
+    data: st.DataObject,
 ) -> None:
     encoded = message.encode()
     cut = data.draw(st.integers(0, len(encoded) - 1))

@@ -14,8 +14,9 @@ from typing import Any
 import anyio
 import pytest
 
-from teia.errors import AttachmentTooLarge, UnknownAttachment
+from teia.errors import AttachmentError, AttachmentTooLarge, UnknownAttachment
 from teia.host.streams import NegotiatedStream
+from teia.identity import Identity
 from teia.peer import Peer
 from teia.peer.attachments import (
     CHUNK_SIZE,
@@ -25,6 +26,7 @@ from teia.peer.attachments import (
     ChunkRequest,
     Status,
     TransferCompleted,
+    TransferFailed,
     TransferOffered,
     decode_answer,
 )
@@ -373,3 +375,57 @@ async def test_a_file_goes_through_the_relay_when_direct_dials_are_off(tmp_path:
                 assert got.path == "relayed"
                 assert got.saved_as is not None
                 assert got.saved_as.read_bytes() == data
+
+
+@pytest.mark.anyio
+async def test_either_side_calls_a_transfer_off_and_both_let_go(tmp_path: Path) -> None:
+    a_dir, b_dir = make_profile(tmp_path / "a"), make_profile(tmp_path / "b")
+    source = tmp_path / "big"
+    make_file(source, 80 * CHUNK_SIZE)
+    with anyio.fail_after(TIMEOUT):
+        async with online(a_dir) as alice, online(b_dir) as bob:
+            await both_ways(alice, bob)
+            serve = alice.attachments.serve
+            for cancelling in ("recipient", "sender"):
+                reached = anyio.Event()
+                hook = await held_after(20, reached, [True])
+
+                async def holding(stream: NegotiatedStream, hook: Any = hook) -> None:
+                    await serve(Wrapped(stream, hook))
+
+                alice.host.set_handler(PROTOCOL, holding)
+                async with (
+                    alice.attachments.events() as a_events,
+                    bob.attachments.events() as b_events,
+                ):
+                    file_id = await alice.attachments.send_file(bob.peer_id, source)
+                    assert isinstance(await b_events.receive(), TransferOffered)
+                    await reached.wait()  # a pull is half-way
+                    if cancelling == "recipient":
+                        ended = await bob.attachments.cancel(file_id)
+                        events = a_events
+                    else:
+                        ended = await alice.attachments.cancel(file_id)
+                        events = b_events
+                    assert ended.state == "cancelled"
+                    event = await events.receive()
+                    assert isinstance(event, TransferFailed)
+                    assert event.reason == "cancelled by the other side"
+                    assert event.transfer.file_id == file_id
+                for side in (alice, bob):
+                    assert (await side.attachments.status(file_id)).state == "cancelled"
+                    with pytest.raises(AttachmentError, match="cancelled"):
+                        await side.attachments.wait_complete(file_id)
+                assert not (a_dir / "attachments" / "out" / f"{file_id}.enc").exists()
+                assert not (b_dir / "attachments" / "in" / f"{file_id}.part").exists()
+                assert list((b_dir / "files").iterdir()) == []
+            # Cancelling again changes nothing; an unknown file ID is an error.
+            assert (await bob.attachments.cancel(file_id)).state == "cancelled"
+            with pytest.raises(UnknownAttachment):
+                await bob.attachments.cancel("00" * 16)
+            # Only the other side of a transfer can call it off.
+            alice.host.set_handler(PROTOCOL, serve)
+            kept = await alice.attachments.send_file(bob.peer_id, source)
+            stranger = Identity.generate().peer_id
+            assert not await alice.attachments._end(bytes.fromhex(kept), stranger, "x")
+            assert (await bob.attachments.wait_complete(kept)).state == "complete"

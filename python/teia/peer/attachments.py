@@ -29,6 +29,7 @@ Wire formats (integers big-endian)::
                                     | sha256 32 | name_len u16 | name (UTF-8)
                            2 chunk  | file_id 16 | index u32 | sealed chunk
                            3 done   | file_id 16
+                           4 cancel | file_id 16         (either side; the other stops too)
     stream request         version u8 (1) | file_id 16 | runs u8 (1..64)
                                     | runs x (start u32, count u32)   ascending, disjoint
     stream answer (each)   status u8 | index u32 | sealed chunk (status OK only)
@@ -89,6 +90,7 @@ __all__ = [
     "Attachments",
     "ChunkAnswer",
     "ChunkRequest",
+    "FileCancel",
     "FileChunk",
     "FileDone",
     "FileOffer",
@@ -144,6 +146,9 @@ _AD_LABEL: Final = b"teia attachment v1"
 _OFFER: Final = 1
 _CHUNK: Final = 2
 _DONE: Final = 3
+_CANCEL: Final = 4
+_ENDED: Final = ("complete", "failed", "expired", "cancelled")
+"""States a transfer does not leave."""
 _OFFER_HEAD = struct.Struct(f">B{FILE_ID_SIZE}sQI{KEY_SIZE}s{DIGEST_SIZE}sH")
 _CHUNK_HEAD = struct.Struct(f">B{FILE_ID_SIZE}sI")
 _REQUEST_HEAD = struct.Struct(f">B{FILE_ID_SIZE}sB")
@@ -243,7 +248,18 @@ class FileDone:
         return bytes([_DONE]) + self.file_id
 
 
-def decode_payload(data: bytes) -> FileOffer | FileChunk | FileDone:
+@dataclass(frozen=True, slots=True)
+class FileCancel:
+    """The transfer is called off (by the sender or the recipient): the other side stops and
+    deletes what it holds of it."""
+
+    file_id: bytes
+
+    def encode(self) -> bytes:
+        return bytes([_CANCEL]) + self.file_id
+
+
+def decode_payload(data: bytes) -> FileOffer | FileChunk | FileDone | FileCancel:
     """Parse a ``teia.file`` payload; `InvalidAttachmentMessage` on anything else."""
     if not data:
         raise InvalidAttachmentMessage("empty file payload")
@@ -266,10 +282,10 @@ def decode_payload(data: bytes) -> FileOffer | FileChunk | FileDone:
             raise InvalidAttachmentMessage("chunk: oversize")
         _, file_id, index = _CHUNK_HEAD.unpack_from(data)
         return FileChunk(file_id, index, data[_CHUNK_HEAD.size :])
-    if kind == _DONE:
+    if kind in (_DONE, _CANCEL):
         if len(data) != 1 + FILE_ID_SIZE:
-            raise InvalidAttachmentMessage("done: wrong length")
-        return FileDone(data[1:])
+            raise InvalidAttachmentMessage("done or cancel: wrong length")
+        return FileDone(data[1:]) if kind == _DONE else FileCancel(data[1:])
     raise InvalidAttachmentMessage(f"unknown file payload kind {kind}")
 
 
@@ -461,8 +477,8 @@ class Transfer:
     state: str
     """Outgoing: ``offered`` (the recipient pulls), ``pushed`` (chunks handed to the message
     pipeline for the store), ``waiting-direct`` (too large for the store; sent when the peers
-    can connect), ``complete`` (the recipient has it), ``expired``. Incoming: ``receiving``,
-    ``complete``, ``failed``, ``expired``."""
+    can connect), ``complete`` (the recipient has it), ``expired``, ``cancelled`` (by either
+    side). Incoming: ``receiving``, ``complete``, ``failed``, ``expired``, ``cancelled``."""
     path: str | None
     """How chunks travelled last: ``direct``, ``relayed`` or ``stored``."""
     saved_as: Path | None
@@ -725,6 +741,8 @@ class _Receiving:
         self.wake = anyio.Event()
         self.finished = False
         self.failures = 0
+        self.pulling = anyio.CancelScope()
+        """Around the pull in progress: cancelled when the transfer is called off."""
 
     @property
     def offer(self) -> FileOffer:
@@ -781,6 +799,9 @@ class Attachments:
             "offers_refused": 0,
         }
         """Counts (metadata only) for metrics and tests."""
+        self.cancel_notices: dict[str, str] = {}
+        """File ID → message ID of the cancel notice sent to the other side (`Peer.wait_delivered`
+        tells when it got there or into the store)."""
         peer.on_app(APP, self._on_payload)
 
     # --- lifecycle ----------------------------------------------------------------------
@@ -794,7 +815,7 @@ class Attachments:
             sub.mkdir(mode=0o700, parents=True, exist_ok=True)
         cutoff = now_ms() - RETENTION_MS
         for row in await self._peer.run_db(_all, db):
-            if row.state in ("complete", "failed", "expired"):
+            if row.state in _ENDED:
                 continue
             if row.created_ms < cutoff:
                 await self._expire(row)
@@ -938,7 +959,7 @@ class Attachments:
             row is None
             or not row.outgoing
             or row.peer_id != str(requester)
-            or row.state in ("complete", "expired")
+            or row.state in _ENDED
             or not self._out_path(request.file_id).exists()
         ):
             self.stats["requests_refused"] += 1
@@ -967,6 +988,8 @@ class Attachments:
             await self._take_offer(message, payload)
         elif isinstance(payload, FileChunk):
             await self._take_chunk(message.sender, payload, message.path)
+        elif isinstance(payload, FileCancel):
+            await self._end(payload.file_id, message.sender, "cancelled by the other side")
         else:
             await self._take_done(message.sender, payload)
 
@@ -1122,13 +1145,68 @@ class Attachments:
         row = await self._peer.run_db(_get, db, done.file_id)
         if row is None or not row.outgoing or row.peer_id != str(sender):
             return
-        if row.state == "complete":
+        if row.state in _ENDED:
             return
         self._out_path(done.file_id).unlink(missing_ok=True)
         await self._peer.run_db(_update, db, done.file_id, state="complete", delivered=True)
         row.state = "complete"
         self._emit(TransferCompleted(row.transfer()))
         self._notify(done.file_id)
+
+    # --- cancelling ---------------------------------------------------------------------
+
+    async def cancel(self, file_id: str) -> Transfer:
+        """Call off a transfer that has not ended, sent or received: what this side holds of
+        it is deleted (the encrypted copy, or the partial file), the other side is told
+        (``cancel`` payload: it stops and deletes its part too), and waiters get
+        `AttachmentError`. `UnknownAttachment` for no such transfer; one that already ended
+        (complete, failed, expired, cancelled) is returned as it is."""
+        try:
+            raw = bytes.fromhex(file_id)
+        except ValueError:
+            raise UnknownAttachment(f"{file_id!r} is not a file ID") from None
+        row = await self._peer.run_db(_get, self._peer.profile.db, raw)
+        if row is None:
+            raise UnknownAttachment(f"no transfer {file_id}")
+        if await self._end(raw, None, "cancelled"):
+            other = PeerId.from_string(row.peer_id)
+            notice = await self._peer.send_app(other, APP, FileCancel(raw).encode())
+            self.cancel_notices[file_id] = notice
+            while len(self.cancel_notices) > 1024:
+                del self.cancel_notices[next(iter(self.cancel_notices))]
+        return await self.status(file_id)
+
+    async def _end(self, file_id: bytes, by: PeerId | None, reason: str) -> bool:
+        """Mark a transfer cancelled and delete its files, unless it ended already or ``by``
+        (the peer asking, None for us) is not the other side of it; whether it was ended."""
+        db = self._peer.profile.db
+        receiving = self._receiving.get(file_id)
+        if receiving is not None:
+            if by is not None and receiving.row.peer_id != str(by):
+                return False
+            async with receiving.lock:  # no chunk is being written while the part goes
+                if receiving.finished:
+                    return False
+                receiving.finished = True
+                self._receiving.pop(file_id, None)
+                receiving.wake.set()
+                receiving.pulling.cancel()
+                row = receiving.row
+                self._discard_files(file_id)
+                await self._peer.run_db(_update, db, file_id, state="cancelled")
+        else:
+            row_or_none = await self._peer.run_db(_get, db, file_id)
+            if row_or_none is None or row_or_none.state in _ENDED:
+                return False
+            row = row_or_none
+            if by is not None and row.peer_id != str(by):
+                return False
+            self._discard_files(file_id)
+            await self._peer.run_db(_update, db, file_id, state="cancelled")
+        row.state = "cancelled"
+        self._emit(TransferFailed(row.transfer(), reason))
+        self._notify(file_id)
+        return True
 
     # --- pulling ------------------------------------------------------------------------
 
@@ -1153,8 +1231,9 @@ class Attachments:
                 return
             receiving.wake = anyio.Event()
             try:
-                async with self._pulls:
-                    await self._pull(receiving)
+                with anyio.CancelScope() as receiving.pulling:
+                    async with self._pulls:
+                        await self._pull(receiving)
                 failures = 0
                 continue
             except (TeiaError, *_STREAM_ERRORS) as exc:
@@ -1253,7 +1332,7 @@ class Attachments:
                 continue
             if transfer.state == "complete":
                 return transfer
-            if transfer.state in ("failed", "expired"):
+            if transfer.state in _ENDED:
                 raise AttachmentError(f"transfer {file_id} {transfer.state}")
             await waiter.wait()
 

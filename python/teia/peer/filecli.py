@@ -1,4 +1,4 @@
-"""``teia file send|list``: files from the command line (`teia.peer.attachments`).
+"""``teia file send|cancel|list``: files from the command line (`teia.peer.attachments`).
 
 ``send`` brings the profile online, offers the file and stays online (serving its chunks) until
 the recipient has it, at most ``--timeout`` seconds: exit status 0 when it has, 3 when the
@@ -6,7 +6,10 @@ transfer goes on later (the recipient was away: its chunks are in the outbox for
 the file waits for a path; the next time the profile is online — ``teia peer run``, a bot —
 continues). When another process has the profile online, the file is encrypted and its offer
 queued here, and that process delivers the offer and serves the chunks (exit status 0 once
-queued). ``list`` only reads the profile. ``--json`` prints JSON (one object, or one per line).
+queued). ``cancel FILE_ID`` calls a transfer off (either direction): it deletes this side's
+copy, tells the other side and waits up to ``--timeout`` seconds for that notice to be delivered
+or stored (exit 0; 3 if it is still in the outbox). ``list`` only reads the profile.
+``--json`` prints JSON (one object, or one per line).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ def register(sub: Any) -> None:
     """Register ``file`` and its actions on the ``teia`` subparsers."""
     from teia.peer.cli import _positive, _profile_args
 
-    files = sub.add_parser("file", help="files: send one to a contact, list transfers")
+    files = sub.add_parser("file", help="files: send one to a contact, cancel, list transfers")
     actions = files.add_subparsers(dest="action", metavar="ACTION", required=True)
     send = actions.add_parser(
         "send",
@@ -46,6 +49,14 @@ def register(sub: Any) -> None:
     send.add_argument("--json", action="store_true", help="print one JSON object")
     _profile_args(send)
     send.set_defaults(handler=run_send)
+    cancel = actions.add_parser("cancel", help="call off a transfer, sent or received")
+    cancel.add_argument("file_id", help="the transfer's file ID (teia file list)")
+    cancel.add_argument(
+        "--timeout", type=_positive, default=15.0, help="wait at most SECONDS (default 15)"
+    )
+    cancel.add_argument("--json", action="store_true", help="print one JSON object")
+    _profile_args(cancel)
+    cancel.set_defaults(handler=run_cancel)
     listing = actions.add_parser("list", help="files sent and received, and their state")
     listing.add_argument("--json", action="store_true", help="one JSON object per line")
     _profile_args(listing)
@@ -109,6 +120,25 @@ async def _send_online(profile: Profile, to: Any, args: argparse.Namespace) -> i
     if not args.json:
         print("not complete yet: the next time this profile is online the transfer goes on")
     return 3
+
+
+def run_cancel(args: argparse.Namespace) -> int:
+    from teia.peer.cli import _ephemeral, _open
+
+    async def run(profile: Profile) -> int:
+        async with Peer.open(profile, listen=_ephemeral(profile.config.listen)) as peer:
+            transfer = await peer.attachments.cancel(args.file_id)
+            notice = peer.attachments.cancel_notices.get(transfer.file_id)
+            settled = notice is None
+            if notice is not None:
+                with anyio.move_on_after(args.timeout):
+                    await peer.wait_delivered(notice)
+                    settled = True
+        _show(args, transfer)
+        return 0 if settled else 3
+
+    with _open(args) as profile:
+        return anyio.run(run, profile, backend="trio")
 
 
 def run_list(args: argparse.Namespace) -> int:
