@@ -460,6 +460,26 @@ class ClientApi:
             call.user, call.query("since"), call.query_int("timeout", 0), limit, full_state
         )
 
+    async def keys_upload(self, call: Call) -> Any:
+        return await self.hs.keys_upload(call.user, call.body)
+
+    async def keys_query(self, call: Call) -> Any:
+        return await self.hs.keys_query(call.user, call.body)
+
+    async def keys_claim(self, call: Call) -> Any:
+        return await self.hs.keys_claim(call.user, call.body)
+
+    async def keys_changes(self, call: Call) -> Any:
+        start, end = call.query("from"), call.query("to")
+        if start is None or end is None:
+            raise MatrixError(400, "M_MISSING_PARAM", "from and to are required")
+        return await self.hs.keys_changes(call.user, start, end)
+
+    async def send_to_device(self, call: Call) -> Any:
+        return await self.hs.send_to_device(
+            call.user, call.param("type"), call.param("txn"), call.body
+        )
+
     async def openid_token(self, call: Call) -> Any:
         return await self.hs.openid_token(call.user, call.param("user"))
 
@@ -554,6 +574,12 @@ class ClientApi:
             r(room + "/read_markers", self.read_markers, ["POST"], name="read_markers"),
             r(CLIENT + "/joined_rooms", self.joined_rooms, ["GET"], name="joined_rooms"),
             r(CLIENT + "/sync", self.sync, ["GET"], name="sync", user_limit=False),
+            r(CLIENT + "/keys/upload", self.keys_upload, ["POST"], name="keys_upload"),
+            r(CLIENT + "/keys/query", self.keys_query, ["POST"], name="keys_query"),
+            r(CLIENT + "/keys/claim", self.keys_claim, ["POST"], name="keys_claim"),
+            r(CLIENT + "/keys/changes", self.keys_changes, ["GET"], name="keys_changes"),
+            r(CLIENT + "/sendToDevice/{type}/{txn}", self.send_to_device, ["PUT"],
+              name="send_to_device"),
             r(CLIENT + "/profile/{user}", self.profile, ["GET"], name="profile", auth=False),
             r(CLIENT + "/profile/{user}/displayname", self.get_displayname, ["GET"],
               name="profile", auth=False),

@@ -25,6 +25,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from teia.errors import MatrixError
 from teia.homeserver import auth
+from teia.homeserver.e2ee import (
+    MAX_QUERY_USERS,
+    E2eeStore,
+    local_targets,
+    remote_failures,
+)
 from teia.homeserver.events import (
     MAX_PDU_BYTES,
     ROOM_VERSION,
@@ -74,22 +80,26 @@ class Requester:
 
 @dataclass(frozen=True)
 class SyncToken:
-    """A position in the three streams: events, receipts, typing. ``s{e}_{r}_{t}``."""
+    """A position in the five streams: events, receipts, typing, the device's to-device
+    messages and device-list changes. ``s{e}_{r}_{t}_{d}_{k}`` (older tokens with fewer parts
+    read as zeros for the rest)."""
 
     events: int
     receipts: int = 0
     typing: int = 0
+    to_device: int = 0
+    keys: int = 0
 
     def __str__(self) -> str:
-        return f"s{self.events}_{self.receipts}_{self.typing}"
+        return f"s{self.events}_{self.receipts}_{self.typing}_{self.to_device}_{self.keys}"
 
     @classmethod
     def parse(cls, text: str) -> SyncToken:
         parts = text[1:].split("_") if text[:1] in ("s", "t") else []
-        if not 1 <= len(parts) <= 3 or not all(p.isdigit() and len(p) < 19 for p in parts):
+        if not 1 <= len(parts) <= 5 or not all(p.isdigit() and len(p) < 19 for p in parts):
             raise MatrixError(400, "M_INVALID_PARAM", "unknown pagination or sync token")
-        numbers = [int(p) for p in parts] + [0, 0]
-        return cls(numbers[0], numbers[1], numbers[2])
+        numbers = [int(p) for p in parts] + [0] * 4
+        return cls(*numbers[:5])
 
 
 class Notifier:
@@ -200,6 +210,7 @@ class Homeserver:
         self.store = store
         self.signing_key = signing_key
         self.notifier = Notifier()
+        self.e2ee = E2eeStore(store.db)
         self._typing = _Typing()
         self._write_lock = anyio.Lock()
         # Each Argon2id hash holds password_memory_kib (64 MiB by default) while it runs: bounded,
@@ -338,10 +349,85 @@ class Homeserver:
         if everywhere:
             for hashed in [h for h, r in self._sessions.items() if r.user_id == requester.user_id]:
                 del self._sessions[hashed]
+            devices = await self.store.user_devices(requester.user_id)
             await self.store.delete_user_tokens(requester.user_id)
         else:
             self._sessions.pop(requester.token_hash, None)
             await self.store.delete_token(requester.token_hash)
+            devices = [requester.device_id]
+        # A device that logs out is gone: its keys and waiting messages too.
+        for device in devices:
+            await self.e2ee.forget_device(requester.user_id, device)
+        self.notifier.notify(await self.e2ee.sharing_users(requester.user_id))
+
+    # end-to-end encryption keys and to-device messages (teia.homeserver.e2ee) -------------
+
+    def is_local(self, user_id: str) -> bool:
+        return server_of(user_id) == self.server_name
+
+    async def keys_upload(self, requester: Requester, body: dict[str, Any]) -> dict[str, Any]:
+        counts, changed = await self.e2ee.upload(requester.user_id, requester.device_id, body)
+        if changed:
+            self.notifier.notify(await self.e2ee.sharing_users(requester.user_id))
+        return {"one_time_key_counts": counts}
+
+    def _users_asked(self, wanted: Any, what: str) -> dict[str, Any]:
+        if not isinstance(wanted, dict):
+            raise bad_json(f"{what} must be an object")
+        if len(wanted) > MAX_QUERY_USERS:
+            raise MatrixError(400, "M_LIMIT_EXCEEDED", f"at most {MAX_QUERY_USERS} users a request")
+        for user_id in wanted:
+            if not valid_user_id(user_id):
+                raise MatrixError(400, "M_INVALID_PARAM", "not a user ID")
+        return wanted
+
+    async def keys_query(self, requester: Requester, body: dict[str, Any]) -> dict[str, Any]:
+        wanted = self._users_asked(body.get("device_keys"), "device_keys")
+        local: dict[str, list[str]] = {}
+        for user_id, devices in wanted.items():
+            if not isinstance(devices, list) or not all(isinstance(d, str) for d in devices):
+                raise bad_json("device_keys maps users to lists of device IDs")
+            if self.is_local(user_id):
+                local[user_id] = devices
+        return {
+            "device_keys": await self.e2ee.query(local),
+            "failures": remote_failures(wanted, self.is_local, server_of),
+        }
+
+    async def keys_claim(self, requester: Requester, body: dict[str, Any]) -> dict[str, Any]:
+        wanted = self._users_asked(body.get("one_time_keys"), "one_time_keys")
+        local: dict[str, dict[str, str]] = {}
+        for user_id, devices in wanted.items():
+            if not isinstance(devices, dict) or not all(
+                isinstance(d, str) and isinstance(a, str) for d, a in devices.items()
+            ):
+                raise bad_json("one_time_keys maps users to devices to algorithms")
+            if self.is_local(user_id):
+                local[user_id] = devices
+        return {
+            "one_time_keys": await self.e2ee.claim(local),
+            "failures": remote_failures(wanted, self.is_local, server_of),
+        }
+
+    async def keys_changes(self, requester: Requester, start: str, end: str) -> dict[str, Any]:
+        after, upto = SyncToken.parse(start), SyncToken.parse(end)
+        changed = await self.e2ee.changed_users(requester.user_id, after.keys, upto.keys)
+        return {"changed": changed, "left": []}
+
+    async def send_to_device(
+        self, requester: Requester, event_type: str, txn_id: str, body: dict[str, Any]
+    ) -> dict[str, Any]:
+        messages = local_targets(body.get("messages"), self.is_local)
+        reached = await self.e2ee.send_to_device(
+            requester.user_id,
+            requester.device_id,
+            txn_id,
+            event_type,
+            messages,
+            self.now_ms(),
+        )
+        self.notifier.notify(reached)
+        return {}
 
     async def openid_token(self, requester: Requester, user_id: str) -> dict[str, Any]:
         """An OpenID token proving to a third party (an identity service) who the caller is;
@@ -841,10 +927,15 @@ class Homeserver:
         full_state: bool,
     ) -> tuple[dict[str, Any], bool]:
         user = requester.user_id
+        to_device, to_device_at, more_to_device = await self.e2ee.inbox(
+            user, requester.device_id, since.to_device if since is not None else None
+        )
         current = SyncToken(
             await self.store.max_stream(),
             await self.store.max_receipt_stream(),
             self._typing.serial,
+            to_device_at,
+            await self.e2ee.max_change(),
         )
         now = self.now_ms()
         rooms: dict[str, dict[str, Any]] = {"join": {}, "invite": {}, "leave": {}}
@@ -889,15 +980,32 @@ class Homeserver:
                     },
                     "state": {"events": []},
                 }
-        changed = any(rooms[kind] for kind in rooms)
+        device_changes: list[str] = []
+        if since is not None:
+            device_changes = await self.e2ee.changed_users(user, since.keys, current.keys)
+            # Users who joined a room we are in: their devices are news to us too.
+            joined_now = {
+                e["state_key"]
+                for room in rooms["join"].values()
+                for e in room["timeline"]["events"]
+                if e.get("type") == "m.room.member"
+                and e.get("content", {}).get("membership") == "join"
+                and e.get("state_key") != user
+            }
+            device_changes = sorted({*device_changes, *joined_now})
+        counts, fallback_types = await self.e2ee.counts(user, requester.device_id)
+        changed = any(rooms[kind] for kind in rooms) or bool(to_device or device_changes)
         response = {
             "next_batch": str(current),
             "rooms": rooms,
             "presence": {"events": []},
             "account_data": {"events": []},
-            "to_device": {"events": []},
+            "to_device": {"events": to_device},
+            "device_lists": {"changed": device_changes, "left": []},
+            "device_one_time_keys_count": counts,
+            "device_unused_fallback_key_types": fallback_types,
         }
-        return response, changed
+        return response, changed or more_to_device
 
     def _joined_room(
         self,

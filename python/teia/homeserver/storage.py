@@ -170,6 +170,49 @@ CREATE TABLE IF NOT EXISTS identity_settings (
     name TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS e2e_device_keys (
+    user_id TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    keys TEXT NOT NULL,
+    PRIMARY KEY (user_id, device_id)
+);
+CREATE TABLE IF NOT EXISTS e2e_one_time_keys (
+    user_id TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    algorithm TEXT NOT NULL,
+    key_id TEXT NOT NULL,
+    key_json TEXT NOT NULL,
+    PRIMARY KEY (user_id, device_id, algorithm, key_id)
+);
+CREATE TABLE IF NOT EXISTS e2e_fallback_keys (
+    user_id TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    algorithm TEXT NOT NULL,
+    key_id TEXT NOT NULL,
+    key_json TEXT NOT NULL,
+    used INTEGER NOT NULL,
+    PRIMARY KEY (user_id, device_id, algorithm)
+);
+CREATE TABLE IF NOT EXISTS e2e_device_changes (
+    stream {id_pk},
+    user_id TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS to_device (
+    stream {id_pk},
+    user_id TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    sender TEXT NOT NULL,
+    type TEXT NOT NULL,
+    content TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS to_device_inbox ON to_device (user_id, device_id, stream);
+CREATE TABLE IF NOT EXISTS to_device_txns (
+    sender TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    txn_id TEXT NOT NULL,
+    created_ts {bigint} NOT NULL,
+    PRIMARY KEY (sender, device_id, txn_id)
+);
 CREATE TABLE IF NOT EXISTS federation_txns (
     origin TEXT NOT NULL,
     txn_id TEXT NOT NULL,
@@ -532,6 +575,17 @@ class HomeserverStore:
             lambda tx: tx.run("DELETE FROM access_tokens WHERE token_hash = ?", (token_hash,)),
             write=True,
         )
+
+    async def user_devices(self, user_id: str) -> list[str]:
+        """The devices a user has sessions or keys for."""
+        rows = await self.db.run(
+            lambda tx: tx.query(
+                "SELECT device_id FROM access_tokens WHERE user_id = ? UNION "
+                "SELECT device_id FROM e2e_device_keys WHERE user_id = ?",
+                (user_id, user_id),
+            )
+        )
+        return sorted(str(r[0]) for r in rows)
 
     async def delete_user_tokens(self, user_id: str) -> None:
         await self.db.run(
