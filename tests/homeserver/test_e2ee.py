@@ -24,11 +24,15 @@ from nio import (
     RegisterResponse,
     RoomCreateResponse,
     RoomMessageText,
+    RoomPreset,
     RoomSendResponse,
     SyncResponse,
 )
 
-from .conftest import ServerHandle
+from teia.errors import MatrixError
+
+from .conftest import ServerHandle, serve_in_thread
+from .test_federation import _config
 
 pytestmark = pytest.mark.anyio
 TIMEOUT = 90
@@ -256,3 +260,100 @@ async def test_key_endpoints_over_http(server: ServerHandle) -> None:
             base + "/keys/query", headers=dave, json={"device_keys": {"@carol:localhost": []}}
         )
         assert reply.json()["device_keys"] == {"@carol:localhost": {}}
+
+
+async def test_an_encrypted_room_across_two_servers(tmp_path: Path) -> None:
+    """Alice on A and Bob on B: keys are queried and claimed over federation, the room key
+    travels as an m.direct_to_device EDU, and both read each other's encrypted messages."""
+    config_a, config_b = _config(tmp_path, "a"), _config(tmp_path, "b")
+    with (
+        anyio.fail_after(TIMEOUT),
+        serve_in_thread(config_b) as server_b,
+        serve_in_thread(config_a) as server_a,
+    ):
+        async with (
+            e2e_client(server_a.url, "alice", tmp_path / "alice") as alice,
+            e2e_client(server_b.url, "bob", tmp_path / "bob") as bob,
+        ):
+            await sign_up(alice)
+            await sign_up(bob)
+            created = await alice.room_create(
+                name="cofre federado",
+                preset=RoomPreset.public_chat,
+                initial_state=[ENCRYPTION],
+            )
+            assert isinstance(created, RoomCreateResponse), created
+            room_id = created.room_id
+            assert isinstance(await bob.join(room_id), JoinResponse)
+            await sync(bob)
+            for _ in range(5):  # until Alice's server has Bob's join
+                await sync(alice, wait_ms=5_000)
+                if bob.user_id in alice.rooms[room_id].users:
+                    break
+            await sync(alice)
+            assert bob.device_id in alice.device_store[bob.user_id]
+
+            sent = await alice.room_send(
+                room_id,
+                "m.room.message",
+                {"msgtype": "m.text", "body": "segredo entre servidores"},
+                ignore_unverified_devices=True,
+            )
+            assert isinstance(sent, RoomSendResponse), sent
+            got: list[str] = []
+            for _ in range(8):
+                got += await texts(bob, room_id, await sync(bob, wait_ms=10_000))
+                if got:
+                    break
+            assert got == ["segredo entre servidores"]
+
+            answer = await bob.room_send(
+                room_id,
+                "m.room.message",
+                {"msgtype": "m.text", "body": "resposta federada"},
+                ignore_unverified_devices=True,
+            )
+            assert isinstance(answer, RoomSendResponse), answer
+            back: list[str] = []
+            for _ in range(8):
+                back += await texts(alice, room_id, await sync(alice, wait_ms=10_000))
+                if back:
+                    break
+            assert back == ["resposta federada"]
+            for server in (server_a, server_b):
+                stored = await anyio.to_thread.run_sync(
+                    server.call, _all_event_bodies, server.hs.store
+                )
+                assert "segredo" not in stored
+                assert "resposta" not in stored
+
+
+async def test_federated_edus_speak_only_for_their_own_servers_users(
+    server: ServerHandle,
+) -> None:
+    hs = server.hs
+    forged = {
+        "sender": "@mallory:other.example",
+        "type": "m.room_key_request",
+        "message_id": "m1",
+        "messages": {f"@alice:{hs.server_name}": {"*": {"x": 1}}},
+    }
+    with pytest.raises(MatrixError, match="not a user of the sending server"):
+        await anyio.to_thread.run_sync(server.call, hs.direct_to_device, "evil.example", forged)
+    with pytest.raises(MatrixError, match="not a user of the sending server"):
+        await anyio.to_thread.run_sync(
+            server.call, hs.device_list_update, "evil.example", {"user_id": "@x:other.example"}
+        )
+    with pytest.raises(MatrixError):
+        await anyio.to_thread.run_sync(server.call, hs.direct_to_device, "other.example", [])
+    # From the right server it is queued once, whatever the retries, for every device.
+    await anyio.to_thread.run_sync(server.call, hs.register, "alice", "pw", "ALICE", False)
+    for _ in range(2):
+        await anyio.to_thread.run_sync(server.call, hs.direct_to_device, "other.example", forged)
+    pending = await anyio.to_thread.run_sync(server.call, _count_to_device, hs.store)
+    assert pending == 1
+
+
+async def _count_to_device(store: Any) -> int:
+    row = await store.db.run(lambda tx: tx.one("SELECT count(*) FROM to_device"))
+    return int(row[0])

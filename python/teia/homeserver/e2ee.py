@@ -22,9 +22,13 @@ room keys to each other's devices as encrypted to-device messages). What it does
 Bounds: 100 users' keys a query or claim (more: `M_LIMIT_EXCEEDED`), 1,000 one-time keys held
 per device, 1,000 to-device targets a request, 10,000 messages waiting per device (past that
 the sender gets `M_LIMIT_EXCEEDED` and nothing is queued); every body is already bounded by
-the request size limit. Keys of users on other servers are not fetched over federation yet:
-a query or claim lists those servers under ``failures``, and to-device messages to them are
-dropped.
+the request size limit.
+
+Over federation (`teia.homeserver.federation`): queries and claims for users of other servers
+are asked of those servers (``/user/keys/query``, ``/user/keys/claim``; 10 s each, in
+parallel; one that fails is listed under ``failures``), to-device messages for their users go
+as ``m.direct_to_device`` EDUs, and a local user's device change goes to every server sharing a
+room with it as ``m.device_list_update`` (the receiver marks the user changed for its users).
 """
 
 from __future__ import annotations
@@ -277,6 +281,13 @@ class E2eeStore:
 
     # device lists --------------------------------------------------------------------------
 
+    async def note_change(self, user_id: str) -> None:
+        """Record that ``user_id``'s devices changed (a remote user's, told by its server)."""
+        await self.db.run(
+            lambda tx: tx.run("INSERT INTO e2e_device_changes (user_id) VALUES (?)", (user_id,)),
+            write=True,
+        )
+
     async def max_change(self) -> int:
         row = await self.db.run(lambda tx: tx.one("SELECT max(stream) FROM e2e_device_changes"))
         return int(row[0]) if row is not None and row[0] is not None else 0
@@ -322,17 +333,17 @@ class E2eeStore:
         event_type: str,
         messages: dict[str, dict[str, Any]],
         now_ms: int,
-    ) -> list[str]:
-        """Queue messages for local devices (``*``: all of a user's); the users reached (none
-        when this transaction was sent before)."""
+    ) -> tuple[bool, list[str]]:
+        """Queue messages for local devices (``*``: all of a user's); (whether this
+        transaction is new, the users reached)."""
 
-        def fn(tx: Tx) -> list[str]:
+        def fn(tx: Tx) -> tuple[bool, list[str]]:
             seen = tx.one(
                 "SELECT 1 FROM to_device_txns WHERE sender = ? AND device_id = ? AND txn_id = ?",
                 (sender, sender_device, txn_id),
             )
             if seen is not None:
-                return []
+                return False, []
             tx.run(
                 "INSERT INTO to_device_txns (sender, device_id, txn_id, created_ts) "
                 "VALUES (?, ?, ?, ?)",
@@ -359,7 +370,7 @@ class E2eeStore:
                             (user_id, target, sender, event_type, _canonical(content)),
                         )
                         reached.add(user_id)
-            return sorted(reached)
+            return True, sorted(reached)
 
         return await self.db.run(fn, write=True)
 

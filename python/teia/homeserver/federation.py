@@ -19,6 +19,7 @@ no ``.well-known`` or SRV discovery. See docs/homeserver.md for what is simplifi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -37,6 +38,7 @@ from starlette.routing import Route
 from teia.errors import FederationError, MatrixError
 from teia.homeserver import auth
 from teia.homeserver.api import matrix_error_response, parse_json, read_body
+from teia.homeserver.e2ee import MAX_QUERY_USERS
 from teia.homeserver.events import (
     MAX_PDU_BYTES,
     ROOM_VERSION,
@@ -64,6 +66,8 @@ log = logging.getLogger("teia.homeserver.federation")
 F = "/_matrix/federation"
 KEY_VALIDITY_MS = 24 * 3600 * 1000
 MAX_TXN_PDUS = 50
+MAX_TXN_EDUS = 100
+MAX_QUEUED_EDUS = 10_000
 _X_MATRIX_PARAM = re.compile(r'(\w+)=("[^"]*"|[^,]*)')
 
 
@@ -96,6 +100,7 @@ class Federation:
         self._client: httpx.AsyncClient | None = None
         self._task_group: anyio.abc.TaskGroup | None = None
         self._pending: dict[str, list[dict[str, Any]]] = {}
+        self._pending_edus: dict[str, list[dict[str, Any]]] = {}
         self._wakeups: dict[str, anyio.Event] = {}
         self._txn_counter = 0
         self._txns = Counter(
@@ -111,6 +116,8 @@ class Federation:
             registry=registry,
         )
         hs.remote_join = self.join
+        hs.remote_keys = self.ask_keys
+        hs.send_edu = self.queue_edu
         hs.event_listeners.append(self._on_local_event)
 
     async def __aenter__(self) -> Federation:
@@ -327,6 +334,7 @@ class Federation:
                 self._pdus.labels("refused").inc()
                 log.info("pdu refused", extra=fields(origin=origin, reason=str(exc)[:200]))
                 results[event_id] = {"error": str(exc)[:200]}
+        await self.on_edus(origin, body.get("edus", []))
         response = {"pdus": results}
         await self.hs.store.put_federation_txn(origin, txn_id, json.dumps(response))
         self._txns.labels("in", "ok").inc()
@@ -421,6 +429,46 @@ class Federation:
     async def _on_local_event(self, event: dict[str, Any]) -> None:
         self._fan_out(event, exclude=set())
 
+    def queue_edu(self, destination: str, edu: dict[str, Any]) -> None:
+        """Send an EDU to ``destination`` with its next transaction (bounded queue: past
+        `MAX_QUEUED_EDUS` the oldest are dropped, as EDUs are best effort)."""
+        if self._task_group is None or destination in ("", self.hs.server_name):
+            return
+        queue = self._pending_edus.setdefault(destination, [])
+        queue.append(edu)
+        del queue[:-MAX_QUEUED_EDUS]
+        self._wake(destination)
+
+    def _wake(self, destination: str) -> None:
+        assert self._task_group is not None
+        if destination not in self._wakeups:
+            self._wakeups[destination] = anyio.Event()
+            self._task_group.start_soon(self._sender, destination)
+        self._wakeups[destination].set()
+
+    async def ask_keys(self, destination: str, kind: str, body: dict[str, Any]) -> Any:
+        """``/user/keys/query`` or ``/user/keys/claim`` on another server."""
+        return await self._request("POST", destination, f"{F}/v1/user/keys/{kind}", body)
+
+    async def on_edus(self, origin: str, edus: Any) -> None:
+        """The EDUs of a transaction: to-device messages and device-list updates are taken,
+        other kinds ignored; one that is refused does not stop the others."""
+        if not isinstance(edus, list):
+            raise MatrixError(400, "M_BAD_JSON", "edus must be a list")
+        if len(edus) > MAX_TXN_EDUS:
+            raise MatrixError(400, "M_BAD_JSON", f"at most {MAX_TXN_EDUS} edus per transaction")
+        for edu in edus:
+            if not isinstance(edu, dict):
+                continue
+            kind, content = edu.get("edu_type"), edu.get("content")
+            try:
+                if kind == "m.direct_to_device":
+                    await self.hs.direct_to_device(origin, content)
+                elif kind == "m.device_list_update":
+                    await self.hs.device_list_update(origin, content)
+            except MatrixError as exc:
+                log.info("edu refused", extra=fields(origin=origin, reason=str(exc)[:200]))
+
     def _fan_out(self, event: dict[str, Any], exclude: set[str]) -> None:
         if self._task_group is None:
             return
@@ -433,10 +481,7 @@ class Federation:
                 targets.add(server_of(str(event.get("state_key", ""))))
             for destination in targets - exclude - {self.hs.server_name, ""}:
                 self._pending.setdefault(destination, []).append(pdu_for_wire(event))
-                if destination not in self._wakeups:
-                    self._wakeups[destination] = anyio.Event()
-                    task_group.start_soon(self._sender, destination)
-                self._wakeups[destination].set()
+                self._wake(destination)
 
         task_group.start_soon(route)
 
@@ -444,19 +489,21 @@ class Federation:
         """Deliver ``destination``'s queue in transactions, in order, retrying with backoff."""
         backoff = 0.5
         while True:
-            pending = self._pending.get(destination, [])
-            if not pending:
+            pending = self._pending.setdefault(destination, [])
+            pending_edus = self._pending_edus.setdefault(destination, [])
+            if not pending and not pending_edus:
                 wake = self._wakeups[destination] = anyio.Event()
                 await wake.wait()
                 continue
             batch = pending[:MAX_TXN_PDUS]
+            edus = pending_edus[:MAX_TXN_EDUS]
             self._txn_counter += 1
             txn_id = f"{int(time.time() * 1000)}.{self._txn_counter}"
             body = {
                 "origin": self.hs.server_name,
                 "origin_server_ts": self.hs.now_ms(),
                 "pdus": batch,
-                "edus": [],
+                "edus": edus,
             }
             while True:
                 try:
@@ -474,6 +521,10 @@ class Federation:
             backoff = 0.5
             self._txns.labels("out", "ok").inc()
             del pending[: len(batch)]
+            # EDUs queued meanwhile stay; the oldest may have been dropped past the bound.
+            for edu in edus:
+                with contextlib.suppress(ValueError):
+                    pending_edus.remove(edu)
 
     # joining -------------------------------------------------------------------------------
 
@@ -605,6 +656,23 @@ class Federation:
         async def backfill(request: Request, origin: str, body: Any) -> Any:
             return await self.on_backfill(origin, getattr(request, p)["room"], request)
 
+        async def keys_query(request: Request, origin: str, body: Any) -> Any:
+            wanted = body.get("device_keys") if isinstance(body, dict) else None
+            local = {u: d for u, d in self._ours(wanted).items() if isinstance(d, list)}
+            found = await self.hs.e2ee.query(
+                {u: [x for x in d if isinstance(x, str)] for u, d in local.items()}
+            )
+            return {"device_keys": found}
+
+        async def keys_claim(request: Request, origin: str, body: Any) -> Any:
+            wanted = body.get("one_time_keys") if isinstance(body, dict) else None
+            local = {
+                u: {d: a for d, a in devices.items() if isinstance(a, str)}
+                for u, devices in self._ours(wanted).items()
+                if isinstance(devices, dict)
+            }
+            return {"one_time_keys": await self.hs.e2ee.claim(local)}
+
         async def version(request: Request, origin: str, body: Any) -> Any:
             return {"server": {"name": "teia homeserver-lite", "version": "0.1"}}
 
@@ -615,7 +683,17 @@ class Federation:
             self._route(F + "/v1/make_join/{room}/{user}", ["GET"], make_join),
             self._route(F + "/v2/send_join/{room}/{event}", ["PUT"], send_join),
             self._route(F + "/v1/backfill/{room}", ["GET"], backfill),
+            self._route(F + "/v1/user/keys/query", ["POST"], keys_query),
+            self._route(F + "/v1/user/keys/claim", ["POST"], keys_claim),
         ]
+
+    def _ours(self, wanted: Any) -> dict[str, Any]:
+        """The users of this server in a keys query or claim (at most `MAX_QUERY_USERS`)."""
+        if not isinstance(wanted, dict):
+            raise MatrixError(400, "M_BAD_JSON", "the request names users")
+        if len(wanted) > MAX_QUERY_USERS:
+            raise MatrixError(400, "M_LIMIT_EXCEEDED", f"at most {MAX_QUERY_USERS} users")
+        return {u: v for u, v in wanted.items() if isinstance(u, str) and self.hs.is_local(u)}
 
 
 def _public_key(text: str) -> VerifyKey:

@@ -223,6 +223,11 @@ class Homeserver:
         """Called after a local event is persisted (federation sends it out)."""
         self.remote_join: Callable[[str, str, list[str]], Awaitable[None]] | None = None
         """Joins a room on another server (set by federation)."""
+        self.remote_keys: Callable[[str, str, dict[str, Any]], Awaitable[Any]] | None = None
+        """Asks another server for keys: (server, ``query`` or ``claim``, body) → its answer
+        (set by federation)."""
+        self.send_edu: Callable[[str, dict[str, Any]], None] | None = None
+        """Queues an EDU for another server (set by federation)."""
         self._events_total = Counter(
             "teia_homeserver_events_total",
             "events persisted, by origin (local or federation)",
@@ -358,7 +363,7 @@ class Homeserver:
         # A device that logs out is gone: its keys and waiting messages too.
         for device in devices:
             await self.e2ee.forget_device(requester.user_id, device)
-        self.notifier.notify(await self.e2ee.sharing_users(requester.user_id))
+            await self._devices_changed(requester.user_id, device, deleted=True)
 
     # end-to-end encryption keys and to-device messages (teia.homeserver.e2ee) -------------
 
@@ -368,8 +373,28 @@ class Homeserver:
     async def keys_upload(self, requester: Requester, body: dict[str, Any]) -> dict[str, Any]:
         counts, changed = await self.e2ee.upload(requester.user_id, requester.device_id, body)
         if changed:
-            self.notifier.notify(await self.e2ee.sharing_users(requester.user_id))
+            await self._devices_changed(requester.user_id, requester.device_id, deleted=False)
         return {"one_time_key_counts": counts}
+
+    async def _devices_changed(self, user_id: str, device_id: str, *, deleted: bool) -> None:
+        """Wake the syncs of everyone sharing a room with ``user_id`` and tell their servers
+        (``m.device_list_update``: they mark the user changed, their clients query again)."""
+        sharing = await self.e2ee.sharing_users(user_id)
+        self.notifier.notify(sharing)
+        if self.send_edu is None:
+            return
+        edu = {
+            "edu_type": "m.device_list_update",
+            "content": {
+                "user_id": user_id,
+                "device_id": device_id,
+                "stream_id": await self.e2ee.max_change(),
+                "prev_id": [],
+                "deleted": deleted,
+            },
+        }
+        for server in sorted({server_of(u) for u in sharing} - {self.server_name, ""}):
+            self.send_edu(server, edu)
 
     def _users_asked(self, wanted: Any, what: str) -> dict[str, Any]:
         if not isinstance(wanted, dict):
@@ -389,10 +414,53 @@ class Homeserver:
                 raise bad_json("device_keys maps users to lists of device IDs")
             if self.is_local(user_id):
                 local[user_id] = devices
-        return {
-            "device_keys": await self.e2ee.query(local),
-            "failures": remote_failures(wanted, self.is_local, server_of),
-        }
+        found = await self.e2ee.query(local)
+        remote, failures = await self._ask_servers(wanted, "query", "device_keys")
+        for user_id, devices in remote.items():
+            if isinstance(devices, dict):
+                found[user_id] = {
+                    d: k
+                    for d, k in devices.items()
+                    if isinstance(k, dict)
+                    and k.get("user_id") == user_id
+                    and k.get("device_id") == d
+                }
+        return {"device_keys": found, "failures": failures}
+
+    async def _ask_servers(
+        self, wanted: dict[str, Any], kind: str, field_name: str
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Ask each other server about its users in ``wanted`` (10 s each, in parallel):
+        (user → its answer, for users of the server answering only; failures by server)."""
+        by_server: dict[str, dict[str, Any]] = {}
+        for user_id, value in wanted.items():
+            if not self.is_local(user_id):
+                by_server.setdefault(server_of(user_id), {})[user_id] = value
+        answers: dict[str, Any] = {}
+        failures: dict[str, Any] = {}
+        if not by_server:
+            return answers, failures
+        if self.remote_keys is None:
+            return answers, remote_failures(wanted, self.is_local, server_of)
+        ask = self.remote_keys
+
+        async def one(server: str, users: dict[str, Any]) -> None:
+            try:
+                with anyio.fail_after(10):
+                    answer = await ask(server, kind, {field_name: users})
+                got = answer.get(field_name) if isinstance(answer, dict) else None
+                if not isinstance(got, dict):
+                    raise ValueError("no answer")
+                for user_id in users:
+                    if user_id in got:
+                        answers[user_id] = got[user_id]
+            except Exception as exc:  # one server's failure must not fail the rest
+                failures[server] = {"status": 503, "message": type(exc).__name__}
+
+        async with anyio.create_task_group() as tg:
+            for server, users in by_server.items():
+                tg.start_soon(one, server, users)
+        return answers, failures
 
     async def keys_claim(self, requester: Requester, body: dict[str, Any]) -> dict[str, Any]:
         wanted = self._users_asked(body.get("one_time_keys"), "one_time_keys")
@@ -404,10 +472,12 @@ class Homeserver:
                 raise bad_json("one_time_keys maps users to devices to algorithms")
             if self.is_local(user_id):
                 local[user_id] = devices
-        return {
-            "one_time_keys": await self.e2ee.claim(local),
-            "failures": remote_failures(wanted, self.is_local, server_of),
-        }
+        claimed = await self.e2ee.claim(local)
+        remote, failures = await self._ask_servers(wanted, "claim", "one_time_keys")
+        for user_id, devices in remote.items():
+            if isinstance(devices, dict):
+                claimed[user_id] = {d: k for d, k in devices.items() if isinstance(k, dict)}
+        return {"one_time_keys": claimed, "failures": failures}
 
     async def keys_changes(self, requester: Requester, start: str, end: str) -> dict[str, Any]:
         after, upto = SyncToken.parse(start), SyncToken.parse(end)
@@ -417,17 +487,64 @@ class Homeserver:
     async def send_to_device(
         self, requester: Requester, event_type: str, txn_id: str, body: dict[str, Any]
     ) -> dict[str, Any]:
-        messages = local_targets(body.get("messages"), self.is_local)
-        reached = await self.e2ee.send_to_device(
+        messages = body.get("messages")
+        local = local_targets(messages, self.is_local)
+        fresh, reached = await self.e2ee.send_to_device(
             requester.user_id,
             requester.device_id,
             txn_id,
             event_type,
-            messages,
+            local,
             self.now_ms(),
         )
         self.notifier.notify(reached)
+        if fresh and self.send_edu is not None:
+            assert isinstance(messages, dict)  # checked by local_targets
+            by_server: dict[str, dict[str, Any]] = {}
+            for user_id, devices in messages.items():
+                if not self.is_local(user_id) and valid_user_id(user_id):
+                    by_server.setdefault(server_of(user_id), {})[user_id] = devices
+            for server, users in sorted(by_server.items()):
+                self.send_edu(
+                    server,
+                    {
+                        "edu_type": "m.direct_to_device",
+                        "content": {
+                            "sender": requester.user_id,
+                            "type": event_type,
+                            "message_id": f"{requester.device_id}:{txn_id}"[:255],
+                            "messages": users,
+                        },
+                    },
+                )
         return {}
+
+    async def direct_to_device(self, origin: str, content: Any) -> None:
+        """An ``m.direct_to_device`` EDU from ``origin``: messages from one of its users to
+        ours (others dropped), once per message ID."""
+        if not isinstance(content, dict):
+            raise bad_json("an EDU's content is an object")
+        sender, event_type = content.get("sender"), content.get("type")
+        message_id = content.get("message_id")
+        if not valid_user_id(sender) or server_of(str(sender)) != origin:
+            raise forbidden("the sender is not a user of the sending server")
+        if not isinstance(event_type, str) or not isinstance(message_id, str):
+            raise bad_json("a to-device EDU has a type and a message ID")
+        local = local_targets(content.get("messages"), self.is_local)
+        _, reached = await self.e2ee.send_to_device(
+            str(sender), f"federation {origin}", message_id[:255], event_type[:255], local,
+            self.now_ms(),
+        )  # fmt: skip
+        self.notifier.notify(reached)
+
+    async def device_list_update(self, origin: str, content: Any) -> None:
+        """An ``m.device_list_update`` EDU: a user of ``origin`` changed devices; our users
+        sharing a room with it see it in ``device_lists.changed``."""
+        user_id = content.get("user_id") if isinstance(content, dict) else None
+        if not valid_user_id(user_id) or server_of(str(user_id)) != origin:
+            raise forbidden("the user is not a user of the sending server")
+        await self.e2ee.note_change(str(user_id))
+        self.notifier.notify(await self.e2ee.sharing_users(str(user_id)))
 
     async def openid_token(self, requester: Requester, user_id: str) -> dict[str, Any]:
         """An OpenID token proving to a third party (an identity service) who the caller is;
