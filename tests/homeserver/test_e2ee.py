@@ -82,6 +82,26 @@ async def texts(client: AsyncClient, room_id: str, response: SyncResponse) -> li
     return [e.body for e in events if isinstance(e, RoomMessageText) and e.sender != client.user_id]
 
 
+async def send_and_read(
+    sender: AsyncClient, reader: AsyncClient, room_id: str, body: str, rounds: int = 8
+) -> None:
+    """``sender`` sends ``body`` encrypted; ``reader``'s syncs (each waiting for news: the
+    to-device room key, then the event) decrypt it."""
+    sent = await sender.room_send(
+        room_id,
+        "m.room.message",
+        {"msgtype": "m.text", "body": body},
+        ignore_unverified_devices=True,
+    )
+    assert isinstance(sent, RoomSendResponse), sent
+    got: list[str] = []
+    for _ in range(rounds):
+        got += await texts(reader, room_id, await sync(reader, wait_ms=10_000))
+        if got:
+            break
+    assert got == [body]
+
+
 async def test_two_clients_talk_in_an_encrypted_room(server: ServerHandle, tmp_path: Path) -> None:
     with anyio.fail_after(TIMEOUT):
         async with (
@@ -103,33 +123,8 @@ async def test_two_clients_talk_in_an_encrypted_room(server: ServerHandle, tmp_p
             # Alice learned Bob's device through the key endpoints.
             assert bob.device_id in alice.device_store[bob.user_id]
 
-            sent = await alice.room_send(
-                room_id,
-                "m.room.message",
-                {"msgtype": "m.text", "body": "segredo da alice"},
-                ignore_unverified_devices=True,
-            )
-            assert isinstance(sent, RoomSendResponse), sent
-            got: list[str] = []
-            for _ in range(5):  # each sync waits for news (to-device keys, then the event)
-                got += await texts(bob, room_id, await sync(bob, wait_ms=10_000))
-                if got:
-                    break
-            assert got == ["segredo da alice"]
-
-            answer = await bob.room_send(
-                room_id,
-                "m.room.message",
-                {"msgtype": "m.text", "body": "resposta do bob"},
-                ignore_unverified_devices=True,
-            )
-            assert isinstance(answer, RoomSendResponse), answer
-            back: list[str] = []
-            for _ in range(5):
-                back += await texts(alice, room_id, await sync(alice, wait_ms=10_000))
-                if back:
-                    break
-            assert back == ["resposta do bob"]
+            await send_and_read(alice, bob, room_id, "segredo da alice")
+            await send_and_read(bob, alice, room_id, "resposta do bob")
 
             # The server holds ciphertext only: neither text is anywhere in its events.
             stored = await anyio.to_thread.run_sync(server.call, _all_event_bodies, server.hs.store)
@@ -293,33 +288,8 @@ async def test_an_encrypted_room_across_two_servers(tmp_path: Path) -> None:
             await sync(alice)
             assert bob.device_id in alice.device_store[bob.user_id]
 
-            sent = await alice.room_send(
-                room_id,
-                "m.room.message",
-                {"msgtype": "m.text", "body": "segredo entre servidores"},
-                ignore_unverified_devices=True,
-            )
-            assert isinstance(sent, RoomSendResponse), sent
-            got: list[str] = []
-            for _ in range(8):
-                got += await texts(bob, room_id, await sync(bob, wait_ms=10_000))
-                if got:
-                    break
-            assert got == ["segredo entre servidores"]
-
-            answer = await bob.room_send(
-                room_id,
-                "m.room.message",
-                {"msgtype": "m.text", "body": "resposta federada"},
-                ignore_unverified_devices=True,
-            )
-            assert isinstance(answer, RoomSendResponse), answer
-            back: list[str] = []
-            for _ in range(8):
-                back += await texts(alice, room_id, await sync(alice, wait_ms=10_000))
-                if back:
-                    break
-            assert back == ["resposta federada"]
+            await send_and_read(alice, bob, room_id, "segredo entre servidores")
+            await send_and_read(bob, alice, room_id, "resposta federada")
             for server in (server_a, server_b):
                 stored = await anyio.to_thread.run_sync(
                     server.call, _all_event_bodies, server.hs.store

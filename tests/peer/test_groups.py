@@ -27,6 +27,7 @@ from teia.peer import AppMessage, Peer
 from teia.peer.groups import GroupInfo, check_chain
 from teia.peer.groupwire import (
     GROUP_APP,
+    GroupHeader,
     GroupJoin,
     GroupLeave,
     GroupMessage,
@@ -638,15 +639,8 @@ async def test_join_pages_are_taken_in_any_order_kept_apart_and_bounded(
 
     with anyio.fail_after(TIMEOUT * 2):
         async with peers(tmp_path, 3) as (alice, bob, mallory):
-            group = await alice.groups.create("g", [])
-            for index in range(30):
-                group = await alice.groups.rename(group, f"name {index}")
-            gid = bytes.fromhex(group.group_id)
-            held = await alice.run_db(alice.groups._tables.load, gid)
-            chain = await alice.run_db(alice.groups._tables.headers, gid, 31)
-            assert held is not None
-            assert chain is not None
-            state = forge(held.state, alice, members=(alice.peer_id, bob.peer_id))
+            group, held, chain = await long_group(alice, "g", 30)
+            state = forge(held, alice, members=(alice.peer_id, bob.peer_id))
             pages = GroupJoin.paged(state, chain, 2_000)
             assert len(pages) >= 4
             tables = bob.groups._tables
@@ -668,17 +662,10 @@ async def test_join_pages_are_taken_in_any_order_kept_apart_and_bounded(
             assert await bob.run_db(tables.join_pages) == 0
 
             # Pages that complete a broken chain (version 5 forged): refused, none kept.
-            other = await alice.groups.create("h", [])
-            for index in range(12):
-                other = await alice.groups.rename(other, f"name {index}")
-            oid = bytes.fromhex(other.group_id)
-            base = await alice.run_db(alice.groups._tables.load, oid)
-            links = await alice.run_db(alice.groups._tables.headers, oid, 13)
-            assert base is not None
-            assert links is not None
+            other, base, links = await long_group(alice, "h", 12)
             # Signed by an admin, in its place, but naming the wrong version before it.
-            links[5] = forge(base.state, alice, version=5, prev_hash=bytes(32)).header()
-            broken = forge(base.state, alice, members=(alice.peer_id, bob.peer_id))
+            links[5] = forge(base, alice, version=5, prev_hash=bytes(32)).header()
+            broken = forge(base, alice, members=(alice.peer_id, bob.peer_id))
             broken_pages = GroupJoin.paged(broken, links, 2_000)
             assert len(broken_pages) >= 2
             refused = bob.groups.stats["refused"]
@@ -692,8 +679,7 @@ async def test_join_pages_are_taken_in_any_order_kept_apart_and_bounded(
 
             # Limits, straight on the table: two unfinished joins per sender, the proof size.
             first_pages = [
-                GroupJoin.paged(forge(base.state, alice, name=f"s{n}"), links, 2_000)[0]
-                for n in range(3)
+                GroupJoin.paged(forge(base, alice, name=f"s{n}"), links, 2_000)[0] for n in range(3)
             ]
             sender = str(alice.peer_id)
             for page in first_pages[:2]:
@@ -773,3 +759,19 @@ async def test_an_admin_leaves_by_removing_itself_but_never_as_the_last_one(
             # A group alone: its only member leaves without a new version.
             solo = await carol.groups.create("solo", [])
             assert not (await carol.groups.leave(solo)).joined
+
+
+async def long_group(
+    admin: Peer, name: str, renames: int
+) -> tuple[GroupInfo, GroupState, list[GroupHeader]]:
+    """A group of ``admin`` alone, renamed ``renames`` times: its info, its state and the
+    headers of every version before it."""
+    group = await admin.groups.create(name, [])
+    for index in range(renames):
+        group = await admin.groups.rename(group, f"name {index}")
+    gid = bytes.fromhex(group.group_id)
+    held = await admin.run_db(admin.groups._tables.load, gid)
+    chain = await admin.run_db(admin.groups._tables.headers, gid, renames + 1)
+    assert held is not None
+    assert chain is not None
+    return group, held.state, chain
