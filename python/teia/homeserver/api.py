@@ -63,6 +63,10 @@ class Call:
     def param(self, name: str) -> str:
         return str(self.request.path_params[name])
 
+    def optional_param(self, name: str) -> str | None:
+        value = self.request.path_params.get(name)
+        return None if value is None else str(value)
+
     def query(self, name: str) -> str | None:
         return self.request.query_params.get(name)
 
@@ -214,6 +218,7 @@ class ClientApi:
         body: str = "json",
         user_limit: bool = True,
         optional_auth: bool = False,
+        canonical: bool = True,
     ) -> Route:
         limit = (
             self.hs.settings.max_upload_bytes
@@ -227,7 +232,7 @@ class ClientApi:
             try:
                 response = await self._call(
                     request, handler, auth=auth, optional_auth=optional_auth, body=body,
-                    limit=limit, user_limit=user_limit,
+                    limit=limit, user_limit=user_limit, canonical=canonical,
                 )  # fmt: skip
                 status = response.status_code
                 return response
@@ -254,6 +259,7 @@ class ClientApi:
         body: str,
         limit: int,
         user_limit: bool,
+        canonical: bool = True,
     ) -> Response:
         address = request.client.host if request.client else "unknown"
         self._rate("ip", address)
@@ -269,14 +275,17 @@ class ClientApi:
                     self._rate("user", requester.user_id)
         raw = b""
         parsed: Any = None
-        if request.method in ("POST", "PUT"):
+        if request.method in ("POST", "PUT", "DELETE"):
             raw = await read_body(request, limit)
+            if request.method == "DELETE" and not raw.strip():
+                raw = b"{}"  # a DELETE may come without a body
             if body == "json":
                 parsed = parse_json(raw)
                 if not isinstance(parsed, dict):
                     raise bad_json("the body must be a JSON object")
                 try:
-                    check_canonical(parsed)
+                    if canonical:  # what may end up in a signed event
+                        check_canonical(parsed)
                 except CanonicalJsonError as exc:
                     raise bad_json(f"not representable in canonical JSON: {exc}") from None
         result = await handler(Call(request, requester, parsed, raw))
@@ -306,7 +315,8 @@ class ClientApi:
             user = call.field("user", str)
         password = call.field("password", str)
         device = call.field("device_id", str, required=False)
-        return await self.hs.login(user, password, device)
+        name = call.field("initial_device_display_name", str, required=False)
+        return await self.hs.login(user, password, device, name)
 
     async def register(self, call: Call) -> Any:
         if call.query("kind") == "guest":
@@ -325,7 +335,8 @@ class ClientApi:
         password = call.field("password", str)
         device = call.field("device_id", str, required=False)
         inhibit = call.field("inhibit_login", bool, required=False) is True
-        return await self.hs.register(username, password, device, inhibit)
+        name = call.field("initial_device_display_name", str, required=False)
+        return await self.hs.register(username, password, device, inhibit, name)
 
     async def available(self, call: Call) -> Any:
         username = call.query("username")
@@ -434,8 +445,8 @@ class ClientApi:
         return {}
 
     async def read_markers(self, call: Call) -> Any:
-        for key, kind in (("m.read", "m.read"), ("m.read.private", "m.read.private")):
-            event_id = call.field(key, str, required=False)
+        for kind in ("m.fully_read", "m.read", "m.read.private"):
+            event_id = call.field(kind, str, required=False)
             if event_id is not None:
                 await self.hs.receipt(call.user, call.param("room"), kind, event_id)
         return {}
@@ -458,6 +469,43 @@ class ClientApi:
         full_state = call.query("full_state") == "true"
         return await self.hs.sync(
             call.user, call.query("since"), call.query_int("timeout", 0), limit, full_state
+        )
+
+    async def devices(self, call: Call) -> Any:
+        return {"devices": await self.hs.devices(call.user)}
+
+    async def device(self, call: Call) -> Any:
+        return await self.hs.device(call.user, call.param("device"))
+
+    async def rename_device(self, call: Call) -> Any:
+        await self.hs.rename_device(call.user, call.param("device"), call.body.get("display_name"))
+        return {}
+
+    async def delete_device(self, call: Call) -> Any:
+        device = call.param("device")
+        await self.hs.device(call.user, device)
+        body = call.body if isinstance(call.body, dict) else {}
+        await self.hs.delete_devices(call.user, [device], body.get("auth"))
+        return {}
+
+    async def delete_devices(self, call: Call) -> Any:
+        devices = call.field("devices", list)
+        if len(devices) > 100 or not all(isinstance(d, str) for d in devices):
+            raise MatrixError(400, "M_BAD_JSON", "devices: at most 100 device IDs")
+        await self.hs.delete_devices(call.user, devices, call.body.get("auth"))
+        return {}
+
+    async def put_account_data(self, call: Call) -> Any:
+        room = call.optional_param("room") or ""
+        await self.hs.put_account_data(
+            call.user, call.param("user"), room, call.param("type"), call.body
+        )
+        return {}
+
+    async def get_account_data(self, call: Call) -> Any:
+        room = call.optional_param("room") or ""
+        return await self.hs.get_account_data(
+            call.user, call.param("user"), room, call.param("type")
         )
 
     async def keys_upload(self, call: Call) -> Any:
@@ -574,6 +622,19 @@ class ClientApi:
             r(room + "/read_markers", self.read_markers, ["POST"], name="read_markers"),
             r(CLIENT + "/joined_rooms", self.joined_rooms, ["GET"], name="joined_rooms"),
             r(CLIENT + "/sync", self.sync, ["GET"], name="sync", user_limit=False),
+            r(CLIENT + "/devices", self.devices, ["GET"], name="devices"),
+            r(CLIENT + "/devices/{device}", self.device, ["GET"], name="device"),
+            r(CLIENT + "/devices/{device}", self.rename_device, ["PUT"], name="device"),
+            r(CLIENT + "/devices/{device}", self.delete_device, ["DELETE"], name="device"),
+            r(CLIENT + "/delete_devices", self.delete_devices, ["POST"], name="delete_devices"),
+            r(CLIENT + "/user/{user}/account_data/{type}", self.put_account_data, ["PUT"],
+              name="account_data", canonical=False),
+            r(CLIENT + "/user/{user}/account_data/{type}", self.get_account_data, ["GET"],
+              name="account_data"),
+            r(CLIENT + "/user/{user}/rooms/{room}/account_data/{type}", self.put_account_data,
+              ["PUT"], name="room_account_data", canonical=False),
+            r(CLIENT + "/user/{user}/rooms/{room}/account_data/{type}", self.get_account_data,
+              ["GET"], name="room_account_data"),
             r(CLIENT + "/keys/upload", self.keys_upload, ["POST"], name="keys_upload"),
             r(CLIENT + "/keys/query", self.keys_query, ["POST"], name="keys_query"),
             r(CLIENT + "/keys/claim", self.keys_claim, ["POST"], name="keys_claim"),

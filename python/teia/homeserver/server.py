@@ -51,6 +51,8 @@ _LOCALPART = re.compile(r"^[a-z0-9._=\-/+]+$")
 _USER_ID = re.compile(r"^@[^:\s]+:[A-Za-z0-9.\-\[\]:]+$")
 _MAX_TIMELINE = 100
 _SESSION_CACHE = 10_000
+_MAX_ACCOUNT_DATA = 1_000
+"""Kinds of account data (global and per room together) one user may keep."""
 OPENID_TOKEN_SECONDS = 3600
 
 
@@ -80,26 +82,30 @@ class Requester:
 
 @dataclass(frozen=True)
 class SyncToken:
-    """A position in the five streams: events, receipts, typing, the device's to-device
-    messages and device-list changes. ``s{e}_{r}_{t}_{d}_{k}`` (older tokens with fewer parts
-    read as zeros for the rest)."""
+    """A position in the six streams: events, receipts, typing, the device's to-device
+    messages, device-list changes and account data. ``s{e}_{r}_{t}_{d}_{k}_{a}`` (older tokens
+    with fewer parts read as zeros for the rest)."""
 
     events: int
     receipts: int = 0
     typing: int = 0
     to_device: int = 0
     keys: int = 0
+    account: int = 0
 
     def __str__(self) -> str:
-        return f"s{self.events}_{self.receipts}_{self.typing}_{self.to_device}_{self.keys}"
+        return (
+            f"s{self.events}_{self.receipts}_{self.typing}_{self.to_device}_{self.keys}"
+            f"_{self.account}"
+        )
 
     @classmethod
     def parse(cls, text: str) -> SyncToken:
         parts = text[1:].split("_") if text[:1] in ("s", "t") else []
-        if not 1 <= len(parts) <= 5 or not all(p.isdigit() and len(p) < 19 for p in parts):
+        if not 1 <= len(parts) <= 6 or not all(p.isdigit() and len(p) < 19 for p in parts):
             raise MatrixError(400, "M_INVALID_PARAM", "unknown pagination or sync token")
-        numbers = [int(p) for p in parts] + [0] * 4
-        return cls(*numbers[:5])
+        numbers = [int(p) for p in parts] + [0] * 5
+        return cls(*numbers[:6])
 
 
 class Notifier:
@@ -164,6 +170,17 @@ class _Typing:
         for user_id in [u for u, deadline in users.items() if deadline <= now]:
             del users[user_id]
         return sorted(users)
+
+
+def _quiet_room(current: SyncToken) -> dict[str, Any]:
+    """A joined room's sync entry with nothing new but what is added to it."""
+    return {
+        "timeline": {"events": [], "limited": False, "prev_batch": str(SyncToken(current.events))},
+        "state": {"events": []},
+        "ephemeral": {"events": []},
+        "account_data": {"events": []},
+        "unread_notifications": {},
+    }
 
 
 def _random_id(length: int, alphabet: str = string.ascii_letters) -> str:
@@ -274,10 +291,13 @@ class Homeserver:
             return localpart_or_id
         return f"@{localpart_or_id}:{self.server_name}"
 
-    async def _new_session(self, user_id: str, device_id: str | None) -> dict[str, Any]:
+    async def _new_session(
+        self, user_id: str, device_id: str | None, display_name: str | None = None
+    ) -> dict[str, Any]:
         device = device_id or _random_id(10, string.ascii_uppercase)
         token = "mhs_" + secrets.token_urlsafe(32)
         await self.store.add_token(token_hash(token), user_id, device, self.now_ms())
+        await self.store.add_device(user_id, device, display_name, self.now_ms())
         return {
             "user_id": user_id,
             "access_token": token,
@@ -301,7 +321,12 @@ class Homeserver:
             )
 
     async def register(
-        self, localpart: str | None, password: str, device_id: str | None, inhibit_login: bool
+        self,
+        localpart: str | None,
+        password: str,
+        device_id: str | None,
+        inhibit_login: bool,
+        display_name: str | None = None,
     ) -> dict[str, Any]:
         if not self.settings.registration_open:
             raise forbidden("registration is closed on this server")
@@ -319,9 +344,11 @@ class Homeserver:
         self._logins.labels("register", "ok").inc()
         if inhibit_login:
             return {"user_id": user_id}
-        return await self._new_session(user_id, device_id)
+        return await self._new_session(user_id, device_id, display_name)
 
-    async def login(self, user: str, password: str, device_id: str | None) -> dict[str, Any]:
+    async def login(
+        self, user: str, password: str, device_id: str | None, display_name: str | None = None
+    ) -> dict[str, Any]:
         try:
             user_id = self.user_id_for(user.lower() if not user.startswith("@") else user)
         except MatrixError:
@@ -331,7 +358,7 @@ class Homeserver:
             self._logins.labels("login", "refused").inc()
             raise forbidden("invalid user name or password")
         self._logins.labels("login", "ok").inc()
-        return await self._new_session(user_id, device_id)
+        return await self._new_session(user_id, device_id, display_name)
 
     async def authenticate(self, token: str) -> Requester:
         hashed = token_hash(token)
@@ -364,6 +391,103 @@ class Homeserver:
         for device in devices:
             await self.e2ee.forget_device(requester.user_id, device)
             await self._devices_changed(requester.user_id, device, deleted=True)
+
+    # devices -------------------------------------------------------------------------------
+
+    async def devices(self, requester: Requester) -> list[dict[str, Any]]:
+        out = []
+        for device_id, name in await self.store.devices(requester.user_id):
+            # Where and when a device was last seen is not recorded (null, as Synapse says
+            # for a device it has not seen).
+            out.append(
+                {
+                    "device_id": device_id,
+                    "display_name": name,
+                    "last_seen_ip": None,
+                    "last_seen_ts": None,
+                }
+            )
+        return out
+
+    async def device(self, requester: Requester, device_id: str) -> dict[str, Any]:
+        for entry in await self.devices(requester):
+            if entry["device_id"] == device_id:
+                return entry
+        raise _not_found("no such device")
+
+    async def rename_device(self, requester: Requester, device_id: str, name: Any) -> None:
+        if name is not None and (not isinstance(name, str) or len(name) > 255):
+            raise bad_json("display_name is a string of at most 255 characters")
+        await self.device(requester, device_id)  # 404 for a device that is not the user's
+        await self.store.rename_device(requester.user_id, device_id, name)
+
+    async def check_password_auth(self, requester: Requester, auth_dict: Any) -> None:
+        """User-interactive authentication by password (deleting devices asks for it): 401
+        with the flow when absent, 401 ``M_FORBIDDEN`` when wrong or for another user."""
+        flows = {"flows": [{"stages": ["m.login.password"]}], "params": {}}
+        session = auth_dict.get("session") if isinstance(auth_dict, dict) else None
+        session = session if isinstance(session, str) else _random_id(16)
+        if not isinstance(auth_dict, dict) or auth_dict.get("type") != "m.login.password":
+            raise MatrixError(401, "M_FORBIDDEN", "confirm with your password", session=session,
+                              **flows)  # fmt: skip
+        identifier = auth_dict.get("identifier")
+        user = identifier.get("user") if isinstance(identifier, dict) else auth_dict.get("user")
+        password = auth_dict.get("password")
+        try:
+            user_id = self.user_id_for(user) if isinstance(user, str) else None
+        except MatrixError:
+            user_id = None
+        encoded = await self.store.password_hash(requester.user_id)
+        if (
+            user_id != requester.user_id
+            or not isinstance(password, str)
+            or encoded is None
+            or not await self._password_matches(password, encoded)
+        ):
+            raise MatrixError(401, "M_FORBIDDEN", "invalid password", session=session, **flows)
+
+    async def delete_devices(
+        self, requester: Requester, device_ids: list[str], auth_dict: Any
+    ) -> None:
+        await self.check_password_auth(requester, auth_dict)
+        for device_id in device_ids:
+            for hashed in await self.store.delete_device(requester.user_id, device_id):
+                self._sessions.pop(hashed, None)
+            await self.e2ee.forget_device(requester.user_id, device_id)
+            await self._devices_changed(requester.user_id, device_id, deleted=True)
+
+    # account data --------------------------------------------------------------------------
+
+    async def put_account_data(
+        self, requester: Requester, user_id: str, room_id: str, data_type: str, content: Any
+    ) -> None:
+        if user_id != requester.user_id:
+            raise forbidden("you can only set your own account data")
+        if not 0 < len(data_type) <= 255:
+            raise MatrixError(400, "M_INVALID_PARAM", "a type of at most 255 characters")
+        if data_type in ("m.fully_read", "m.push_rules"):
+            raise MatrixError(400, "M_BAD_JSON", f"{data_type} is set through its own API")
+        if room_id and not await self.store.room_exists(room_id):
+            raise _not_found("no such room")
+        await self._store_account_data(user_id, room_id, data_type, content)
+
+    async def _store_account_data(
+        self, user_id: str, room_id: str, data_type: str, content: Any
+    ) -> None:
+        await self.store.put_account_data(
+            user_id, room_id, data_type, json.dumps(content), _MAX_ACCOUNT_DATA
+        )
+        self.notifier.notify([user_id])
+
+    async def get_account_data(
+        self, requester: Requester, user_id: str, room_id: str, data_type: str
+    ) -> Any:
+        if user_id != requester.user_id:
+            raise forbidden("you can only read your own account data")
+        found = await self.store.get_account_data(user_id, room_id, data_type)
+        if found is None:
+            raise _not_found("no account data of that type")
+        return json.loads(found)
 
     # end-to-end encryption keys and to-device messages (teia.homeserver.e2ee) -------------
 
@@ -995,7 +1119,11 @@ class Homeserver:
         if target is None or target.event["room_id"] != room_id:
             raise _not_found("no such event in this room")
         if receipt_type == "m.fully_read":
-            return  # a read marker is account data; not kept by this server
+            # The read marker is the user's room account data.
+            await self._store_account_data(
+                requester.user_id, room_id, "m.fully_read", {"event_id": event_id}
+            )
+            return
         await self.store.put_receipt(room_id, requester.user_id, receipt_type, event_id,
                                      self.now_ms())  # fmt: skip
         audience = (
@@ -1053,6 +1181,7 @@ class Homeserver:
             self._typing.serial,
             to_device_at,
             await self.e2ee.max_change(),
+            await self.store.max_account_data(),
         )
         now = self.now_ms()
         rooms: dict[str, dict[str, Any]] = {"join": {}, "invite": {}, "leave": {}}
@@ -1111,12 +1240,31 @@ class Homeserver:
             }
             device_changes = sorted({*device_changes, *joined_now})
         counts, fallback_types = await self.e2ee.counts(user, requester.device_id)
-        changed = any(rooms[kind] for kind in rooms) or bool(to_device or device_changes)
+        account_data: list[dict[str, Any]] = []
+        if since is None or since.account < current.account:
+            after = 0 if since is None or full_state else since.account
+            for room_id, data_type, content in await self.store.account_data_since(
+                user, after, current.account
+            ):
+                event = {"type": data_type, "content": json.loads(content)}
+                if not room_id:
+                    account_data.append(event)
+                    continue
+                joined = rooms["join"].get(room_id)
+                if joined is None:
+                    held = await self.store.membership(room_id, user)
+                    if held is None or held[0] != "join":
+                        continue
+                    joined = rooms["join"][room_id] = _quiet_room(current)
+                joined["account_data"]["events"].append(event)
+        changed = any(rooms[kind] for kind in rooms) or bool(
+            to_device or device_changes or account_data
+        )
         response = {
             "next_batch": str(current),
             "rooms": rooms,
             "presence": {"events": []},
-            "account_data": {"events": []},
+            "account_data": {"events": account_data},
             "to_device": {"events": to_device},
             "device_lists": {"changed": device_changes, "left": []},
             "device_one_time_keys_count": counts,

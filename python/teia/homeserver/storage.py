@@ -26,7 +26,7 @@ from typing import Any, ClassVar, Protocol, TypeVar
 import anyio
 import anyio.to_thread
 
-from teia.errors import HomeserverDatabaseError
+from teia.errors import HomeserverDatabaseError, MatrixError
 
 __all__ = [
     "Database",
@@ -169,6 +169,26 @@ CREATE INDEX IF NOT EXISTS identity_bindings_hash ON identity_bindings (lookup_h
 CREATE TABLE IF NOT EXISTS identity_settings (
     name TEXT PRIMARY KEY,
     value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS devices (
+    user_id TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    display_name TEXT,
+    created_ts {bigint} NOT NULL,
+    PRIMARY KEY (user_id, device_id)
+);
+CREATE TABLE IF NOT EXISTS account_data (
+    user_id TEXT NOT NULL,
+    room_id TEXT NOT NULL,
+    type TEXT NOT NULL,
+    content TEXT NOT NULL,
+    stream {bigint} NOT NULL,
+    PRIMARY KEY (user_id, room_id, type)
+);
+CREATE INDEX IF NOT EXISTS account_data_stream ON account_data (user_id, stream);
+CREATE TABLE IF NOT EXISTS account_data_changes (
+    stream {id_pk},
+    user_id TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS e2e_device_keys (
     user_id TEXT NOT NULL,
@@ -575,6 +595,146 @@ class HomeserverStore:
             lambda tx: tx.run("DELETE FROM access_tokens WHERE token_hash = ?", (token_hash,)),
             write=True,
         )
+
+    # devices -------------------------------------------------------------------------------
+
+    async def add_device(
+        self, user_id: str, device_id: str, display_name: str | None, now: int
+    ) -> None:
+        """Remember a device (a session's); an existing one keeps its name unless given."""
+
+        def fn(tx: Tx) -> None:
+            row = tx.one(
+                "SELECT display_name FROM devices WHERE user_id = ? AND device_id = ?",
+                (user_id, device_id),
+            )
+            if row is None:
+                tx.run(
+                    "INSERT INTO devices (user_id, device_id, display_name, created_ts) "
+                    "VALUES (?, ?, ?, ?)",
+                    (user_id, device_id, display_name, now),
+                )
+            elif display_name is not None:
+                tx.run(
+                    "UPDATE devices SET display_name = ? WHERE user_id = ? AND device_id = ?",
+                    (display_name, user_id, device_id),
+                )
+
+        await self.db.run(fn, write=True)
+
+    async def devices(self, user_id: str) -> list[tuple[str, str | None]]:
+        """(device ID, display name) of every device a user has a session or keys for."""
+
+        def fn(tx: Tx) -> list[tuple[str, str | None]]:
+            named = {
+                str(d): (None if n is None else str(n))
+                for d, n in tx.query(
+                    "SELECT device_id, display_name FROM devices WHERE user_id = ?", (user_id,)
+                )
+            }
+            live = tx.query(
+                "SELECT device_id FROM access_tokens WHERE user_id = ? UNION "
+                "SELECT device_id FROM e2e_device_keys WHERE user_id = ?",
+                (user_id, user_id),
+            )
+            return sorted((str(d), named.get(str(d))) for (d,) in live)
+
+        return await self.db.run(fn)
+
+    async def rename_device(self, user_id: str, device_id: str, name: str | None) -> None:
+        def fn(tx: Tx) -> None:
+            if not tx.run(
+                "UPDATE devices SET display_name = ? WHERE user_id = ? AND device_id = ?",
+                (name, user_id, device_id),
+            ):
+                tx.run(
+                    "INSERT INTO devices (user_id, device_id, display_name, created_ts) "
+                    "VALUES (?, ?, ?, 0)",
+                    (user_id, device_id, name),
+                )
+
+        await self.db.run(fn, write=True)
+
+    async def delete_device(self, user_id: str, device_id: str) -> list[str]:
+        """Delete a device and its sessions; the hashes of the tokens it had."""
+
+        def fn(tx: Tx) -> list[str]:
+            hashes = [
+                str(h)
+                for (h,) in tx.query(
+                    "SELECT token_hash FROM access_tokens WHERE user_id = ? AND device_id = ?",
+                    (user_id, device_id),
+                )
+            ]
+            tx.run(
+                "DELETE FROM access_tokens WHERE user_id = ? AND device_id = ?",
+                (user_id, device_id),
+            )
+            tx.run("DELETE FROM devices WHERE user_id = ? AND device_id = ?", (user_id, device_id))
+            return hashes
+
+        return await self.db.run(fn, write=True)
+
+    # account data --------------------------------------------------------------------------
+
+    async def put_account_data(
+        self, user_id: str, room_id: str, data_type: str, content: str, limit: int
+    ) -> None:
+        """Set one type of a user's account data (``room_id`` empty: global); at most
+        ``limit`` types per user (`MatrixError` past it, nothing written)."""
+
+        def fn(tx: Tx) -> None:
+            exists = tx.one(
+                "SELECT 1 FROM account_data WHERE user_id = ? AND room_id = ? AND type = ?",
+                (user_id, room_id, data_type),
+            )
+            if exists is None:
+                (count,) = tx.one(
+                    "SELECT count(*) FROM account_data WHERE user_id = ?", (user_id,)
+                ) or (0,)
+                if count >= limit:
+                    raise MatrixError(
+                        400, "M_LIMIT_EXCEEDED", f"at most {limit} kinds of account data"
+                    )
+            tx.run("INSERT INTO account_data_changes (user_id) VALUES (?)", (user_id,))
+            (stream,) = tx.one("SELECT max(stream) FROM account_data_changes") or (0,)
+            tx.run(
+                "DELETE FROM account_data WHERE user_id = ? AND room_id = ? AND type = ?",
+                (user_id, room_id, data_type),
+            )
+            tx.run(
+                "INSERT INTO account_data (user_id, room_id, type, content, stream) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (user_id, room_id, data_type, content, stream),
+            )
+
+        await self.db.run(fn, write=True)
+
+    async def get_account_data(self, user_id: str, room_id: str, data_type: str) -> str | None:
+        row = await self.db.run(
+            lambda tx: tx.one(
+                "SELECT content FROM account_data WHERE user_id = ? AND room_id = ? AND type = ?",
+                (user_id, room_id, data_type),
+            )
+        )
+        return None if row is None else str(row[0])
+
+    async def account_data_since(
+        self, user_id: str, after: int, upto: int
+    ) -> list[tuple[str, str, str]]:
+        """(room ID or '', type, content) of what changed in (``after``, ``upto``]."""
+        rows = await self.db.run(
+            lambda tx: tx.query(
+                "SELECT room_id, type, content FROM account_data WHERE user_id = ? "
+                "AND stream > ? AND stream <= ? ORDER BY stream",
+                (user_id, after, upto),
+            )
+        )
+        return [(str(r), str(t), str(c)) for r, t, c in rows]
+
+    async def max_account_data(self) -> int:
+        row = await self.db.run(lambda tx: tx.one("SELECT max(stream) FROM account_data_changes"))
+        return int(row[0]) if row is not None and row[0] is not None else 0
 
     async def user_devices(self, user_id: str) -> list[str]:
         """The devices a user has sessions or keys for."""
