@@ -327,3 +327,53 @@ async def test_federated_edus_speak_only_for_their_own_servers_users(
 async def _count_to_device(store: Any) -> int:
     row = await store.db.run(lambda tx: tx.one("SELECT count(*) FROM to_device"))
     return int(row[0])
+
+
+async def test_to_device_messages_stay_until_acknowledged_and_come_in_batches(
+    server: ServerHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from teia.homeserver import e2ee
+
+    monkeypatch.setattr(e2ee, "TO_DEVICE_BATCH", 4)  # 100 in service
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+        tokens = {}
+        for user in ("fay", "gus"):
+            reply = await http.post(
+                "/_matrix/client/v3/register",
+                json={
+                    "username": user,
+                    "password": "pw",
+                    "device_id": user.upper(),
+                    "auth": {"type": "m.login.dummy"},
+                },
+            )
+            tokens[user] = {"Authorization": f"Bearer {reply.json()['access_token']}"}
+        base = "/_matrix/client/v3"
+        start = (await http.get(base + "/sync", headers=tokens["fay"])).json()["next_batch"]
+        for i in range(6):
+            reply = await http.put(
+                f"{base}/sendToDevice/m.test/t{i}",
+                headers=tokens["gus"],
+                json={"messages": {"@fay:localhost": {"FAY": {"n": i}}}},
+            )
+            assert reply.status_code == 200
+
+        async def sync(since: str) -> dict[str, Any]:
+            reply = await http.get(
+                base + "/sync", headers=tokens["fay"], params={"since": since, "timeout": "0"}
+            )
+            body: dict[str, Any] = reply.json()
+            return body
+
+        first = await sync(start)
+        numbers = [e["content"]["n"] for e in first["to_device"]["events"]]
+        assert numbers == list(range(4))
+        # The answer was lost: the same token gets the same messages again.
+        again = await sync(start)
+        assert [e["content"]["n"] for e in again["to_device"]["events"]] == numbers
+        second = await sync(first["next_batch"])
+        assert [e["content"]["n"] for e in second["to_device"]["events"]] == [4, 5]
+        third = await sync(second["next_batch"])
+        assert third["to_device"]["events"] == []
+        left = await anyio.to_thread.run_sync(server.call, _count_to_device, server.hs.store)
+        assert left == 0  # all acknowledged, all deleted

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any, Final
 
 from teia.errors import MatrixError
@@ -111,11 +112,37 @@ def _key_map(value: Any, what: str) -> dict[str, Any]:
     return value
 
 
+@dataclass(frozen=True, slots=True)
+class SyncE2ee:
+    """What one sync of one device carries from these tables."""
+
+    to_device: list[dict[str, Any]]
+    to_device_at: int
+    """The device's to-device position after them (its sync token's part)."""
+    more: bool
+    """More to-device messages wait (the sync should return at once)."""
+    keys_at: int
+    changed: list[str]
+    one_time_key_counts: dict[str, int]
+    unused_fallback_types: list[str]
+
+
 class E2eeStore:
-    """The E2EE tables of the homeserver database (see the module docstring)."""
+    """The E2EE tables of the homeserver database (see the module docstring).
+
+    A sync that has nothing new costs no database call: the newest to-device and device-change
+    positions and each device's key counts are kept in memory once read (invalidated by the
+    writes of this process, the one process of its database), and a device's messages are
+    deleted once, when its sync token first shows it has them (and once for each device after
+    a restart, for what an earlier process handed out)."""
 
     def __init__(self, db: Database) -> None:
         self.db = db
+        self._max_to_device: int | None = None
+        self._max_change: int | None = None
+        self._counts: dict[tuple[str, str], tuple[dict[str, int], list[str]]] = {}
+        self._unacked: dict[tuple[str, str], int] = {}
+        self._cleaned: set[tuple[str, str]] = set()
 
     # keys ----------------------------------------------------------------------------------
 
@@ -186,20 +213,11 @@ class E2eeStore:
                 )
             return _counts(tx, user_id, device_id), changed
 
-        return await self.db.run(fn, write=True)
-
-    async def counts(self, user_id: str, device_id: str) -> tuple[dict[str, int], list[str]]:
-        """One-time keys left per algorithm, and the algorithms of unused fallback keys."""
-
-        def fn(tx: Tx) -> tuple[dict[str, int], list[str]]:
-            unused = tx.query(
-                "SELECT algorithm FROM e2e_fallback_keys WHERE user_id = ? AND device_id = ? "
-                "AND used = 0 ORDER BY algorithm",
-                (user_id, device_id),
-            )
-            return _counts(tx, user_id, device_id), [str(r[0]) for r in unused]
-
-        return await self.db.run(fn)
+        try:
+            return await self.db.run(fn, write=True)
+        finally:
+            self._counts.pop((user_id, device_id), None)
+            self._max_change = None
 
     async def query(self, wanted: dict[str, list[str]]) -> dict[str, dict[str, Any]]:
         """Device keys of local users: user → device → keys (all devices when none named)."""
@@ -259,7 +277,12 @@ class E2eeStore:
                     }
             return out
 
-        return await self.db.run(fn, write=True)
+        try:
+            return await self.db.run(fn, write=True)
+        finally:
+            for user_id, devices in wanted.items():
+                for device_id in devices:
+                    self._counts.pop((user_id, device_id), None)
 
     async def forget_device(self, user_id: str, device_id: str) -> None:
         """A device logged out: its keys and waiting messages go; its user's list changed."""
@@ -277,37 +300,52 @@ class E2eeStore:
             if gone:
                 tx.run("INSERT INTO e2e_device_changes (user_id) VALUES (?)", (user_id,))
 
-        await self.db.run(fn, write=True)
+        try:
+            await self.db.run(fn, write=True)
+        finally:
+            key = (user_id, device_id)
+            self._counts.pop(key, None)
+            self._unacked.pop(key, None)
+            self._cleaned.discard(key)
+            self._max_change = None
 
     # device lists --------------------------------------------------------------------------
 
     async def note_change(self, user_id: str) -> None:
         """Record that ``user_id``'s devices changed (a remote user's, told by its server)."""
-        await self.db.run(
-            lambda tx: tx.run("INSERT INTO e2e_device_changes (user_id) VALUES (?)", (user_id,)),
-            write=True,
-        )
+        try:
+            await self.db.run(
+                lambda tx: tx.run(
+                    "INSERT INTO e2e_device_changes (user_id) VALUES (?)", (user_id,)
+                ),
+                write=True,
+            )
+        finally:
+            self._max_change = None
 
     async def max_change(self) -> int:
-        row = await self.db.run(lambda tx: tx.one("SELECT max(stream) FROM e2e_device_changes"))
-        return int(row[0]) if row is not None and row[0] is not None else 0
+        """The newest device-change position (kept in memory once read)."""
+        cached = self._max_change
+        if cached is None:
+            row = await self.db.run(lambda tx: tx.one("SELECT max(stream) FROM e2e_device_changes"))
+            cached = int(row[0]) if row is not None and row[0] is not None else 0
+            if self._max_change is None:
+                self._max_change = cached
+        return cached
+
+    async def _newest_to_device(self) -> int:
+        cached = self._max_to_device
+        if cached is None:
+            row = await self.db.run(lambda tx: tx.one("SELECT max(stream) FROM to_device"))
+            cached = int(row[0]) if row is not None and row[0] is not None else 0
+            if self._max_to_device is None:
+                self._max_to_device = cached
+        return cached
 
     async def changed_users(self, user_id: str, after: int, upto: int) -> list[str]:
         """Users whose device keys changed in (``after``, ``upto``] and who are ``user_id``
         or share a joined room with it."""
-
-        def fn(tx: Tx) -> list[str]:
-            rows = tx.query(
-                "SELECT DISTINCT c.user_id FROM e2e_device_changes c "
-                "WHERE c.stream > ? AND c.stream <= ? AND (c.user_id = ? OR c.user_id IN ("
-                "SELECT m2.user_id FROM memberships m1 JOIN memberships m2 "
-                "ON m1.room_id = m2.room_id WHERE m1.user_id = ? AND m1.membership = 'join' "
-                "AND m2.membership = 'join')) ORDER BY c.user_id",
-                (after, upto, user_id, user_id),
-            )
-            return [str(r[0]) for r in rows]
-
-        return await self.db.run(fn)
+        return await self.db.run(lambda tx: _changed_users(tx, user_id, after, upto))
 
     async def sharing_users(self, user_id: str) -> list[str]:
         """``user_id`` and every user sharing a joined room with it."""
@@ -372,35 +410,97 @@ class E2eeStore:
                         reached.add(user_id)
             return True, sorted(reached)
 
-        return await self.db.run(fn, write=True)
+        try:
+            return await self.db.run(fn, write=True)
+        finally:
+            self._max_to_device = None
 
-    async def inbox(
-        self, user_id: str, device_id: str, acknowledged: int | None
-    ) -> tuple[list[dict[str, Any]], int, bool]:
-        """Delete what the device has (``acknowledged``: the position its sync token shows)
-        and take the next batch: (events, position after them, whether more are waiting)."""
-        after = acknowledged or 0
+    async def sync_info(
+        self, user_id: str, device_id: str, since: tuple[int, int] | None
+    ) -> SyncE2ee:
+        """A device's sync: its to-device messages after ``since`` (to-device position,
+        device-list position; None for an initial sync), deleting those the position shows it
+        has; users whose devices changed; its one-time key counts. One database call at most,
+        none when nothing moved."""
+        key = (user_id, device_id)
+        td_since, keys_since = (0, None) if since is None else since
+        td_max = await self._newest_to_device()
+        keys_max = await self.max_change()
+        delete_upto = 0
+        if td_since > 0:
+            unacked = self._unacked.get(key)
+            if key not in self._cleaned or (unacked is not None and td_since >= unacked):
+                delete_upto = td_since
+        read_messages = td_since < td_max
+        read_changes = keys_since is not None and keys_since < keys_max
+        cached = self._counts.get(key)
+        if not (delete_upto or read_messages or read_changes) and cached is not None:
+            return SyncE2ee([], td_since, False, keys_max, [], cached[0], cached[1])
 
-        def fn(tx: Tx) -> tuple[list[dict[str, Any]], int, bool]:
-            if acknowledged:
+        def fn(
+            tx: Tx,
+        ) -> tuple[list[tuple[Any, ...]], list[str], tuple[dict[str, int], list[str]] | None]:
+            if delete_upto:
                 tx.run(
                     "DELETE FROM to_device WHERE user_id = ? AND device_id = ? AND stream <= ?",
-                    (user_id, device_id, acknowledged),
+                    (user_id, device_id, delete_upto),
                 )
-            rows = tx.query(
-                "SELECT stream, sender, type, content FROM to_device WHERE user_id = ? "
-                "AND device_id = ? AND stream > ? ORDER BY stream LIMIT ?",
-                (user_id, device_id, after, TO_DEVICE_BATCH + 1),
+            rows: list[tuple[Any, ...]] = []
+            if read_messages:
+                rows = tx.query(
+                    "SELECT stream, sender, type, content FROM to_device WHERE user_id = ? "
+                    "AND device_id = ? AND stream > ? ORDER BY stream LIMIT ?",
+                    (user_id, device_id, td_since, TO_DEVICE_BATCH + 1),
+                )
+            changed = (
+                _changed_users(tx, user_id, keys_since, keys_max)
+                if read_changes and keys_since is not None
+                else []
             )
-            more = len(rows) > TO_DEVICE_BATCH
-            rows = rows[:TO_DEVICE_BATCH]
-            events = [
-                {"sender": str(sender), "type": str(kind), "content": json.loads(content)}
-                for _, sender, kind, content in rows
-            ]
-            return events, (int(rows[-1][0]) if rows else after), more
+            counts = None
+            if cached is None:
+                unused = tx.query(
+                    "SELECT algorithm FROM e2e_fallback_keys WHERE user_id = ? "
+                    "AND device_id = ? AND used = 0 ORDER BY algorithm",
+                    (user_id, device_id),
+                )
+                counts = (_counts(tx, user_id, device_id), [str(r[0]) for r in unused])
+            return rows, changed, counts
 
-        return await self.db.run(fn, write=acknowledged is not None and acknowledged > 0)
+        rows, changed, counts = await self.db.run(fn, write=bool(delete_upto))
+        if delete_upto:
+            self._cleaned.add(key)
+            if self._unacked.get(key, delete_upto + 1) <= delete_upto:
+                del self._unacked[key]
+        if counts is not None:
+            self._counts[key] = counts
+        else:
+            assert cached is not None
+            counts = cached
+        more = len(rows) > TO_DEVICE_BATCH
+        rows = rows[:TO_DEVICE_BATCH]
+        events = [
+            {"sender": str(sender), "type": str(kind), "content": json.loads(content)}
+            for _, sender, kind, content in rows
+        ]
+        # Past every message written before this sync began (none of this device's is left
+        # unread below it), unless a batch was cut short.
+        at = int(rows[-1][0]) if more else max(td_since, td_max, *(int(r[0]) for r in rows))
+        if events:
+            self._unacked[key] = at
+        return SyncE2ee(events, at, more, keys_max, changed, counts[0], counts[1])
+
+
+def _changed_users(tx: Tx, user_id: str, after: int, upto: int) -> list[str]:
+    rows = tx.query(
+        "SELECT DISTINCT c.user_id FROM e2e_device_changes c "
+        "WHERE c.stream > ? AND c.stream <= ? AND (c.user_id = ? OR c.user_id IN ("
+        "SELECT m2.user_id FROM memberships m1 JOIN memberships m2 "
+        "ON m1.room_id = m2.room_id WHERE m1.user_id = ? AND m1.membership = 'join' "
+        "AND m2.membership = 'join')) ORDER BY c.user_id",
+        (after, upto, user_id, user_id),
+    )
+    return [str(r[0]) for r in rows]
 
 
 def _counts(tx: Tx, user_id: str, device_id: str) -> dict[str, int]:

@@ -1172,15 +1172,15 @@ class Homeserver:
         full_state: bool,
     ) -> tuple[dict[str, Any], bool]:
         user = requester.user_id
-        to_device, to_device_at, more_to_device = await self.e2ee.inbox(
-            user, requester.device_id, since.to_device if since is not None else None
+        e2ee = await self.e2ee.sync_info(
+            user, requester.device_id, None if since is None else (since.to_device, since.keys)
         )
         current = SyncToken(
             await self.store.max_stream(),
             await self.store.max_receipt_stream(),
             self._typing.serial,
-            to_device_at,
-            await self.e2ee.max_change(),
+            e2ee.to_device_at,
+            e2ee.keys_at,
             await self.store.max_account_data(),
         )
         now = self.now_ms()
@@ -1228,7 +1228,7 @@ class Homeserver:
                 }
         device_changes: list[str] = []
         if since is not None:
-            device_changes = await self.e2ee.changed_users(user, since.keys, current.keys)
+            device_changes = e2ee.changed
             # Users who joined a room we are in: their devices are news to us too.
             joined_now = {
                 e["state_key"]
@@ -1239,7 +1239,6 @@ class Homeserver:
                 and e.get("state_key") != user
             }
             device_changes = sorted({*device_changes, *joined_now})
-        counts, fallback_types = await self.e2ee.counts(user, requester.device_id)
         account_data: list[dict[str, Any]] = []
         if since is None or since.account < current.account:
             after = 0 if since is None or full_state else since.account
@@ -1258,19 +1257,19 @@ class Homeserver:
                     joined = rooms["join"][room_id] = _quiet_room(current)
                 joined["account_data"]["events"].append(event)
         changed = any(rooms[kind] for kind in rooms) or bool(
-            to_device or device_changes or account_data
+            e2ee.to_device or device_changes or account_data
         )
         response = {
             "next_batch": str(current),
             "rooms": rooms,
             "presence": {"events": []},
             "account_data": {"events": account_data},
-            "to_device": {"events": to_device},
+            "to_device": {"events": e2ee.to_device},
             "device_lists": {"changed": device_changes, "left": []},
-            "device_one_time_keys_count": counts,
-            "device_unused_fallback_key_types": fallback_types,
+            "device_one_time_keys_count": e2ee.one_time_key_counts,
+            "device_unused_fallback_key_types": e2ee.unused_fallback_types,
         }
-        return response, changed or more_to_device
+        return response, changed or e2ee.more
 
     def _joined_room(
         self,

@@ -546,6 +546,7 @@ class HomeserverStore:
         self.db = db
         self._max_stream: int | None = None
         self._max_receipt: int | None = None
+        self._max_account: int | None = None
 
     def close(self) -> None:
         self.db.close()
@@ -682,6 +683,7 @@ class HomeserverStore:
     ) -> None:
         """Set one type of a user's account data (``room_id`` empty: global); at most
         ``limit`` types per user (`MatrixError` past it, nothing written)."""
+        written: list[int] = []
 
         def fn(tx: Tx) -> None:
             exists = tx.one(
@@ -698,6 +700,7 @@ class HomeserverStore:
                     )
             tx.run("INSERT INTO account_data_changes (user_id) VALUES (?)", (user_id,))
             (stream,) = tx.one("SELECT max(stream) FROM account_data_changes") or (0,)
+            written.append(int(stream))
             tx.run(
                 "DELETE FROM account_data WHERE user_id = ? AND room_id = ? AND type = ?",
                 (user_id, room_id, data_type),
@@ -709,6 +712,8 @@ class HomeserverStore:
             )
 
         await self.db.run(fn, write=True)
+        if written and self._max_account is not None:
+            self._max_account = max(self._max_account, written[0])
 
     async def get_account_data(self, user_id: str, room_id: str, data_type: str) -> str | None:
         row = await self.db.run(
@@ -733,8 +738,14 @@ class HomeserverStore:
         return [(str(r), str(t), str(c)) for r, t, c in rows]
 
     async def max_account_data(self) -> int:
-        row = await self.db.run(lambda tx: tx.one("SELECT max(stream) FROM account_data_changes"))
-        return int(row[0]) if row is not None and row[0] is not None else 0
+        """The newest account-data position (kept in memory once read)."""
+        if self._max_account is None:
+            row = await self.db.run(
+                lambda tx: tx.one("SELECT max(stream) FROM account_data_changes")
+            )
+            loaded = int(row[0]) if row is not None and row[0] is not None else 0
+            self._max_account = max(self._max_account or 0, loaded)
+        return self._max_account
 
     async def user_devices(self, user_id: str) -> list[str]:
         """The devices a user has sessions or keys for."""
