@@ -775,3 +775,39 @@ async def long_group(
     assert held is not None
     assert chain is not None
     return group, held.state, chain
+
+
+@pytest.mark.anyio
+async def test_two_admins_changing_one_version_at_once_settle_on_the_smaller_hash(
+    tmp_path: Path,
+) -> None:
+    """Alice and Dave (both admins) each sign a version 2 on the same version 1; Carol and
+    Erin get them in opposite orders and both keep the one with the smaller hash."""
+    with anyio.fail_after(TIMEOUT * 2):
+        async with peers(tmp_path, 4) as (alice, carol, dave, erin):
+            group = await alice.groups.create("g", [carol.peer_id, erin.peer_id])
+            await alice.groups.add(group, [dave.peer_id], admin=True)
+            for member in (carol, dave, erin):
+                await member.groups.wait_version(group, 1)
+            held = await alice.run_db(alice.groups._tables.load, bytes.fromhex(group.group_id))
+            assert held is not None
+            base = held.state
+            by_alice = forge(base, alice, name="alice's name")
+            by_dave = forge(base, dave, name="dave's name")
+            winner, loser = sorted((by_alice, by_dave), key=GroupState.digest)
+            signer = {by_alice: alice, by_dave: dave}
+            for member, order in ((carol, (winner, loser)), (erin, (loser, winner))):
+                for state in order:
+                    sender = signer[state]
+                    await sender.send_app(member.peer_id, GROUP_APP, GroupPayload(state).encode())
+                    await flushed(sender, member)
+                settled = await member.groups.get(group)
+                assert settled.version == 2
+                assert settled.name == winner.name
+            # A later version built on the loser does not extend what they hold.
+            refused = carol.groups.stats["refused"]
+            on_loser = forge(loser, signer[loser], name="built on the loser")
+            await signer[loser].send_app(carol.peer_id, GROUP_APP, GroupPayload(on_loser).encode())
+            await flushed(signer[loser], carol)
+            assert carol.groups.stats["refused"] == refused + 1
+            assert (await carol.groups.get(group)).name == winner.name
