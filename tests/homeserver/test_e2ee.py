@@ -377,3 +377,42 @@ async def test_to_device_messages_stay_until_acknowledged_and_come_in_batches(
         assert third["to_device"]["events"] == []
         left = await anyio.to_thread.run_sync(server.call, _count_to_device, server.hs.store)
         assert left == 0  # all acknowledged, all deleted
+
+
+async def test_device_lists_left_names_users_no_room_is_shared_with_any_more(
+    server: ServerHandle,
+) -> None:
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+        tokens = {}
+        for user in ("hal", "ivy", "joe"):
+            reply = await http.post(
+                "/_matrix/client/v3/register",
+                json={"username": user, "password": "pw", "auth": {"type": "m.login.dummy"}},
+            )
+            tokens[user] = {"Authorization": f"Bearer {reply.json()['access_token']}"}
+        base = "/_matrix/client/v3"
+        invite = {"invite": ["@ivy:localhost", "@joe:localhost"]}
+        first = (await http.post(base + "/createRoom", headers=tokens["hal"], json=invite)).json()
+        second = (
+            await http.post(
+                base + "/createRoom", headers=tokens["hal"], json={"invite": ["@joe:localhost"]}
+            )
+        ).json()
+        await http.post(f"{base}/join/{first['room_id']}", headers=tokens["ivy"])
+        for room in (first, second):
+            await http.post(f"{base}/join/{room['room_id']}", headers=tokens["joe"])
+        since = (await http.get(base + "/sync", headers=tokens["hal"])).json()["next_batch"]
+        # Ivy leaves the only room she shares with Hal; Joe leaves one of two.
+        await http.post(f"{base}/rooms/{first['room_id']}/leave", headers=tokens["ivy"])
+        await http.post(f"{base}/rooms/{first['room_id']}/leave", headers=tokens["joe"])
+        later = (
+            await http.get(base + "/sync", headers=tokens["hal"], params={"since": since})
+        ).json()
+        assert later["device_lists"]["left"] == ["@ivy:localhost"]
+        # Hal leaves the second room: Joe shares nothing with him any more.
+        since = later["next_batch"]
+        await http.post(f"{base}/rooms/{second['room_id']}/leave", headers=tokens["hal"])
+        last = (
+            await http.get(base + "/sync", headers=tokens["hal"], params={"since": since})
+        ).json()
+        assert last["device_lists"]["left"] == ["@joe:localhost"]

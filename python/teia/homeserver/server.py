@@ -1227,18 +1227,26 @@ class Homeserver:
                     "state": {"events": []},
                 }
         device_changes: list[str] = []
+        device_left: list[str] = []
         if since is not None:
-            device_changes = e2ee.changed
-            # Users who joined a room we are in: their devices are news to us too.
-            joined_now = {
-                e["state_key"]
-                for room in rooms["join"].values()
+            memberships = [
+                (e.get("state_key"), e.get("content", {}).get("membership"))
+                for kind in ("join", "leave")
+                for room in rooms[kind].values()
                 for e in room["timeline"]["events"]
                 if e.get("type") == "m.room.member"
-                and e.get("content", {}).get("membership") == "join"
-                and e.get("state_key") != user
-            }
-            device_changes = sorted({*device_changes, *joined_now})
+            ]
+            # Users who joined a room we are in: their devices are news to us too.
+            joined_now = {u for u, m in memberships if m == "join" and u != user}
+            device_changes = sorted({*e2ee.changed, *joined_now})
+            # Users who left (or we left) and share no room with us any more: stop tracking.
+            parted = {u for u, m in memberships if m in ("leave", "ban") and isinstance(u, str)}
+            for room_id in rooms["leave"]:  # rooms we left: their members, unless shared still
+                parted |= set(await self.store.room_members(room_id))
+            parted.discard(user)
+            if parted:
+                sharing = set(await self.e2ee.sharing_users(user))
+                device_left = sorted(u for u in parted if isinstance(u, str) and u not in sharing)
         account_data: list[dict[str, Any]] = []
         if since is None or since.account < current.account:
             after = 0 if since is None or full_state else since.account
@@ -1265,7 +1273,7 @@ class Homeserver:
             "presence": {"events": []},
             "account_data": {"events": account_data},
             "to_device": {"events": e2ee.to_device},
-            "device_lists": {"changed": device_changes, "left": []},
+            "device_lists": {"changed": device_changes, "left": device_left},
             "device_one_time_keys_count": e2ee.one_time_key_counts,
             "device_unused_fallback_key_types": e2ee.unused_fallback_types,
         }
