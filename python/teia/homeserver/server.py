@@ -1273,10 +1273,11 @@ class Homeserver:
             "presence": {"events": []},
             "account_data": {"events": account_data},
             "to_device": {"events": e2ee.to_device},
-            "device_lists": {"changed": device_changes, "left": device_left},
             "device_one_time_keys_count": e2ee.one_time_key_counts,
             "device_unused_fallback_key_types": e2ee.unused_fallback_types,
         }
+        if device_changes or device_left:  # left out when empty, as Synapse does
+            response["device_lists"] = {"changed": device_changes, "left": device_left}
         return response, changed or e2ee.more
 
     def _joined_room(
