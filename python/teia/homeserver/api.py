@@ -370,13 +370,48 @@ class ClientApi:
 
     async def join(self, call: Call) -> Any:
         room_id = call.param("room")
-        if not room_id.startswith("!"):
-            raise MatrixError(404, "M_NOT_FOUND", "room aliases are not supported; use a room ID")
+        if not room_id.startswith(("!", "#")):
+            raise MatrixError(400, "M_INVALID_PARAM", "a room ID (!…) or alias (#…)")
         servers = call.request.query_params.getlist(
             "server_name"
         ) + call.request.query_params.getlist("via")
-        await self.hs.join(call.user, room_id, servers)
-        return {"room_id": room_id}
+        return {"room_id": await self.hs.join(call.user, room_id, servers)}
+
+    async def put_alias(self, call: Call) -> Any:
+        await self.hs.directory.create_alias(
+            call.user, call.param("alias"), call.field("room_id", str)
+        )
+        return {}
+
+    async def get_alias(self, call: Call) -> Any:
+        room_id, servers = await self.hs.directory.resolve(call.param("alias"))
+        return {"room_id": room_id, "servers": servers}
+
+    async def delete_alias(self, call: Call) -> Any:
+        await self.hs.directory.delete_alias(call.user, call.param("alias"))
+        return {}
+
+    async def room_aliases(self, call: Call) -> Any:
+        return {"aliases": await self.hs.directory.room_aliases(call.user, call.param("room"))}
+
+    async def get_visibility(self, call: Call) -> Any:
+        return {"visibility": await self.hs.directory.visibility(call.param("room"))}
+
+    async def put_visibility(self, call: Call) -> Any:
+        await self.hs.directory.set_visibility(
+            call.user, call.param("room"), call.body.get("visibility")
+        )
+        return {}
+
+    async def public_rooms(self, call: Call) -> Any:
+        if call.request.method == "GET":
+            limit = call.query_int("limit", 100) if call.query("limit") else None
+            return await self.hs.directory.public_rooms(limit, call.query("since"), None)
+        search = call.body.get("filter") if isinstance(call.body, dict) else None
+        term = search.get("generic_search_term") if isinstance(search, dict) else None
+        return await self.hs.directory.public_rooms(
+            call.body.get("limit"), call.body.get("since"), term
+        )
 
     def _membership(self, membership: str, *, self_target: bool = False) -> Handler:
         async def handler(call: Call) -> Any:
@@ -622,6 +657,18 @@ class ClientApi:
             r(room + "/read_markers", self.read_markers, ["POST"], name="read_markers"),
             r(CLIENT + "/joined_rooms", self.joined_rooms, ["GET"], name="joined_rooms"),
             r(CLIENT + "/sync", self.sync, ["GET"], name="sync", user_limit=False),
+            r(CLIENT + "/directory/room/{alias}", self.put_alias, ["PUT"], name="alias"),
+            r(CLIENT + "/directory/room/{alias}", self.get_alias, ["GET"], name="alias",
+              auth=False),
+            r(CLIENT + "/directory/room/{alias}", self.delete_alias, ["DELETE"], name="alias"),
+            r(room + "/aliases", self.room_aliases, ["GET"], name="room_aliases"),
+            r(CLIENT + "/directory/list/room/{room}", self.get_visibility, ["GET"],
+              name="directory_list", auth=False),
+            r(CLIENT + "/directory/list/room/{room}", self.put_visibility, ["PUT"],
+              name="directory_list"),
+            r(CLIENT + "/publicRooms", self.public_rooms, ["GET"], name="public_rooms",
+              auth=False),
+            r(CLIENT + "/publicRooms", self.public_rooms, ["POST"], name="public_rooms"),
             r(CLIENT + "/devices", self.devices, ["GET"], name="devices"),
             r(CLIENT + "/devices/{device}", self.device, ["GET"], name="device"),
             r(CLIENT + "/devices/{device}", self.rename_device, ["PUT"], name="device"),

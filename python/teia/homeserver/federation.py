@@ -26,6 +26,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import quote
 
 import anyio
 import anyio.abc
@@ -118,6 +119,7 @@ class Federation:
         hs.remote_join = self.join
         hs.remote_keys = self.ask_keys
         hs.send_edu = self.queue_edu
+        hs.remote_alias = self.ask_alias
         hs.event_listeners.append(self._on_local_event)
 
     async def __aenter__(self) -> Federation:
@@ -446,6 +448,13 @@ class Federation:
             self._task_group.start_soon(self._sender, destination)
         self._wakeups[destination].set()
 
+    async def ask_alias(self, destination: str, alias: str) -> Any:
+        """``/query/directory`` on the server an alias belongs to (10 s at most)."""
+        with anyio.fail_after(10):
+            return await self._get(
+                destination, f"{F}/v1/query/directory?room_alias={quote(alias, safe='')}"
+            )
+
     async def ask_keys(self, destination: str, kind: str, body: dict[str, Any]) -> Any:
         """``/user/keys/query`` or ``/user/keys/claim`` on another server."""
         return await self._request("POST", destination, f"{F}/v1/user/keys/{kind}", body)
@@ -673,6 +682,12 @@ class Federation:
             }
             return {"one_time_keys": await self.hs.e2ee.claim(local)}
 
+        async def query_directory(request: Request, origin: str, body: Any) -> Any:
+            alias = request.query_params.get("room_alias")
+            if alias is None:
+                raise MatrixError(400, "M_MISSING_PARAM", "room_alias is required")
+            return await self.hs.directory.local_alias(alias)
+
         async def version(request: Request, origin: str, body: Any) -> Any:
             return {"server": {"name": "teia homeserver-lite", "version": "0.1"}}
 
@@ -683,6 +698,7 @@ class Federation:
             self._route(F + "/v1/make_join/{room}/{user}", ["GET"], make_join),
             self._route(F + "/v2/send_join/{room}/{event}", ["PUT"], send_join),
             self._route(F + "/v1/backfill/{room}", ["GET"], backfill),
+            self._route(F + "/v1/query/directory", ["GET"], query_directory),
             self._route(F + "/v1/user/keys/query", ["POST"], keys_query),
             self._route(F + "/v1/user/keys/claim", ["POST"], keys_claim),
         ]

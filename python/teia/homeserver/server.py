@@ -25,6 +25,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from teia.errors import MatrixError
 from teia.homeserver import auth
+from teia.homeserver.directory import Directory, parse_alias
 from teia.homeserver.e2ee import (
     MAX_QUERY_USERS,
     E2eeStore,
@@ -245,6 +246,9 @@ class Homeserver:
         (set by federation)."""
         self.send_edu: Callable[[str, dict[str, Any]], None] | None = None
         """Queues an EDU for another server (set by federation)."""
+        self.remote_alias: Callable[[str, str], Awaitable[Any]] | None = None
+        """Asks another server for one of its room aliases (set by federation)."""
+        self.directory = Directory(self)
         self._events_total = Counter(
             "teia_homeserver_events_total",
             "events persisted, by origin (local or federation)",
@@ -899,6 +903,20 @@ class Homeserver:
         creation = body.get("creation_content", {})
         if not isinstance(creation, dict):
             raise bad_json("creation_content must be an object")
+        alias = None
+        alias_name = body.get("room_alias_name")
+        if alias_name is not None:
+            if not isinstance(alias_name, str):
+                raise bad_json("room_alias_name must be a string")
+            alias = f"#{alias_name}:{self.server_name}"
+            parse_alias(alias)
+            try:
+                await self.directory.resolve(alias)
+            except MatrixError as exc:
+                if exc.status != 404:
+                    raise
+            else:
+                raise MatrixError(400, "M_ROOM_IN_USE", "that room alias is taken")
         for invitee in invites:
             if server_of(invitee) == self.server_name:
                 exists, _ = await self.store.profile(invitee)
@@ -921,6 +939,8 @@ class Homeserver:
         if preset != "public_chat":
             steps.append(("m.room.guest_access", "", {"guest_access": "can_join"}))
         steps += [(e["type"], e.get("state_key", ""), e["content"]) for e in initial_state]
+        if alias is not None:
+            steps.append(("m.room.canonical_alias", "", {"alias": alias}))
         if "name" in body:
             steps.append(("m.room.name", "", {"name": body["name"]}))
         if "topic" in body:
@@ -943,6 +963,10 @@ class Homeserver:
                 auth.check_event(event, state)
                 await self._persist(event)
                 state[(event_type, state_key)] = event
+        if alias is not None:
+            await self.directory.create_alias(requester, alias, room_id)
+        if body.get("visibility") == "public":
+            await self.directory.list_room(room_id, True)
         return room_id
 
     async def membership(
@@ -972,8 +996,16 @@ class Homeserver:
                 requester.user_id, room_id, "m.room.member", content, state_key=target
             )
 
-    async def join(self, requester: Requester, room_id: str, servers: list[str]) -> None:
-        """Join a room this server knows, or one on another server through federation."""
+    async def join(self, requester: Requester, room_id: str, servers: list[str]) -> str:
+        """Join a room (by ID, or by alias: resolved first) this server knows, or one on
+        another server through federation; the room ID."""
+        if room_id.startswith("#"):
+            room_id, via = await self.directory.resolve(room_id)
+            servers = [*servers, *via]
+        await self._join_id(requester, room_id, servers)
+        return room_id
+
+    async def _join_id(self, requester: Requester, room_id: str, servers: list[str]) -> None:
         if await self.store.current_state(room_id):
             await self.membership(requester, room_id, requester.user_id, "join")
             return

@@ -170,6 +170,17 @@ CREATE TABLE IF NOT EXISTS identity_settings (
     name TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS room_aliases (
+    alias TEXT PRIMARY KEY,
+    room_id TEXT NOT NULL,
+    creator TEXT NOT NULL,
+    created_ts {bigint} NOT NULL
+);
+CREATE INDEX IF NOT EXISTS room_aliases_room ON room_aliases (room_id);
+CREATE TABLE IF NOT EXISTS room_directory (
+    room_id TEXT PRIMARY KEY,
+    added_ts {bigint} NOT NULL
+);
 CREATE TABLE IF NOT EXISTS devices (
     user_id TEXT NOT NULL,
     device_id TEXT NOT NULL,
