@@ -429,3 +429,31 @@ async def test_either_side_calls_a_transfer_off_and_both_let_go(tmp_path: Path) 
             stranger = Identity.generate().peer_id
             assert not await alice.attachments._end(bytes.fromhex(kept), stranger, "x")
             assert (await bob.attachments.wait_complete(kept)).state == "complete"
+
+
+@pytest.mark.anyio
+async def test_offers_are_taken_only_from_whom_the_policy_allows(tmp_path: Path) -> None:
+    a_dir = make_profile(tmp_path / "a")
+    b_dir = make_profile(tmp_path / "b", attachment_accept="verified")
+    c_dir = make_profile(tmp_path / "c", attachment_accept="none")
+    source = tmp_path / "note.txt"
+    make_file(source, 3 * CHUNK_SIZE)
+    with anyio.fail_after(TIMEOUT):
+        async with online(a_dir) as alice, online(b_dir) as bob, online(c_dir) as carol:
+            await both_ways(alice, bob)
+            await both_ways(alice, carol)
+            # Bob takes files from verified contacts only: Alice is a contact, not verified.
+            refused = await alice.attachments.send_file(bob.peer_id, source)
+            with pytest.raises(AttachmentError, match="cancelled"):
+                await alice.attachments.wait_complete(refused)
+            assert bob.attachments.stats["offers_refused"] == 1
+            with pytest.raises(UnknownAttachment):
+                await bob.attachments.status(refused)
+            await bob.verify_contact(alice.peer_id)
+            taken = await alice.attachments.send_file(bob.peer_id, source)
+            assert (await bob.attachments.wait_complete(taken)).state == "complete"
+            # Carol takes none at all.
+            nothing = await alice.attachments.send_file(carol.peer_id, source)
+            with pytest.raises(AttachmentError, match="cancelled"):
+                await alice.attachments.wait_complete(nothing)
+            assert list((c_dir / "files").iterdir()) == []

@@ -48,6 +48,9 @@ def test_create_open_and_refuse(tmp_path: Path) -> None:
     (directory / "config.toml").write_text("colour = 'blue'\n")
     with pytest.raises(ConfigError, match="colour"):
         Profile.open(directory, PASSPHRASE)
+    (directory / "config.toml").write_text("attachment_accept = 'friends'\n")
+    with pytest.raises(ConfigError, match="attachment_accept"):
+        Profile.open(directory, PASSPHRASE)
 
 
 def test_a_keystore_alone_becomes_a_profile(tmp_path: Path) -> None:

@@ -1005,6 +1005,11 @@ class Attachments:
             if receiving is not None:
                 receiving.wake.set()  # offered again: the sender is back
             return
+        if not await self._accepts(message.sender):
+            # Refused by policy: the sender is told, so it stops offering and deletes its copy.
+            self.stats["offers_refused"] += 1
+            await self._peer.send_app(message.sender, APP, FileCancel(offer.file_id).encode())
+            return
         total, from_sender = await self._peer.run_db(_count_incoming, db, sender)
         if total >= MAX_INCOMING or from_sender >= MAX_INCOMING_PER_PEER:
             self.stats["offers_refused"] += 1
@@ -1032,6 +1037,16 @@ class Attachments:
         receiving = self._resume(row)
         self._emit(TransferOffered(receiving.row.transfer()))
         self._notify(offer.file_id)
+
+    async def _accepts(self, sender: PeerId) -> bool:
+        """Whether the ``attachment_accept`` setting takes offers from ``sender``."""
+        policy = self._peer.config.attachment_accept
+        if policy in ("all", "none"):
+            return policy == "all"
+        contact = await self._peer.run_db(self._peer.profile.db.contact, str(sender))
+        if contact is None:
+            return False
+        return policy == "contacts" or contact.trust == "verified"
 
     async def _take_chunk(self, sender: PeerId, chunk: FileChunk, path: str) -> None:
         receiving = self._receiving.get(chunk.file_id)

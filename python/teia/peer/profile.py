@@ -79,6 +79,10 @@ class PeerConfig:
     attachment_store_limit: int = 16 * 1024 * 1024
     """Largest file (bytes) whose chunks go through the store nodes when the recipient is
     unreachable; larger files wait until the peers can connect (0: never through the store)."""
+    attachment_accept: str = "all"
+    """Whose file offers are taken: ``all``, ``contacts`` (anyone in the address book,
+    including peers added unverified when they first wrote), ``verified`` (contacts whose safety
+    number was checked) or ``none``. A refused offer is answered with a cancel notice."""
 
     @classmethod
     def from_toml(cls, data: dict[str, Any], origin: str) -> PeerConfig:
@@ -99,6 +103,8 @@ class PeerConfig:
             )
         if config.attachment_store_limit < 0:
             raise ConfigError(f"{origin}: attachment_store_limit must not be negative")
+        if config.attachment_accept not in ("all", "contacts", "verified", "none"):
+            raise ConfigError(f"{origin}: attachment_accept is all, contacts, verified or none")
         return config
 
     def relay_configs(self) -> list[RelayClientConfig]:
