@@ -16,6 +16,7 @@ from teia.peer import Profile
 from teia.peer.attachments import PROTOCOL, TransferCompleted, TransferOffered
 
 from .conftest import PASSPHRASE, TIMEOUT, introduce, make_profile, online
+from .infra import store_nodes
 from .test_cli import teia
 
 
@@ -69,7 +70,7 @@ async def test_teia_file_send_queues_for_the_running_peer(tmp_path: Path) -> Non
                     )
                 )
                 report = json.loads(sent.stdout)
-                assert report["state"] == "offered"
+                assert report["state"] == "queued"
                 while True:
                     event = await events.receive()
                     if isinstance(event, TransferCompleted):
@@ -113,3 +114,39 @@ async def test_teia_file_cancel_from_another_process(tmp_path: Path) -> None:
 
 async def _refuse(stream: NegotiatedStream) -> None:
     await stream.aclose()
+
+
+@pytest.mark.anyio
+async def test_a_queued_file_for_an_absent_recipient_goes_through_the_store(
+    tmp_path: Path,
+) -> None:
+    source = tmp_path / "minutes.txt"
+    data = os.urandom(200_000)
+    source.write_bytes(data)
+    with anyio.fail_after(TIMEOUT * 3):
+        async with store_nodes(tmp_path) as stores:
+            settings = {"store_nodes": stores, "store_poll_interval": 0.3}
+            a_dir = make_profile(tmp_path / "a", **settings)
+            b_dir = make_profile(tmp_path / "b", **settings)
+            async with online(b_dir) as bob:
+                bob_addrs = [str(a) for a in bob.addrs]
+                bob_id = bob.peer_id
+            async with online(a_dir) as alice:
+                await alice.add_contact(bob_id, "bob", bob_addrs)  # Bob is gone by now
+                sent = await anyio.to_thread.run_sync(
+                    lambda: teia(
+                        "file", "send", "bob", str(source), "--json", "--profile", str(a_dir)
+                    )
+                )
+                file_id = json.loads(sent.stdout)["file_id"]
+                # The running peer takes it over (it scans for what other processes queued)
+                # and, Bob being away, pushes the chunks towards his store inbox.
+                await alice.attachments.adopt_queued()
+                pushed = await alice.attachments.wait_state(file_id, "pushed")
+                assert pushed.state == "pushed"
+                await alice.wait_delivered(alice.attachments.push_notices[file_id])
+            async with online(b_dir) as bob:
+                got = await bob.attachments.wait_complete(file_id)
+                assert got.saved_as is not None
+                assert got.saved_as.read_bytes() == data
+                assert got.path == "stored"

@@ -475,7 +475,8 @@ class Transfer:
     have: int
     """Chunks held (incoming); for outgoing transfers, ``chunks`` once complete, else 0."""
     state: str
-    """Outgoing: ``offered`` (the recipient pulls), ``pushed`` (chunks handed to the message
+    """Outgoing: ``queued`` (by another process, for the one with the profile online),
+    ``offered`` (the recipient pulls), ``pushed`` (chunks handed to the message
     pipeline for the store), ``waiting-direct`` (too large for the store; sent when the peers
     can connect), ``complete`` (the recipient has it), ``expired``, ``cancelled`` (by either
     side). Incoming: ``receiving``, ``complete``, ``failed``, ``expired``, ``cancelled``."""
@@ -687,9 +688,10 @@ def stored_transfers(db: PeerDatabase) -> list[Transfer]:
 
 def queue_file(profile: Profile, to: PeerId, source: Path, name: str | None = None) -> str:
     """Offer a file from a process that does not have the profile online: encrypt it, record
-    it and queue the offer in the outbox, which the process that has the profile online
-    delivers; that process also serves the chunks. (Never through the store: chunks are only
-    pushed by a peer that found the recipient unreachable.) Returns the file ID (hex)."""
+    it (state ``queued``) and queue the offer in the outbox. The process that has the profile
+    online delivers the offer, takes the transfer over (`Attachments.adopt_queued`: it pushes
+    the chunks through the store when the recipient is unreachable, as `send_file` does) and
+    serves the chunks. Returns the file ID (hex)."""
     from teia.peer.wire import Kind, Plaintext
 
     size = source.stat().st_size
@@ -703,7 +705,7 @@ def queue_file(profile: Profile, to: PeerId, source: Path, name: str | None = No
     target = work / f"{file_id.hex()}.enc"
     digest = _encrypt_file(source, target, file_id, key, size)
     offer = FileOffer(file_id, safe_name(name or source.name), size, CHUNK_SIZE, key, digest)
-    row = _Row(offer, str(to), True, "offered", bytearray(), None, None, now_ms())
+    row = _Row(offer, str(to), True, "queued", bytearray(), None, None, now_ms())
     try:
         _insert(
             db,
@@ -799,6 +801,10 @@ class Attachments:
             "offers_refused": 0,
         }
         """Counts (metadata only) for metrics and tests."""
+        self._adopting: set[bytes] = set()
+        self.push_notices: dict[str, str] = {}
+        """File ID → message ID of the last chunk pushed towards the store (the outbox queues
+        in order: `Peer.wait_delivered` on it says when all are stored)."""
         self.cancel_notices: dict[str, str] = {}
         """File ID → message ID of the cancel notice sent to the other side (`Peer.wait_delivered`
         tells when it got there or into the store)."""
@@ -889,29 +895,72 @@ class Attachments:
                 history=f"[file {offer.name}, {human_size(size)}]",
                 path=None,
             )
-            reachable = True
-            try:
-                await peer._connect(peer_id)  # the peer's path selection: direct, then relay
-            except (DeliveryError, *_STREAM_ERRORS):
-                reachable = False
+            reachable = await self._reachable(peer_id)
             await peer.send_app(peer_id, APP, offer.encode())
         except BaseException:
             target.unlink(missing_ok=True)
             raise
-        if reachable:
-            return file_id.hex()
-        if peer._store is None or size > self.store_limit:
+        if not reachable:
+            await self._push_or_wait(peer_id, offer)
+        return file_id.hex()
+
+    async def _reachable(self, peer_id: PeerId) -> bool:
+        try:
+            await self._peer._connect(peer_id)  # the peer's path selection: direct, then relay
+        except (DeliveryError, *_STREAM_ERRORS):
+            return False
+        return True
+
+    async def _push_or_wait(self, peer_id: PeerId, offer: FileOffer) -> None:
+        """The recipient is unreachable: push the chunks the way messages go (to its store
+        inbox, after the offer in the same outbox) when the file is small enough and there
+        are store nodes, else wait for a path (``waiting-direct``)."""
+        peer, db, file_id = self._peer, self._peer.profile.db, offer.file_id
+        if peer._store is None or offer.size > self.store_limit:
             _log.info("file %s waits for a path to its recipient", file_id.hex())
             await peer.run_db(_update, db, file_id, state="waiting-direct")
-            return file_id.hex()
-        # The recipient is away: the chunks go the way messages go (to its store inbox).
+            self._notify(file_id)
+            return
+        last = ""
         for first in range(0, offer.chunk_count, _READ_BATCH):
             indexes = range(first, min(first + _READ_BATCH, offer.chunk_count))
             sealed = await anyio.to_thread.run_sync(self._read_sealed, offer, indexes)
             for index, data in zip(indexes, sealed, strict=True):
-                await peer.send_app(peer_id, APP, FileChunk(file_id, index, data).encode())
+                last = await peer.send_app(peer_id, APP, FileChunk(file_id, index, data).encode())
         await peer.run_db(_update, db, file_id, state="pushed", path="stored")
-        return file_id.hex()
+        self.push_notices[file_id.hex()] = last
+        while len(self.push_notices) > 1024:
+            del self.push_notices[next(iter(self.push_notices))]
+        self._notify(file_id)
+
+    async def adopt_queued(self) -> int:
+        """Take over the transfers other processes queued (`queue_file`): each becomes
+        ``offered`` (its offer is in the outbox already), and when its recipient cannot be
+        reached its chunks are pushed through the store like `send_file`'s. How many were
+        taken (the peer calls this at start and whenever it scans its outbox)."""
+        db = self._peer.profile.db
+        rows = [
+            r
+            for r in await self._peer.run_db(_all, db)
+            if r.outgoing and r.state == "queued" and r.offer.file_id not in self._adopting
+        ]
+        for row in rows:
+            self._adopting.add(row.offer.file_id)
+            self._peer.task_group.start_soon(self._adopt, row)
+        return len(rows)
+
+    async def _adopt(self, row: _Row) -> None:
+        file_id = row.offer.file_id
+        try:
+            await self._peer.run_db(_update, self._peer.profile.db, file_id, state="offered")
+            self._notify(file_id)
+            peer_id = PeerId.from_string(row.peer_id)
+            if not await self._reachable(peer_id):
+                await self._push_or_wait(peer_id, row.offer)
+        except (TeiaError, *_STREAM_ERRORS) as exc:
+            _log.info("queued file %s: %s", file_id.hex(), type(exc).__name__)
+        finally:
+            self._adopting.discard(file_id)
 
     def _read_sealed(self, offer: FileOffer, indexes: Sequence[int]) -> list[bytes]:
         out = []
@@ -1349,6 +1398,18 @@ class Attachments:
                 return transfer
             if transfer.state in _ENDED:
                 raise AttachmentError(f"transfer {file_id} {transfer.state}")
+            await waiter.wait()
+
+    async def wait_state(self, file_id: str, *states: str) -> Transfer:
+        """Wait until the transfer is in one of ``states`` (or has ended); the transfer.
+        Bound it with ``anyio.fail_after``."""
+        raw = bytes.fromhex(file_id)
+        while True:
+            waiter = self._waiters.setdefault(raw, anyio.Event())
+            with contextlib.suppress(UnknownAttachment):
+                transfer = await self.status(file_id)
+                if transfer.state in states or transfer.state in _ENDED:
+                    return transfer
             await waiter.wait()
 
     def wake(self) -> None:

@@ -559,6 +559,7 @@ class Peer:
             await self.fetch_stored()
             self._task_group.start_soon(self._poll_store)
         await self._scan_outbox()
+        await self.attachments.adopt_queued()
         self._task_group.start_soon(self._watch_outbox)
         self._task_group.start_soon(self._keep_prekeys)
 
@@ -574,10 +575,12 @@ class Peer:
                     self._stale.add(peer)
 
     async def _watch_outbox(self) -> None:
-        """Pick up what other processes queued (``teia send`` while this peer runs)."""
+        """Pick up what other processes queued (``teia send`` and ``teia file send`` while
+        this peer runs)."""
         while True:
             await anyio.sleep(self.config.retry_interval)
             await self._scan_outbox()
+            await self.attachments.adopt_queued()
 
     # --- who and where --------------------------------------------------------------------
 
