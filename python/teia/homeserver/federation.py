@@ -475,6 +475,10 @@ class Federation:
                     await self.hs.direct_to_device(origin, content)
                 elif kind == "m.device_list_update":
                     await self.hs.device_list_update(origin, content)
+                elif kind == "m.typing":
+                    await self.hs.remote_typing(origin, content)
+                elif kind == "m.receipt":
+                    await self.hs.remote_receipts(origin, content)
             except MatrixError as exc:
                 log.info("edu refused", extra=fields(origin=origin, reason=str(exc)[:200]))
 

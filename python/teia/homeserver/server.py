@@ -1137,7 +1137,69 @@ class Homeserver:
             raise forbidden("you are not joined to this room")
         timeout = max(0, min(timeout_ms, 120_000)) / 1000
         self._typing.set(room_id, user_id, anyio.current_time() + timeout if typing else None)
+        members = await self.store.room_members(room_id)
+        self.notifier.notify(members)
+        self._edu_to_room(
+            members,
+            {
+                "edu_type": "m.typing",
+                "content": {"room_id": room_id, "user_id": user_id, "typing": typing},
+            },
+        )
+
+    def _edu_to_room(self, members: list[str], edu: dict[str, Any]) -> None:
+        """Send an EDU to every other server with a joined member in the room."""
+        if self.send_edu is None:
+            return
+        for server in sorted({server_of(m) for m in members} - {self.server_name, ""}):
+            self.send_edu(server, edu)
+
+    async def remote_typing(self, origin: str, content: Any) -> None:
+        """An ``m.typing`` EDU: a user of ``origin``, joined to the room, types or stops
+        (for at most 30 s: servers repeat the notice while the typing lasts)."""
+        if not isinstance(content, dict):
+            raise bad_json("an EDU's content is an object")
+        room_id, user_id, typing = (
+            content.get("room_id"), content.get("user_id"), content.get("typing"),
+        )  # fmt: skip
+        if not valid_user_id(user_id) or server_of(str(user_id)) != origin:
+            raise forbidden("the user is not a user of the sending server")
+        if not isinstance(room_id, str) or not isinstance(typing, bool):
+            raise bad_json("m.typing has a room ID and a typing flag")
+        membership = await self.store.membership(room_id, str(user_id))
+        if membership is None or membership[0] != "join":
+            raise forbidden("the user is not joined to that room")
+        self._typing.set(room_id, str(user_id), anyio.current_time() + 30 if typing else None)
         self.notifier.notify(await self.store.room_members(room_id))
+
+    async def remote_receipts(self, origin: str, content: Any) -> None:
+        """An ``m.receipt`` EDU: read receipts of ``origin``'s users (joined to the room, for
+        events of the room); ``m.read`` only (private receipts never leave their server)."""
+        if not isinstance(content, dict):
+            raise bad_json("an EDU's content is an object")
+        for room_id, kinds in list(content.items())[:100]:
+            users = kinds.get("m.read") if isinstance(kinds, dict) else None
+            if not isinstance(room_id, str) or not isinstance(users, dict):
+                continue
+            for user_id, receipt in list(users.items())[:100]:
+                event_ids = receipt.get("event_ids") if isinstance(receipt, dict) else None
+                if (
+                    not valid_user_id(user_id)
+                    or server_of(user_id) != origin
+                    or not isinstance(event_ids, list)
+                    or not event_ids
+                    or not isinstance(event_ids[-1], str)
+                ):
+                    continue
+                membership = await self.store.membership(room_id, user_id)
+                target = await self.store.get_event(event_ids[-1])
+                if membership is None or membership[0] != "join":
+                    continue
+                if target is None or target.event["room_id"] != room_id:
+                    continue
+                await self.store.put_receipt(room_id, user_id, "m.read", event_ids[-1],
+                                             self.now_ms())  # fmt: skip
+                self.notifier.notify(await self.store.room_members(room_id))
 
     async def receipt(
         self, requester: Requester, room_id: str, receipt_type: str, event_id: str
@@ -1156,14 +1218,26 @@ class Homeserver:
                 requester.user_id, room_id, "m.fully_read", {"event_id": event_id}
             )
             return
-        await self.store.put_receipt(room_id, requester.user_id, receipt_type, event_id,
-                                     self.now_ms())  # fmt: skip
-        audience = (
-            [requester.user_id]
-            if receipt_type == "m.read.private"
-            else await self.store.room_members(room_id)
+        now = self.now_ms()
+        await self.store.put_receipt(room_id, requester.user_id, receipt_type, event_id, now)
+        if receipt_type == "m.read.private":
+            self.notifier.notify([requester.user_id])
+            return
+        members = await self.store.room_members(room_id)
+        self.notifier.notify(members)
+        self._edu_to_room(
+            members,
+            {
+                "edu_type": "m.receipt",
+                "content": {
+                    room_id: {
+                        "m.read": {
+                            requester.user_id: {"event_ids": [event_id], "data": {"ts": now}}
+                        }
+                    }
+                },
+            },
         )
-        self.notifier.notify(audience)
 
     # sync ----------------------------------------------------------------------------------
 
