@@ -185,12 +185,9 @@ class Directory:
                 raise MatrixError(400, "M_INVALID_PARAM", "unknown since token")
             start = int(since)
         term = search.lower() if isinstance(search, str) and search else None
-        rows = await self.db.run(
-            lambda tx: tx.query("SELECT room_id FROM room_directory ORDER BY room_id")
-        )
         rooms = []
-        for (room_id,) in rows:
-            entry = await self._entry(str(room_id))
+        for room_id, state in await self.hs.store.listed_rooms_state():
+            entry = _entry(room_id, state)
             if term is not None and not any(
                 term in str(entry.get(k, "")).lower() for k in ("name", "topic", "canonical_alias")
             ):
@@ -205,32 +202,33 @@ class Directory:
             out["prev_batch"] = str(max(0, start - limit))
         return out
 
-    async def _entry(self, room_id: str) -> dict[str, Any]:
-        state = await self.hs.store.current_state(room_id)
-        joined = sum(
-            1 for (kind, _), e in state.items()
-            if kind == "m.room.member" and e.get("content", {}).get("membership") == "join"
-        )  # fmt: skip
 
-        def content(kind: str) -> dict[str, Any]:
-            event = state.get((kind, ""))
-            value = event.get("content") if event else None
-            return value if isinstance(value, dict) else {}
+def _entry(room_id: str, state: auth.State) -> dict[str, Any]:
+    """A room's line in the public list."""
+    joined = sum(
+        1 for (kind, _), e in state.items()
+        if kind == "m.room.member" and e.get("content", {}).get("membership") == "join"
+    )  # fmt: skip
 
-        entry: dict[str, Any] = {
-            "room_id": room_id,
-            "num_joined_members": joined,
-            "world_readable": content("m.room.history_visibility").get("history_visibility")
-            == "world_readable",
-            "guest_can_join": content("m.room.guest_access").get("guest_access") == "can_join",
-            "join_rule": content("m.room.join_rules").get("join_rule", "invite"),
-        }
-        for key, kind, field in (
-            ("name", "m.room.name", "name"),
-            ("topic", "m.room.topic", "topic"),
-            ("canonical_alias", "m.room.canonical_alias", "alias"),
-        ):
-            value = content(kind).get(field)
-            if isinstance(value, str) and value:
-                entry[key] = value
-        return entry
+    def content(kind: str) -> dict[str, Any]:
+        event = state.get((kind, ""))
+        value = event.get("content") if event else None
+        return value if isinstance(value, dict) else {}
+
+    entry: dict[str, Any] = {
+        "room_id": room_id,
+        "num_joined_members": joined,
+        "world_readable": content("m.room.history_visibility").get("history_visibility")
+        == "world_readable",
+        "guest_can_join": content("m.room.guest_access").get("guest_access") == "can_join",
+        "join_rule": content("m.room.join_rules").get("join_rule", "invite"),
+    }
+    for key, kind, field in (
+        ("name", "m.room.name", "name"),
+        ("topic", "m.room.topic", "topic"),
+        ("canonical_alias", "m.room.canonical_alias", "alias"),
+    ):
+        value = content(kind).get(field)
+        if isinstance(value, str) and value:
+            entry[key] = value
+    return entry

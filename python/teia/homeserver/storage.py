@@ -869,6 +869,15 @@ class HomeserverStore:
     async def current_state(self, room_id: str) -> dict[tuple[str, str], dict[str, Any]]:
         return await self.db.run(lambda tx: _current_state(tx, room_id))
 
+    async def listed_rooms_state(self) -> list[tuple[str, dict[tuple[str, str], dict[str, Any]]]]:
+        """Every room of the public directory with its current state, in one transaction."""
+
+        def fn(tx: Tx) -> list[tuple[str, dict[tuple[str, str], dict[str, Any]]]]:
+            rooms = tx.query("SELECT room_id FROM room_directory ORDER BY room_id")
+            return [(str(r), _current_state(tx, str(r))) for (r,) in rooms]
+
+        return await self.db.run(fn)
+
     async def send_context(
         self, room_id: str, txn: tuple[str, str, str] | None
     ) -> tuple[str | None, dict[tuple[str, str], dict[str, Any]], list[tuple[str, int]]]:
