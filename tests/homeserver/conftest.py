@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import socket
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, replace
@@ -143,3 +144,33 @@ async def nio_client(url: str, user: str) -> AsyncIterator[Any]:
         yield client
     finally:
         await client.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def server_config(tmp_path: Path, name: str) -> HomeserverConfig:
+    """A SQLite homeserver named after its own loopback address (so others can reach it)."""
+    address = f"127.0.0.1:{_free_port()}"
+    return base_config(tmp_path / name, "sqlite", server_name=address, listen=address)
+
+
+@contextlib.contextmanager
+def two_servers(tmp_path: Path) -> Iterator[tuple[ServerHandle, ServerHandle]]:
+    """Two federating homeservers on loopback: (A, B)."""
+    config_a, config_b = server_config(tmp_path, "a"), server_config(tmp_path, "b")
+    with serve_in_thread(config_b) as server_b, serve_in_thread(config_a) as server_a:
+        yield server_a, server_b
+
+
+async def http_user(http: Any, user: str, device_id: str | None = None) -> dict[str, str]:
+    """Register ``user`` over plain HTTP; the ``Authorization`` header of its session."""
+    body: dict[str, Any] = {"username": user, "password": "pw", "auth": {"type": "m.login.dummy"}}
+    if device_id is not None:
+        body["device_id"] = device_id
+    reply = await http.post("/_matrix/client/v3/register", json=body)
+    assert reply.status_code == 200, reply.text
+    return {"Authorization": f"Bearer {reply.json()['access_token']}"}

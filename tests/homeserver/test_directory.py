@@ -19,8 +19,7 @@ from nio import (
     RoomVisibility,
 )
 
-from .conftest import ServerHandle, nio_client, serve_in_thread
-from .test_federation import _config
+from .conftest import ServerHandle, http_user, nio_client, two_servers
 
 pytestmark = pytest.mark.anyio
 TIMEOUT = 60
@@ -63,17 +62,9 @@ async def test_an_alias_is_resolved_and_joined_and_the_room_listed(server: Serve
             assert listed["total_room_count_estimate"] == 1
 
 
-async def _register(http: httpx.AsyncClient, user: str) -> dict[str, str]:
-    reply = await http.post(
-        BASE + "/register",
-        json={"username": user, "password": "pw", "auth": {"type": "m.login.dummy"}},
-    )
-    return {"Authorization": f"Bearer {reply.json()['access_token']}"}
-
-
 async def test_alias_and_listing_rules(server: ServerHandle) -> None:
     async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
-        carol, dave = await _register(http, "carol"), await _register(http, "dave")
+        carol, dave = await http_user(http, "carol"), await http_user(http, "dave")
 
         async def room(name: str, **body: Any) -> str:
             reply = await http.post(
@@ -140,12 +131,7 @@ async def test_alias_and_listing_rules(server: ServerHandle) -> None:
 
 
 async def test_an_alias_of_another_server_is_resolved_over_federation(tmp_path: Path) -> None:
-    config_a, config_b = _config(tmp_path, "a"), _config(tmp_path, "b")
-    with (
-        anyio.fail_after(TIMEOUT),
-        serve_in_thread(config_b) as server_b,
-        serve_in_thread(config_a) as server_a,
-    ):
+    with anyio.fail_after(TIMEOUT), two_servers(tmp_path) as (server_a, server_b):
         async with (
             nio_client(server_a.url, "alice") as alice,
             nio_client(server_b.url, "bob") as bob,
@@ -154,14 +140,14 @@ async def test_an_alias_of_another_server_is_resolved_over_federation(tmp_path: 
             assert isinstance(await bob.register("bob", "pw"), RegisterResponse)
             created = await alice.room_create(alias="praca", visibility=RoomVisibility.public)
             assert isinstance(created, RoomCreateResponse), created
-            alias = f"#praca:{config_a.server_name}"
+            alias = f"#praca:{server_a.server_name}"
             resolved = await bob.room_resolve_alias(alias)
             assert isinstance(resolved, RoomResolveAliasResponse), resolved
             assert resolved.room_id == created.room_id
-            assert resolved.servers == [config_a.server_name]
+            assert resolved.servers == [server_a.server_name]
             joined = await bob.join(alias)
             assert isinstance(joined, JoinResponse), joined
             members = await alice.joined_members(created.room_id)
             assert {m.user_id for m in members.members} == {alice.user_id, bob.user_id}
-            missing = await bob.room_resolve_alias(f"#nada:{config_a.server_name}")
+            missing = await bob.room_resolve_alias(f"#nada:{server_a.server_name}")
             assert not isinstance(missing, RoomResolveAliasResponse)

@@ -31,8 +31,7 @@ from nio import (
 
 from teia.errors import MatrixError
 
-from .conftest import ServerHandle, serve_in_thread
-from .test_federation import _config
+from .conftest import ServerHandle, http_user, two_servers
 
 pytestmark = pytest.mark.anyio
 TIMEOUT = 90
@@ -140,19 +139,7 @@ async def _all_event_bodies(store: Any) -> str:
 
 async def test_key_endpoints_over_http(server: ServerHandle) -> None:
     async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
-        tokens = {}
-        for user in ("carol", "dave"):
-            reply = await http.post(
-                "/_matrix/client/v3/register",
-                json={
-                    "username": user,
-                    "password": "pw",
-                    "device_id": user.upper(),
-                    "auth": {"type": "m.login.dummy"},
-                },
-            )
-            assert reply.status_code == 200, reply.text
-            tokens[user] = {"Authorization": f"Bearer {reply.json()['access_token']}"}
+        tokens = {u: await http_user(http, u, u.upper()) for u in ("carol", "dave")}
         carol, dave = tokens["carol"], tokens["dave"]
         base = "/_matrix/client/v3"
         device_keys = {
@@ -260,12 +247,7 @@ async def test_key_endpoints_over_http(server: ServerHandle) -> None:
 async def test_an_encrypted_room_across_two_servers(tmp_path: Path) -> None:
     """Alice on A and Bob on B: keys are queried and claimed over federation, the room key
     travels as an m.direct_to_device EDU, and both read each other's encrypted messages."""
-    config_a, config_b = _config(tmp_path, "a"), _config(tmp_path, "b")
-    with (
-        anyio.fail_after(TIMEOUT),
-        serve_in_thread(config_b) as server_b,
-        serve_in_thread(config_a) as server_a,
-    ):
+    with anyio.fail_after(TIMEOUT), two_servers(tmp_path) as (server_a, server_b):
         async with (
             e2e_client(server_a.url, "alice", tmp_path / "alice") as alice,
             e2e_client(server_b.url, "bob", tmp_path / "bob") as bob,
@@ -336,18 +318,7 @@ async def test_to_device_messages_stay_until_acknowledged_and_come_in_batches(
 
     monkeypatch.setattr(e2ee, "TO_DEVICE_BATCH", 4)  # 100 in service
     async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
-        tokens = {}
-        for user in ("fay", "gus"):
-            reply = await http.post(
-                "/_matrix/client/v3/register",
-                json={
-                    "username": user,
-                    "password": "pw",
-                    "device_id": user.upper(),
-                    "auth": {"type": "m.login.dummy"},
-                },
-            )
-            tokens[user] = {"Authorization": f"Bearer {reply.json()['access_token']}"}
+        tokens = {u: await http_user(http, u, u.upper()) for u in ("fay", "gus")}
         base = "/_matrix/client/v3"
         start = (await http.get(base + "/sync", headers=tokens["fay"])).json()["next_batch"]
         for i in range(6):
@@ -383,13 +354,7 @@ async def test_device_lists_left_names_users_no_room_is_shared_with_any_more(
     server: ServerHandle,
 ) -> None:
     async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
-        tokens = {}
-        for user in ("hal", "ivy", "joe"):
-            reply = await http.post(
-                "/_matrix/client/v3/register",
-                json={"username": user, "password": "pw", "auth": {"type": "m.login.dummy"}},
-            )
-            tokens[user] = {"Authorization": f"Bearer {reply.json()['access_token']}"}
+        tokens = {u: await http_user(http, u) for u in ("hal", "ivy", "joe")}
         base = "/_matrix/client/v3"
         invite = {"invite": ["@ivy:localhost", "@joe:localhost"]}
         first = (await http.post(base + "/createRoom", headers=tokens["hal"], json=invite)).json()

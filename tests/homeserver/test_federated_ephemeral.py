@@ -22,8 +22,7 @@ from nio import (
 
 from teia.errors import MatrixError
 
-from .conftest import ServerHandle, nio_client, serve_in_thread
-from .test_federation import _config
+from .conftest import ServerHandle, nio_client, two_servers
 
 pytestmark = pytest.mark.anyio
 TIMEOUT = 90
@@ -42,12 +41,7 @@ async def _until(client: Any, room_id: str, since: str, found: Any) -> str:
 
 
 async def test_typing_and_receipts_cross_servers(tmp_path: Path) -> None:
-    config_a, config_b = _config(tmp_path, "a"), _config(tmp_path, "b")
-    with (
-        anyio.fail_after(TIMEOUT),
-        serve_in_thread(config_b) as server_b,
-        serve_in_thread(config_a) as server_a,
-    ):
+    with anyio.fail_after(TIMEOUT), two_servers(tmp_path) as (server_a, server_b):
         async with (
             nio_client(server_a.url, "alice") as alice,
             nio_client(server_b.url, "bob") as bob,
@@ -89,7 +83,7 @@ async def test_typing_and_receipts_cross_servers(tmp_path: Path) -> None:
                     )
                 ),
             )
-            await _forged_edus_are_refused(server_a, room_id, config_b.server_name)
+            await _forged_edus_are_refused(server_a, room_id, server_b.server_name)
 
 
 async def _forged_edus_are_refused(server: ServerHandle, room_id: str, other: str) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -34,21 +33,10 @@ from teia.homeserver.events import (
 )
 from teia.homeserver.keys import SigningKey
 
-from .conftest import ServerHandle, base_config, nio_client, serve_in_thread
+from .conftest import ServerHandle, nio_client, serve_in_thread, server_config
 
 pytestmark = pytest.mark.anyio
 TIMEOUT = 90
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _config(tmp_path: Path, name: str) -> Any:
-    address = f"127.0.0.1:{_free_port()}"
-    return base_config(tmp_path / name, "sqlite", server_name=address, listen=address)
 
 
 def text(body: str) -> dict[str, Any]:
@@ -100,7 +88,7 @@ def _x_matrix(
 
 
 async def test_two_servers_share_a_room_and_history_survives(tmp_path: Path) -> None:
-    config_a, config_b = _config(tmp_path, "a"), _config(tmp_path, "b")
+    config_a, config_b = server_config(tmp_path, "a"), server_config(tmp_path, "b")
     with anyio.fail_after(TIMEOUT):
         with serve_in_thread(config_b) as server_b:
             with serve_in_thread(config_a) as server_a:
