@@ -192,3 +192,25 @@ async def test_media_profiles_and_directory(server: ServerHandle) -> None:
                     assert response.status == 200
                     found = await response.json()
                 assert found["results"] == [{"user_id": carol.user_id, "display_name": "Carol C."}]
+
+
+async def test_a_new_display_name_reaches_the_rooms(server: ServerHandle) -> None:
+    with anyio.fail_after(TIMEOUT):
+        async with nio_client(server.url, "alice") as alice, nio_client(server.url, "bob") as bob:
+            for client in (alice, bob):
+                assert isinstance(await client.register(client.user, "pw"), RegisterResponse)
+            created = await alice.room_create(name="sala", invite=[bob.user_id])
+            assert isinstance(created, RoomCreateResponse), created
+            await sync(bob)
+            assert isinstance(await bob.join(created.room_id), JoinResponse)
+            since = (await sync(bob)).next_batch
+            assert not hasattr(await alice.set_displayname("Alice A."), "status_code")
+            later = await sync(bob, since)
+            names = [
+                e.content.get("displayname")
+                for e in later.rooms.join[created.room_id].timeline.events
+                if getattr(e, "source", {}).get("type") == "m.room.member"
+                and e.source.get("state_key") == alice.user_id
+            ]
+            assert names == ["Alice A."]
+            assert bob.rooms[created.room_id].user_name(alice.user_id) == "Alice A."

@@ -8,6 +8,7 @@ syncs of the users concerned (`Notifier`: anyio events, no polling).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -712,6 +713,24 @@ class Homeserver:
         if name is not None and (not isinstance(name, str) or len(name) > 256):
             raise bad_json("displayname must be a string of at most 256 characters")
         await self.store.set_displayname(user_id, name)
+        # Clients show the name a room's member event carries: each joined room gets a new
+        # one (as Synapse does; at most 1,000 rooms, the rest keep the old name).
+        for room_id in (await self.joined_rooms(requester))[:1000]:
+            async with self._write_lock:
+                state = await self.store.current_state(room_id)
+                held = state.get(("m.room.member", user_id))
+                content = dict(held.get("content", {})) if held else {}
+                if content.get("membership") != "join" or content.get("displayname") == name:
+                    continue
+                content.pop("reason", None)
+                if name:
+                    content["displayname"] = name
+                else:
+                    content.pop("displayname", None)
+                with contextlib.suppress(MatrixError):  # a room that forbids it keeps the old
+                    await self._send_locked(
+                        user_id, room_id, "m.room.member", content, state_key=user_id
+                    )
 
     async def search_users(self, term: str, limit: int) -> dict[str, Any]:
         limit = max(1, min(limit, 50))
