@@ -214,3 +214,31 @@ async def test_a_new_display_name_reaches_the_rooms(server: ServerHandle) -> Non
             ]
             assert names == ["Alice A."]
             assert bob.rooms[created.room_id].user_name(alice.user_id) == "Alice A."
+
+
+async def test_a_lapsed_typing_notice_wakes_the_waiting_sync(server: ServerHandle) -> None:
+    with anyio.fail_after(TIMEOUT):
+        async with nio_client(server.url, "alice") as alice, nio_client(server.url, "bob") as bob:
+            for client in (alice, bob):
+                assert isinstance(await client.register(client.user, "pw"), RegisterResponse)
+            created = await alice.room_create(name="sala", invite=[bob.user_id])
+            assert isinstance(created, RoomCreateResponse), created
+            room_id = created.room_id
+            await sync(bob)
+            assert isinstance(await bob.join(room_id), JoinResponse)
+            since = (await sync(alice)).next_batch
+            await bob.room_typing(room_id, typing_state=True, timeout=500)
+            typing: list[list[str]] = []
+            for _ in range(5):
+                got = await sync(alice, since, wait_ms=30_000)
+                since = got.next_batch
+                room = got.rooms.join.get(room_id)
+                typing += [
+                    e.users for e in (room.ephemeral if room else [])
+                    if isinstance(e, TypingNoticeEvent)
+                ]  # fmt: skip
+                if typing and not typing[-1]:
+                    break
+            # Bob typed, then his notice lapsed: the second long-poll woke for it, well
+            # before its 30 s.
+            assert typing == [[bob.user_id], []]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import re
 import secrets
 import string
@@ -156,6 +157,8 @@ class _Typing:
     serial: int = field(default_factory=lambda: int(time.time() * 1000))
     rooms: dict[str, dict[str, float]] = field(default_factory=dict)
     room_serial: dict[str, int] = field(default_factory=dict)
+    changed: anyio.Event | None = None
+    """Set when a deadline was added (the expiry task waits for the nearest one)."""
 
     def set(self, room_id: str, user_id: str, deadline: float | None) -> None:
         users = self.rooms.setdefault(room_id, {})
@@ -164,8 +167,30 @@ class _Typing:
                 return
         else:
             users[user_id] = deadline
+            if self.changed is not None:
+                self.changed.set()
         self.serial += 1
         self.room_serial[room_id] = self.serial
+
+    def next_deadline(self) -> float | None:
+        deadlines = [d for users in self.rooms.values() for d in users.values()]
+        return min(deadlines) if deadlines else None
+
+    def expire(self, now: float) -> list[str]:
+        """Drop the notices past their deadline; the rooms that changed (their serial moves,
+        so a sync reports who stopped typing)."""
+        touched = []
+        for room_id, users in list(self.rooms.items()):
+            gone = [u for u, deadline in users.items() if deadline <= now]
+            for user_id in gone:
+                del users[user_id]
+            if gone:
+                self.serial += 1
+                self.room_serial[room_id] = self.serial
+                touched.append(room_id)
+            if not users:
+                del self.rooms[room_id]
+        return touched
 
     def users(self, room_id: str, now: float) -> list[str]:
         users = self.rooms.get(room_id, {})
@@ -1165,6 +1190,18 @@ class Homeserver:
                 "content": {"room_id": room_id, "user_id": user_id, "typing": typing},
             },
         )
+
+    async def run_typing_expiry(self) -> None:
+        """For the server's life: when a typing notice lapses, the room's waiting syncs wake
+        and report it (instead of at their next wake-up for another reason)."""
+        while True:
+            changed = self._typing.changed = anyio.Event()
+            deadline = self._typing.next_deadline()
+            wait = math.inf if deadline is None else max(0.0, deadline - anyio.current_time())
+            with anyio.move_on_after(wait):
+                await changed.wait()
+            for room_id in self._typing.expire(anyio.current_time()):
+                self.notifier.notify(await self.store.room_members(room_id))
 
     def _edu_to_room(self, members: list[str], edu: dict[str, Any]) -> None:
         """Send an EDU to every other server with a joined member in the room."""

@@ -251,6 +251,7 @@ async def running_homeserver(
         async with anyio.create_task_group() as tg, AsyncExitStack() as stack:
             if federation is not None:
                 await stack.enter_async_context(federation)
+            tg.start_soon(hs.run_typing_expiry)
             binds = await tg.start(_serve, app, hc)
             scheme = "https" if config.tls_cert else "http"
             address = binds[0].split("://", 1)[1]
