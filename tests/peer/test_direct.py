@@ -7,8 +7,12 @@ from pathlib import Path
 import anyio
 import anyio.abc
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from teia.peer import Delivered, Peer
+from teia.errors import InvalidChatMessage
+from teia.peer import Delivered, Peer, Read
+from teia.peer.peer import decode_read, encode_read
 
 from .conftest import TIMEOUT, introduce, make_profile, online
 
@@ -142,3 +146,61 @@ async def test_both_sides_move_search_tokens_into_the_index_and_find_everything(
                 assert recent[0][0] < 4
                 assert len(await peer.search("searchable")) == 10
                 assert [m.text for m in await peer.search("7")] == ["searchable 7"]
+
+
+@pytest.mark.anyio
+async def test_read_receipts(tmp_path: Path) -> None:
+    """Bob reads Alice's texts: hers turn ``read`` and she gets a `Read` event; reading again
+    tells nothing new; with read receipts off, Carol's reading stays on her side."""
+    with anyio.fail_after(TIMEOUT):
+        a_dir, b_dir = make_profile(tmp_path / "a"), make_profile(tmp_path / "b")
+        c_dir = make_profile(tmp_path / "c", read_receipts=False)
+        async with online(a_dir) as alice, online(b_dir) as bob, online(c_dir) as carol:
+            for other in (bob, carol):
+                await introduce(alice, other)
+                await introduce(other, alice)
+            async with alice.events() as events:
+                ids = [await alice.send(bob.peer_id, f"texto {i}") for i in range(3)]
+                for message_id in ids:
+                    await alice.wait_delivered(message_id)
+                assert await receive(bob, 3) == ["texto 0", "texto 1", "texto 2"]
+                assert await bob.mark_read(alice.peer_id, ids[:1]) == 1
+                assert await bob.mark_read(alice.peer_id) == 2
+                assert await bob.mark_read(alice.peer_id) == 0
+                read: list[str] = []
+                while len(read) < 3:
+                    event = await events.receive()
+                    if isinstance(event, Read):
+                        assert event.peer == bob.peer_id
+                        read += event.message_ids
+                assert sorted(read) == sorted(ids)
+            states = [row.state for row in await alice.history(bob.peer_id)]
+            assert states == ["read", "read", "read"]
+            assert [r.state for r in await bob.history(alice.peer_id)] == ["read"] * 3
+            # A late delivered mark never takes "read" back.
+            row = await alice.wait_delivered(ids[0])
+            assert row.state == "read"
+
+            quiet = await alice.send(carol.peer_id, "para a carol")
+            await alice.wait_delivered(quiet)
+            assert await receive(carol, 1) == ["para a carol"]
+            assert await carol.mark_read(alice.peer_id) == 1
+            assert [r.state for r in await carol.history(alice.peer_id)] == ["read"]
+            # Carol sent nothing: a text of hers afterwards arrives before any read receipt
+            # could, and Alice's text stays delivered.
+            marker = await carol.send(alice.peer_id, "ok")
+            await carol.wait_delivered(marker)
+            assert await receive(alice, 1) == ["ok"]
+            assert [r.state for r in await alice.history(carol.peer_id) if r.outgoing] == [
+                "delivered"
+            ]
+
+
+@given(st.binary(max_size=16 * 260))
+def test_read_receipt_payloads(data: bytes) -> None:
+    try:
+        ids = decode_read(data)
+    except InvalidChatMessage:
+        assert not data or len(data) % 16 or len(data) > 16 * 256
+        return
+    assert encode_read(ids) == data

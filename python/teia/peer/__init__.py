@@ -19,6 +19,7 @@ from teia.peer.peer import (
     Message,
     Peer,
     PeerEvent,
+    Read,
     SessionStarted,
 )
 from teia.peer.profile import PeerConfig, Profile, default_profile_dir
@@ -36,6 +37,7 @@ __all__ = [
     "PeerConfig",
     "PeerEvent",
     "Profile",
+    "Read",
     "SessionStarted",
     "default_profile_dir",
     "format_safety_number",

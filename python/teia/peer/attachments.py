@@ -666,7 +666,7 @@ def _update(
         if delivered:
             conn.execute(
                 "UPDATE messages SET state = 'delivered' "
-                "WHERE outgoing = 1 AND message_id = ? AND state != 'delivered'",
+                "WHERE outgoing = 1 AND message_id = ? AND state NOT IN ('delivered', 'read')",
                 (file_id,),
             )
 

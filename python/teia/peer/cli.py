@@ -29,7 +29,14 @@ from teia.errors import ConfigError, ProfileInUse
 from teia.identity.cli import _passphrase
 from teia.identity.multiaddr import Multiaddr
 from teia.peer.db import Contact, MessageRow
-from teia.peer.peer import Delivered, IdentityChanged, Peer, SessionStarted, resolve_recipient
+from teia.peer.peer import (
+    Delivered,
+    IdentityChanged,
+    Peer,
+    Read,
+    SessionStarted,
+    resolve_recipient,
+)
 from teia.peer.profile import Profile, default_profile_dir
 from teia.peer.safety import format_safety_number, safety_number
 from teia.service import ServiceConfig, ServiceContext, add_arguments, load, run, setting
@@ -211,6 +218,8 @@ def _state_mark(row: MessageRow) -> str:
     if row.state == "delivered":
         latency = f" {row.latency_ms:.1f} ms" if row.latency_ms is not None else ""
         return f"✓ delivered ({row.path}{latency})"
+    if row.state == "read":
+        return "✓✓ read"
     if row.state == "stored":
         return "✉ stored (recipient offline)"
     if row.state == "pending":
@@ -404,12 +413,14 @@ async def _chat(profile: Profile, peer_id: Any, name: str) -> None:
         for row in await peer.history(peer_id, limit=10):
             who = "me" if row.outgoing else name
             print(f"  {who}: {row.text}", flush=True)
+        await peer.mark_read(peer_id)  # shown: read (the contact is told, unless turned off)
         async with anyio.create_task_group() as tg:
 
             async def show_incoming() -> None:
                 async for message in peer.messages():
                     if message.sender == peer_id:
                         print(f"{name}: {message.text}", flush=True)
+                        await peer.mark_read(peer_id, [message.message_id])
 
             async def show_events() -> None:
                 async for event in events:
@@ -417,6 +428,8 @@ async def _chat(profile: Profile, peer_id: Any, name: str) -> None:
                         mark = "✉ stored" if event.path == "stored" else "✓ delivered"
                         latency = f" {event.latency_ms:.1f} ms" if event.latency_ms else ""
                         print(f"  {mark} ({event.path}{latency})", flush=True)
+                    elif isinstance(event, Read) and event.peer == peer_id:
+                        print(f"  ✓✓ read ({len(event.message_ids)})", flush=True)
                     elif isinstance(event, IdentityChanged):
                         print(f"  ! {event.name} changed identity: verify it", flush=True)
                     elif isinstance(event, SessionStarted) and event.peer == peer_id:

@@ -87,7 +87,7 @@ _MAX_TOKENS_PER_MESSAGE: Final = 512
 SessionSnapshot = tuple[int, Sequence[bytes]]
 """(version, serialised sessions): versions grow with every change of a peer's sessions."""
 Trust = Literal["unverified", "verified", "unverified-changed"]
-MessageState = Literal["pending", "sent", "stored", "delivered", "received", "failed"]
+MessageState = Literal["pending", "sent", "stored", "delivered", "read", "received", "failed"]
 
 
 _CHECKPOINT_PAGES: Final = 4000
@@ -976,7 +976,8 @@ class PeerDatabase:
         db.executemany(
             "UPDATE messages SET state = 'delivered', path = coalesce(?, path), "
             "latency_ms = coalesce(?, latency_ms) "
-            "WHERE peer_id = ? AND outgoing = 1 AND message_id = ? AND state != 'delivered'",
+            "WHERE peer_id = ? AND outgoing = 1 AND message_id = ? "
+            "AND state NOT IN ('delivered', 'read')",
             [(path, latency, peer_id, message_id) for message_id, path, latency in deliveries],
         )
         db.executemany(
@@ -993,6 +994,48 @@ class PeerDatabase:
         entry removed."""
         with self._transaction() as db:
             self._mark_delivered(db, peer_id, deliveries)
+
+    def mark_read_incoming(
+        self, peer_id: str, message_ids: Sequence[bytes] | None, limit: int
+    ) -> list[bytes]:
+        """Mark texts received from ``peer_id`` in our conversation with it as ``read`` (all
+        of them, or those of ``message_ids``), at most ``limit``; the IDs newly marked."""
+        with self._transaction() as db:
+            if message_ids is None:
+                rows = db.execute(
+                    "SELECT message_id FROM messages WHERE peer_id = ? AND conversation = ? "
+                    "AND outgoing = 0 AND state = 'received' ORDER BY seq LIMIT ?",
+                    (peer_id, peer_id, limit),
+                ).fetchall()
+                wanted = [bytes(r[0]) for r in rows]
+            else:
+                wanted = list(message_ids)[:limit]
+            marked = []
+            for message_id in wanted:
+                changed = db.execute(
+                    "UPDATE messages SET state = 'read' WHERE peer_id = ? AND conversation = ? "
+                    "AND outgoing = 0 AND message_id = ? AND state = 'received'",
+                    (peer_id, peer_id, message_id),
+                ).rowcount
+                if changed:
+                    marked.append(message_id)
+            return marked
+
+    def mark_read_outgoing(self, peer_id: str, message_ids: Sequence[bytes]) -> list[bytes]:
+        """``peer_id`` read these texts of ours: ``read``, unless not sent yet or failed; the
+        IDs newly marked."""
+        with self._transaction() as db:
+            marked = []
+            for message_id in message_ids:
+                changed = db.execute(
+                    "UPDATE messages SET state = 'read' WHERE peer_id = ? AND conversation = ? "
+                    "AND outgoing = 1 AND message_id = ? AND state IN ('sent', 'stored', "
+                    "'delivered')",
+                    (peer_id, peer_id, message_id),
+                ).rowcount
+                if changed:
+                    marked.append(message_id)
+            return marked
 
     def seen_base_key(self, peer_id: str, base_key: bytes) -> bool:
         return (

@@ -52,7 +52,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
 
 import anyio
 import anyio.abc
@@ -122,6 +122,7 @@ __all__ = [
     "Message",
     "Peer",
     "PeerEvent",
+    "Read",
     "SessionStarted",
 ]
 
@@ -207,7 +208,33 @@ class SessionStarted:
     reset: bool
 
 
-PeerEvent = Delivered | IdentityChanged | SessionStarted
+@dataclass(frozen=True, slots=True)
+class Read:
+    """``peer`` read these texts of ours (its read receipt; `Peer.mark_read` on its side)."""
+
+    peer: PeerId
+    message_ids: tuple[str, ...]
+
+
+PeerEvent = Delivered | IdentityChanged | SessionStarted | Read
+
+APP_READ: Final = "teia.read"
+"""Read receipts: the 16-byte IDs of texts read, 1 to `MAX_READ_IDS` of them."""
+MAX_READ_IDS: Final = 256
+
+
+def encode_read(message_ids: Sequence[bytes]) -> bytes:
+    """A read receipt's payload: the message IDs, 16 bytes each."""
+    if not 1 <= len(message_ids) <= MAX_READ_IDS or any(len(m) != 16 for m in message_ids):
+        raise InvalidChatMessage(f"a read receipt names 1 to {MAX_READ_IDS} 16-byte IDs")
+    return b"".join(message_ids)
+
+
+def decode_read(data: bytes) -> list[bytes]:
+    """The message IDs of a read receipt; `InvalidChatMessage` for anything else."""
+    if not data or len(data) % 16 or len(data) > 16 * MAX_READ_IDS:
+        raise InvalidChatMessage("a read receipt is 1 to 256 16-byte message IDs")
+    return [data[i : i + 16] for i in range(0, len(data), 16)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -510,6 +537,7 @@ class Peer:
         ):
             peer = cls(opened, host)
             try:
+                peer.on_app(APP_READ, peer._on_read)
                 for app, handler in apps.items():
                     peer.on_app(app, handler)
                 from teia.peer.devices import Devices
@@ -678,6 +706,33 @@ class Peer:
         return await self._db(
             self.profile.db.history, self._text(peer_id), limit=limit, before_seq=before_seq
         )
+
+    async def mark_read(self, who: PeerId | str, message_ids: Sequence[str] | None = None) -> int:
+        """Mark texts from ``who`` as read (all unread ones, or those named by hex ID) and,
+        unless ``read_receipts`` is off, tell ``who`` (a ``teia.read`` payload per 256 IDs: its
+        texts turn ``read`` there and it gets a `Read` event); how many were newly read."""
+        peer_id = await self.resolve(who)
+        wanted = None if message_ids is None else [bytes.fromhex(m) for m in message_ids]
+        total = 0
+        while True:
+            marked = await self._db(
+                self.profile.db.mark_read_incoming, self._text(peer_id), wanted, MAX_READ_IDS
+            )
+            if marked and self.config.read_receipts:
+                await self.send_app(peer_id, APP_READ, encode_read(marked))
+            total += len(marked)
+            if wanted is not None:
+                wanted = wanted[MAX_READ_IDS:]
+                if not wanted:
+                    return total
+            elif len(marked) < MAX_READ_IDS:
+                return total
+
+    async def _on_read(self, message: AppMessage) -> None:
+        ids = decode_read(message.data)
+        marked = await self._db(self.profile.db.mark_read_outgoing, self._text(message.sender), ids)
+        if marked:
+            self._emit(Read(message.sender, tuple(m.hex() for m in marked)))
 
     async def search(self, query: str, *, limit: int = 100) -> list[MessageRow]:
         """Messages containing every word of ``query``, newest first."""
@@ -864,7 +919,7 @@ class Peer:
             if row is None:
                 raise DeliveryError(f"no outgoing message {message_id}")
             acked = self._acked.get(raw)
-            if acked is not None and row.state not in ("delivered", "stored"):
+            if acked is not None and row.state not in ("delivered", "stored", "read"):
                 # Acknowledged, its commit queued but not done when the row was read.
                 path, latency = acked
                 row = replace(
@@ -873,7 +928,7 @@ class Peer:
                     path=path or row.path,
                     latency_ms=row.latency_ms if latency is None else latency,
                 )
-            if row.state in ("delivered", "stored"):
+            if row.state in ("delivered", "stored", "read"):
                 self._delivered_waiters.pop(raw, None)
                 return row
             await waiter.wait()

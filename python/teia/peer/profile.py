@@ -79,6 +79,9 @@ class PeerConfig:
     attachment_store_limit: int = 16 * 1024 * 1024
     """Largest file (bytes) whose chunks go through the store nodes when the recipient is
     unreachable; larger files wait until the peers can connect (0: never through the store)."""
+    read_receipts: bool = True
+    """Tell a contact which of its texts we read (`Peer.mark_read`); off, reading is marked
+    only here."""
     attachment_accept: str = "all"
     """Whose file offers are taken: ``all``, ``contacts`` (anyone in the address book,
     including peers added unverified when they first wrote), ``verified`` (contacts whose safety
