@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from teia.errors import InvalidChatMessage
-from teia.peer import Delivered, Peer, Read
+from teia.errors import DeliveryError, InvalidChatMessage
+from teia.peer import Delivered, Peer, Read, Retracted
 from teia.peer.peer import decode_read, encode_read
 
 from .conftest import TIMEOUT, introduce, make_profile, online
@@ -204,3 +204,43 @@ def test_read_receipt_payloads(data: bytes) -> None:
         assert not data or len(data) % 16 or len(data) > 16 * 256
         return
     assert encode_read(ids) == data
+
+
+@pytest.mark.anyio
+async def test_a_text_is_retracted_for_everyone(tmp_path: Path) -> None:
+    with anyio.fail_after(TIMEOUT):
+        a_dir, b_dir = make_profile(tmp_path / "a"), make_profile(tmp_path / "b")
+        async with online(a_dir) as alice, online(b_dir) as bob:
+            await introduce(alice, bob)
+            await introduce(bob, alice)
+            oops = await alice.send(bob.peer_id, "a senha é peixe-espada")
+            fine = await alice.send(bob.peer_id, "bom dia")
+            for message_id in (oops, fine):
+                await alice.wait_delivered(message_id)
+            assert await receive(bob, 2) == ["a senha é peixe-espada", "bom dia"]
+            async with bob.events() as events:
+                await alice.retract(oops)
+                event = await events.receive()
+                while not isinstance(event, Retracted):
+                    event = await events.receive()
+            assert event.peer == alice.peer_id
+            assert event.message_id == oops
+            for peer, other in ((alice, bob), (bob, alice)):
+                rows = await peer.history(other.peer_id)
+                assert (rows[0].text, rows[0].state) == ("", "retracted")
+                assert rows[1].text == "bom dia"
+                assert await peer.search("peixe-espada") == []
+                assert [r.text for r in await peer.search("bom dia")] == ["bom dia"]
+            # Only our own texts: Bob cannot retract Alice's, nobody an unknown ID; a
+            # retraction naming someone else's text changes nothing.
+            with pytest.raises(DeliveryError):
+                await bob.retract(fine)
+            with pytest.raises(DeliveryError):
+                await alice.retract("00" * 16)
+            await bob.send_app(alice.peer_id, "teia.retract", bytes.fromhex(fine))
+            marker = await bob.send(alice.peer_id, "depois")
+            await bob.wait_delivered(marker)
+            assert await receive(alice, 1) == ["depois"]
+            assert [r.state for r in await alice.history(bob.peer_id) if r.outgoing][1] == (
+                "delivered"
+            )

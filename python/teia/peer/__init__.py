@@ -20,6 +20,7 @@ from teia.peer.peer import (
     Peer,
     PeerEvent,
     Read,
+    Retracted,
     SessionStarted,
 )
 from teia.peer.profile import PeerConfig, Profile, default_profile_dir
@@ -38,6 +39,7 @@ __all__ = [
     "PeerEvent",
     "Profile",
     "Read",
+    "Retracted",
     "SessionStarted",
     "default_profile_dir",
     "format_safety_number",

@@ -666,7 +666,8 @@ def _update(
         if delivered:
             conn.execute(
                 "UPDATE messages SET state = 'delivered' "
-                "WHERE outgoing = 1 AND message_id = ? AND state NOT IN ('delivered', 'read')",
+                "WHERE outgoing = 1 AND message_id = ? "
+                "AND state NOT IN ('delivered', 'read', 'retracted')",
                 (file_id,),
             )
 

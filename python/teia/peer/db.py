@@ -87,7 +87,9 @@ _MAX_TOKENS_PER_MESSAGE: Final = 512
 SessionSnapshot = tuple[int, Sequence[bytes]]
 """(version, serialised sessions): versions grow with every change of a peer's sessions."""
 Trust = Literal["unverified", "verified", "unverified-changed"]
-MessageState = Literal["pending", "sent", "stored", "delivered", "read", "received", "failed"]
+MessageState = Literal[
+    "pending", "sent", "stored", "delivered", "read", "received", "failed", "retracted"
+]
 
 
 _CHECKPOINT_PAGES: Final = 4000
@@ -977,7 +979,7 @@ class PeerDatabase:
             "UPDATE messages SET state = 'delivered', path = coalesce(?, path), "
             "latency_ms = coalesce(?, latency_ms) "
             "WHERE peer_id = ? AND outgoing = 1 AND message_id = ? "
-            "AND state NOT IN ('delivered', 'read')",
+            "AND state NOT IN ('delivered', 'read', 'retracted')",
             [(path, latency, peer_id, message_id) for message_id, path, latency in deliveries],
         )
         db.executemany(
@@ -1020,6 +1022,25 @@ class PeerDatabase:
                 if changed:
                     marked.append(message_id)
             return marked
+
+    def retract(self, peer_id: str, outgoing: bool, message_id: bytes) -> bool:
+        """Empty a text of our conversation with ``peer_id`` (ours, or one it sent us) and
+        mark it ``retracted``: its words are gone from history and from search results;
+        whether there was such a text (not retracted before)."""
+        with self._transaction() as db:
+            changed = db.execute(
+                "UPDATE messages SET body = ?, state = 'retracted' WHERE peer_id = ? "
+                "AND conversation = ? AND outgoing = ? AND message_id = ? "
+                "AND state != 'retracted'",
+                (
+                    self._cipher.seal(_message_ad(peer_id, outgoing, message_id), b""),
+                    peer_id,
+                    peer_id,
+                    int(outgoing),
+                    message_id,
+                ),
+            ).rowcount
+            return bool(changed)
 
     def mark_read_outgoing(self, peer_id: str, message_ids: Sequence[bytes]) -> list[bytes]:
         """``peer_id`` read these texts of ours: ``read``, unless not sent yet or failed; the
@@ -1190,6 +1211,7 @@ class PeerDatabase:
             f"SELECT seq FROM (SELECT token, seq FROM search_tokens WHERE token IN ({placeholders})"
             f" UNION ALL SELECT token, seq FROM search_recent WHERE token IN ({placeholders})) "
             "GROUP BY seq HAVING count(DISTINCT token) = ?)"
+            + " AND state != 'retracted'"
             + (" AND conversation = ?" if conversation is not None else "")
             + " ORDER BY seq DESC LIMIT ?"
         )

@@ -123,6 +123,7 @@ __all__ = [
     "Peer",
     "PeerEvent",
     "Read",
+    "Retracted",
     "SessionStarted",
 ]
 
@@ -216,7 +217,18 @@ class Read:
     message_ids: tuple[str, ...]
 
 
-PeerEvent = Delivered | IdentityChanged | SessionStarted | Read
+@dataclass(frozen=True, slots=True)
+class Retracted:
+    """``peer`` took back a text it had sent us (`Peer.retract` on its side): emptied here."""
+
+    peer: PeerId
+    message_id: str
+
+
+PeerEvent = Delivered | IdentityChanged | SessionStarted | Read | Retracted
+
+APP_RETRACT: Final = "teia.retract"
+"""Deleting a text for everyone: the 16-byte ID of one of the sender's own texts."""
 
 APP_READ: Final = "teia.read"
 """Read receipts: the 16-byte IDs of texts read, 1 to `MAX_READ_IDS` of them."""
@@ -538,6 +550,7 @@ class Peer:
             peer = cls(opened, host)
             try:
                 peer.on_app(APP_READ, peer._on_read)
+                peer.on_app(APP_RETRACT, peer._on_retract)
                 for app, handler in apps.items():
                     peer.on_app(app, handler)
                 from teia.peer.devices import Devices
@@ -727,6 +740,26 @@ class Peer:
                     return total
             elif len(marked) < MAX_READ_IDS:
                 return total
+
+    async def retract(self, message_id: str) -> None:
+        """Delete one of our texts for everyone: emptied in our history at once and in the
+        recipient's when the notice reaches it (a ``teia.retract`` payload, delivered like a
+        text, through the store if need be; it gets a `Retracted` event). What the recipient
+        already read or copied cannot be taken back. `DeliveryError` for an ID that is not
+        one of our texts."""
+        raw = bytes.fromhex(message_id)
+        row = await self._db(self.profile.db.outgoing_message, raw)
+        if row is None or row.conversation != row.peer_id:
+            raise DeliveryError(f"no text {message_id} of ours to retract")
+        if await self._db(self.profile.db.retract, row.peer_id, True, raw):
+            await self.send_app(PeerId.from_string(row.peer_id), APP_RETRACT, raw)
+
+    async def _on_retract(self, message: AppMessage) -> None:
+        if len(message.data) != 16:
+            raise InvalidChatMessage("a retraction names one 16-byte message ID")
+        sender = self._text(message.sender)
+        if await self._db(self.profile.db.retract, sender, False, message.data):
+            self._emit(Retracted(message.sender, message.data.hex()))
 
     async def _on_read(self, message: AppMessage) -> None:
         ids = decode_read(message.data)
@@ -919,7 +952,7 @@ class Peer:
             if row is None:
                 raise DeliveryError(f"no outgoing message {message_id}")
             acked = self._acked.get(raw)
-            if acked is not None and row.state not in ("delivered", "stored", "read"):
+            if acked is not None and row.state not in ("delivered", "stored", "read", "retracted"):
                 # Acknowledged, its commit queued but not done when the row was read.
                 path, latency = acked
                 row = replace(
@@ -928,7 +961,7 @@ class Peer:
                     path=path or row.path,
                     latency_ms=row.latency_ms if latency is None else latency,
                 )
-            if row.state in ("delivered", "stored", "read"):
+            if row.state in ("delivered", "stored", "read", "retracted"):
                 self._delivered_waiters.pop(raw, None)
                 return row
             await waiter.wait()
