@@ -154,3 +154,44 @@ async def test_cli_end_to_end_across_processes(tmp_path: Path) -> None:
             for path in directory.iterdir():
                 if path.is_file():
                     assert b"from the CLI" not in path.read_bytes(), path
+
+
+@pytest.mark.anyio
+async def test_teia_retract_online_and_beside_a_running_peer(tmp_path: Path) -> None:
+    from teia.peer import Retracted
+
+    from .conftest import TIMEOUT, introduce, online
+
+    a_dir, b_dir = make_profile(tmp_path / "a"), make_profile(tmp_path / "b")
+    with anyio.fail_after(TIMEOUT * 2):
+        async with online(b_dir) as bob:
+            async with online(a_dir) as alice:
+                await introduce(alice, bob)
+                alice_id = alice.peer_id
+                first = await alice.send(bob.peer_id, "primeira")
+                second = await alice.send(bob.peer_id, "segunda")
+                for message_id in (first, second):
+                    await alice.wait_delivered(message_id)
+                # Beside the running peer: retracted here, the notice queued for it.
+                async with bob.events() as events:
+                    queued = await anyio.to_thread.run_sync(
+                        lambda: teia("retract", first, "--json", "--profile", str(a_dir))
+                    )
+                    assert json.loads(queued.stdout)["notice"] == "pending"
+                    event = await events.receive()
+                    while not isinstance(event, Retracted):
+                        event = await events.receive()
+                    assert event.message_id == first
+            # The profile is free: the command goes online and waits for the notice.
+            done = await anyio.to_thread.run_sync(
+                lambda: teia("retract", second, "--json", "--profile", str(a_dir))
+            )
+            assert json.loads(done.stdout)["notice"] == "delivered"
+            assert [r.state for r in await bob.history(alice_id)] == [
+                "retracted",
+                "retracted",
+            ]
+            bad = await anyio.to_thread.run_sync(
+                lambda: teia("retract", "abc", "--profile", str(a_dir), check=False)
+            )
+            assert bad.returncode != 0

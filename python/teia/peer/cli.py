@@ -35,6 +35,7 @@ from teia.peer.peer import (
     Peer,
     Read,
     SessionStarted,
+    queue_retraction,
     resolve_recipient,
 )
 from teia.peer.profile import Profile, default_profile_dir
@@ -110,6 +111,21 @@ def register(sub: Any) -> None:
     send.add_argument("--json", action="store_true", help="print one JSON object")
     _profile_args(send)
     send.set_defaults(handler=run_send)
+
+    retract = sub.add_parser(
+        "retract",
+        help="delete one of your texts for everyone",
+        description="Empty one of your texts (MESSAGE_ID as `teia send --json` or `teia inbox "
+        "--json` show it) here and, once the notice reaches it, in the recipient's history. "
+        "Exit status 0 when the notice is delivered or stored, 3 when it is queued.",
+    )
+    retract.add_argument("message_id", help="the text's message ID (hex)")
+    retract.add_argument(
+        "--timeout", type=_positive, default=15.0, help="wait at most SECONDS (default 15)"
+    )
+    retract.add_argument("--json", action="store_true", help="print one JSON object")
+    _profile_args(retract)
+    retract.set_defaults(handler=run_retract)
 
     inbox = sub.add_parser(
         "inbox",
@@ -318,6 +334,40 @@ async def _send_online(profile: Profile, peer_id: Any, args: argparse.Namespace)
             return 0
     _report_send(args, message_id, "pending", None, None, None)
     return 3
+
+
+def run_retract(args: argparse.Namespace) -> int:
+    with _open(args) as profile:
+        try:
+            return anyio.run(_retract_online, profile, args, backend="trio")
+        except ProfileInUse:
+            # The running peer delivers the notice from the outbox.
+            queue_retraction(profile, args.message_id)
+            _report_retract(args, "pending")
+            return 0
+
+
+async def _retract_online(profile: Profile, args: argparse.Namespace) -> int:
+    async with Peer.open(profile, listen=_ephemeral(profile.config.listen)) as peer:
+        notice = await peer.retract(args.message_id)
+        if notice is None:
+            _report_retract(args, "retracted")
+            return 0
+        with anyio.move_on_after(args.timeout):
+            row = await peer.wait_delivered(notice)
+            _report_retract(args, row.state)
+            return 0
+    _report_retract(args, "pending")
+    return 3
+
+
+def _report_retract(args: argparse.Namespace, notice: str) -> None:
+    if args.json:
+        print(json.dumps({"message_id": args.message_id, "notice": notice}))
+    elif notice == "pending":
+        print("retracted here; the notice is queued for the recipient")
+    else:
+        print(f"retracted; the notice is {notice}")
 
 
 def _ephemeral(listen: list[str]) -> list[str]:

@@ -43,6 +43,7 @@ import contextlib
 import itertools
 import logging
 import os
+import secrets
 import sqlite3
 import threading
 import time
@@ -233,6 +234,36 @@ APP_RETRACT: Final = "teia.retract"
 APP_READ: Final = "teia.read"
 """Read receipts: the 16-byte IDs of texts read, 1 to `MAX_READ_IDS` of them."""
 MAX_READ_IDS: Final = 256
+
+
+def _text_id(message_id: str) -> bytes:
+    try:
+        raw = bytes.fromhex(message_id)
+    except ValueError:
+        raw = b""
+    if len(raw) != 16:
+        raise DeliveryError(f"{message_id!r} is not a message ID (32 hex digits)")
+    return raw
+
+
+def queue_retraction(profile: Profile, message_id: str) -> None:
+    """`Peer.retract` from a process that does not have the profile online: the text is
+    emptied here and the notice queued in the outbox for the process that has it online."""
+    raw = _text_id(message_id)
+    db = profile.db
+    row = db.outgoing_message(raw)
+    if row is None or row.conversation != row.peer_id:
+        raise DeliveryError(f"no text {message_id} of ours to retract")
+    if db.retract(row.peer_id, True, raw):
+        db.queue_outgoing(
+            peer_id=row.peer_id,
+            conversation="",
+            message_id=secrets.token_bytes(16),
+            sent_ms=db.next_timestamp(),
+            text="",
+            kind=int(Kind.APP),
+            plaintext=Plaintext(app=APP_RETRACT, data=raw).encode(),
+        )
 
 
 def encode_read(message_ids: Sequence[bytes]) -> bytes:
@@ -741,18 +772,20 @@ class Peer:
             elif len(marked) < MAX_READ_IDS:
                 return total
 
-    async def retract(self, message_id: str) -> None:
+    async def retract(self, message_id: str) -> str | None:
         """Delete one of our texts for everyone: emptied in our history at once and in the
         recipient's when the notice reaches it (a ``teia.retract`` payload, delivered like a
-        text, through the store if need be; it gets a `Retracted` event). What the recipient
-        already read or copied cannot be taken back. `DeliveryError` for an ID that is not
-        one of our texts."""
-        raw = bytes.fromhex(message_id)
+        text, through the store if need be; it gets a `Retracted` event); the notice's
+        message ID (`wait_delivered`), None when the text was retracted already. What the
+        recipient already read or copied cannot be taken back. `DeliveryError` for an ID that
+        is not one of our texts."""
+        raw = _text_id(message_id)
         row = await self._db(self.profile.db.outgoing_message, raw)
         if row is None or row.conversation != row.peer_id:
             raise DeliveryError(f"no text {message_id} of ours to retract")
-        if await self._db(self.profile.db.retract, row.peer_id, True, raw):
-            await self.send_app(PeerId.from_string(row.peer_id), APP_RETRACT, raw)
+        if not await self._db(self.profile.db.retract, row.peer_id, True, raw):
+            return None
+        return await self.send_app(PeerId.from_string(row.peer_id), APP_RETRACT, raw)
 
     async def _on_retract(self, message: AppMessage) -> None:
         if len(message.data) != 16:
