@@ -693,8 +693,6 @@ def queue_file(profile: Profile, to: PeerId, source: Path, name: str | None = No
     online delivers the offer, takes the transfer over (`Attachments.adopt_queued`: it pushes
     the chunks through the store when the recipient is unreachable, as `send_file` does) and
     serves the chunks. Returns the file ID (hex)."""
-    from teia.peer.wire import Kind, Plaintext
-
     size = source.stat().st_size
     if size > MAX_FILE_SIZE:
         raise AttachmentTooLarge(f"{source.name} is over the {human_size(MAX_FILE_SIZE)} limit")
@@ -716,15 +714,7 @@ def queue_file(profile: Profile, to: PeerId, source: Path, name: str | None = No
             history=f"[file {offer.name}, {human_size(size)}]",
             path=None,
         )
-        db.queue_outgoing(
-            peer_id=str(to),
-            conversation="",
-            message_id=secrets.token_bytes(16),
-            sent_ms=db.next_timestamp(),
-            text="",
-            kind=int(Kind.APP),
-            plaintext=Plaintext(app=APP, data=offer.encode()).encode(),
-        )
+        db.queue_app(str(to), APP, offer.encode())
     except BaseException:
         target.unlink(missing_ok=True)
         raise

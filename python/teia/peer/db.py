@@ -839,6 +839,21 @@ class PeerDatabase:
         )
         return message_id
 
+    def queue_app(self, peer_id: str, app: str, data: bytes) -> bytes:
+        """Queue an application payload for ``peer_id`` (outbox, no text in history), as
+        `Peer.send_app` does, from a process without the profile online; its message ID."""
+        message_id = secrets.token_bytes(16)
+        self.queue_outgoing(
+            peer_id=peer_id,
+            conversation="",
+            message_id=message_id,
+            sent_ms=self.next_timestamp(),
+            text="",
+            kind=_KIND_APP,
+            plaintext=Plaintext(app=app, data=data).encode(),
+        )
+        return message_id
+
     def set_envelopes(
         self, peer_id: str, envelopes: Sequence[tuple[bytes, bytes]], sessions: SessionSnapshot
     ) -> None:

@@ -43,7 +43,6 @@ import contextlib
 import itertools
 import logging
 import os
-import secrets
 import sqlite3
 import threading
 import time
@@ -255,15 +254,7 @@ def queue_retraction(profile: Profile, message_id: str) -> None:
     if row is None or row.conversation != row.peer_id:
         raise DeliveryError(f"no text {message_id} of ours to retract")
     if db.retract(row.peer_id, True, raw):
-        db.queue_outgoing(
-            peer_id=row.peer_id,
-            conversation="",
-            message_id=secrets.token_bytes(16),
-            sent_ms=db.next_timestamp(),
-            text="",
-            kind=int(Kind.APP),
-            plaintext=Plaintext(app=APP_RETRACT, data=raw).encode(),
-        )
+        db.queue_app(row.peer_id, APP_RETRACT, raw)
 
 
 def encode_read(message_ids: Sequence[bytes]) -> bytes:
