@@ -194,38 +194,38 @@ async def test_media_profiles_and_directory(server: ServerHandle) -> None:
                 assert found["results"] == [{"user_id": carol.user_id, "display_name": "Carol C."}]
 
 
+async def shared_room(alice: Any, bob: Any) -> str:
+    """Both registered, Alice's room with Bob joined; its ID."""
+    for client in (alice, bob):
+        assert isinstance(await client.register(client.user, "pw"), RegisterResponse)
+    created = await alice.room_create(name="sala", invite=[bob.user_id])
+    assert isinstance(created, RoomCreateResponse), created
+    await sync(bob)
+    assert isinstance(await bob.join(created.room_id), JoinResponse)
+    return str(created.room_id)
+
+
 async def test_a_new_display_name_reaches_the_rooms(server: ServerHandle) -> None:
     with anyio.fail_after(TIMEOUT):
         async with nio_client(server.url, "alice") as alice, nio_client(server.url, "bob") as bob:
-            for client in (alice, bob):
-                assert isinstance(await client.register(client.user, "pw"), RegisterResponse)
-            created = await alice.room_create(name="sala", invite=[bob.user_id])
-            assert isinstance(created, RoomCreateResponse), created
-            await sync(bob)
-            assert isinstance(await bob.join(created.room_id), JoinResponse)
+            room_id = await shared_room(alice, bob)
             since = (await sync(bob)).next_batch
             assert not hasattr(await alice.set_displayname("Alice A."), "status_code")
             later = await sync(bob, since)
             names = [
                 e.content.get("displayname")
-                for e in later.rooms.join[created.room_id].timeline.events
+                for e in later.rooms.join[room_id].timeline.events
                 if getattr(e, "source", {}).get("type") == "m.room.member"
                 and e.source.get("state_key") == alice.user_id
             ]
             assert names == ["Alice A."]
-            assert bob.rooms[created.room_id].user_name(alice.user_id) == "Alice A."
+            assert bob.rooms[room_id].user_name(alice.user_id) == "Alice A."
 
 
 async def test_a_lapsed_typing_notice_wakes_the_waiting_sync(server: ServerHandle) -> None:
     with anyio.fail_after(TIMEOUT):
         async with nio_client(server.url, "alice") as alice, nio_client(server.url, "bob") as bob:
-            for client in (alice, bob):
-                assert isinstance(await client.register(client.user, "pw"), RegisterResponse)
-            created = await alice.room_create(name="sala", invite=[bob.user_id])
-            assert isinstance(created, RoomCreateResponse), created
-            room_id = created.room_id
-            await sync(bob)
-            assert isinstance(await bob.join(room_id), JoinResponse)
+            room_id = await shared_room(alice, bob)
             since = (await sync(alice)).next_batch
             await bob.room_typing(room_id, typing_state=True, timeout=500)
             typing: list[list[str]] = []
