@@ -898,19 +898,7 @@ class Groups:
                 return await self._change_held(held, _without({me}))
             ask = GroupPayload(GroupLeave(current.group_id, current.version)).encode()
             sends = [(str(a), ask) for a in current.admins if a != me]
-            await self._db(
-                self._tables.commit_state,
-                current,
-                False,
-                previous=held.previous,
-                sender_key=None,
-                forget_peers=(),
-                sends=sends,
-            )
-            self._held_cache[current.group_id] = _Held(current, False, held.previous)
-            self.stats["changes"] += 1
-            self._notify()
-            await self._flush(current.group_id)
+            await self._store(current, False, held.previous, sends=sends)
             return GroupInfo.of(current, False)
 
     async def _change(
@@ -1142,13 +1130,36 @@ class Groups:
                     KeyDistribution(state.group_id, state.version, key.distribution_message())
                 ).encode()
                 sends += [(str(m), distribution) for m in targets]
+        await self._store(
+            state,
+            joined,
+            previous,
+            sender_key=sender_key,
+            forget_peers=gone,
+            sends=sends,
+            headers=headers,
+        )
+
+    async def _store(
+        self,
+        state: GroupState,
+        joined: bool,
+        previous: GroupState | None,
+        *,
+        sender_key: bytes | None = None,
+        forget_peers: Sequence[str] = (),
+        sends: Sequence[tuple[str, bytes]] = (),
+        headers: Sequence[GroupHeader] = (),
+    ) -> None:
+        """Commit a group's state with what follows from it (`_Tables.commit_state`), then
+        cache it, wake the waiters and send the payloads it queued."""
         await self._db(
             self._tables.commit_state,
             state,
             joined,
             previous=previous,
             sender_key=sender_key,
-            forget_peers=gone,
+            forget_peers=forget_peers,
             sends=sends,
             headers=headers,
         )
